@@ -1,0 +1,95 @@
+"""Batched text generation with left padding, stop strings and an OpenAI-style presence penalty."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
+
+
+class PresencePenaltyLogitsProcessor(LogitsProcessor):
+    """Subtract ``penalty`` from the logit of every token already present in the continuation.
+
+    This is OpenAI's presence penalty (additive, once per distinct token, generated text
+    only), which Self-Instruct set to 2. transformers runs custom processors before its
+    temperature and top-p warpers, which is OpenAI's order too. transformers' own
+    ``repetition_penalty`` differs: it is multiplicative and also counts prompt tokens.
+    """
+
+    def __init__(self, penalty: float, prompt_length: int) -> None:
+        self.penalty = penalty
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        generated = input_ids[:, self.prompt_length:]
+        if self.penalty == 0 or generated.shape[1] == 0:
+            return scores
+        present = torch.zeros_like(scores, dtype=torch.bool)
+        present.scatter_(1, generated, True)
+        return scores - self.penalty * present.to(scores.dtype)
+
+
+@dataclass
+class Generation:
+    """One decoded continuation; ``truncated`` when it hit the token limit before any stop."""
+
+    text: str
+    truncated: bool
+    num_tokens: int
+
+
+def cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
+    """``text`` up to the earliest stop string, and whether one was found."""
+    positions = [text.find(stop) for stop in stop_strings if stop in text]
+    if not positions:
+        return text, False
+    return text[: min(positions)], True
+
+
+@torch.inference_mode()
+def generate_batch(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    presence_penalty: float = 0.0,
+    stop_strings: Sequence[str] = (),
+) -> list[Generation]:
+    """Continue every prompt in one left-padded batch; ``temperature == 0`` decodes greedily."""
+    if tokenizer.padding_side != "left":
+        raise ValueError("generate_batch needs a tokenizer with padding_side='left'")
+    encoded = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
+    encoded = encoded.to(model.device)
+    prompt_length = encoded["input_ids"].shape[1]
+    sampling = temperature > 0
+    processors = LogitsProcessorList()
+    if presence_penalty:
+        processors.append(PresencePenaltyLogitsProcessor(presence_penalty, prompt_length))
+    output = model.generate(
+        **encoded,
+        max_new_tokens=max_new_tokens,
+        do_sample=sampling,
+        temperature=temperature if sampling else None,
+        top_p=top_p if sampling else None,
+        top_k=None,
+        logits_processor=processors,
+        stop_strings=list(stop_strings) or None,
+        tokenizer=tokenizer,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    results = []
+    special = {tokenizer.pad_token_id, tokenizer.eos_token_id}
+    for row in output[:, prompt_length:].tolist():
+        ended_by_eos = tokenizer.eos_token_id in row
+        if ended_by_eos:
+            row = row[: row.index(tokenizer.eos_token_id)]
+        tokens = [t for t in row if t not in special]
+        text, stopped = cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stop_strings)
+        truncated = not (ended_by_eos or stopped) and len(row) >= max_new_tokens
+        results.append(Generation(text=text, truncated=truncated, num_tokens=len(tokens)))
+    return results

@@ -1,0 +1,217 @@
+"""The one params schema of the pipeline, validated when a YAML file is loaded.
+
+Every stage reads its settings from a :class:`Params` object. A YAML key that the
+schema does not know, a missing required key or a value of the wrong type stops the
+load with a :class:`ParamsError` that names the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ParamsError(ValueError):
+    """A params file that does not match the schema."""
+
+
+@dataclass
+class ModelParams:
+    """The backbone LLM: a hub id, a local folder, or ``embedded:smollm2-135m-instruct``."""
+
+    name_or_path: str = "embedded:smollm2-135m-instruct"
+    # auto: bfloat16 on a GPU or a CPU with native bf16 (AVX512-BF16/AMX), else float32.
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    device: str = "cpu"
+    trust_remote_code: bool = False
+    revision: Optional[str] = None
+
+
+@dataclass
+class InstructionGenerationParams:
+    """Stage 1, Self-Instruct's instruction bootstrapping."""
+
+    prompt_variant: Literal["all", "classification"] = "all"
+    num_prompt_instructions: int = 8
+    num_machine_in_prompt: int = 2
+    batch_size: int = 32
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.5
+    # Self-Instruct used OpenAI's additive presence penalty of 2; see the README's deviations table.
+    presence_penalty: float = 2.0
+    novelty_threshold: float = 0.7
+    drop_truncated_responses: bool = True
+    max_batches: Optional[int] = None
+
+
+@dataclass
+class ClassificationParams:
+    """Stage 1b, the few-shot yes/no prompt that marks classification instructions."""
+
+    num_examples: int = 12
+    batch_size: int = 32
+    max_new_tokens: int = 3
+
+
+@dataclass
+class Params:
+    """All settings of one pipeline run."""
+
+    run_name: str
+    seed_tasks: str = "bundled"
+    num_instructions: int = 100
+    random_seed: int = 42
+    model: ModelParams = field(default_factory=ModelParams)
+    instruction_generation: InstructionGenerationParams = field(
+        default_factory=InstructionGenerationParams
+    )
+    classification: ClassificationParams = field(default_factory=ClassificationParams)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The params as plain nested dicts (what YAML holds)."""
+        return dataclasses.asdict(self)
+
+    def fingerprint(self, *sections: str) -> str:
+        """A short hash of the named top-level sections (all of them when none are named)."""
+        data = self.to_dict()
+        if sections:
+            data = {key: data[key] for key in sections}
+        text = json.dumps(data, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return "null"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _convert(value: Any, annotation: Any, key: str, source: str) -> Any:
+    """Check ``value`` against ``annotation``; return it (ints widen to floats)."""
+    origin = typing.get_origin(annotation)
+    wrong = ParamsError(
+        f"{source}: key '{key}' must be {_type_name(annotation)}, got {value!r} "
+        f"({type(value).__name__})"
+    )
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(annotation):
+            try:
+                return _convert(value, option, key, source)
+            except ParamsError:
+                continue
+        raise wrong
+    if origin is Literal:
+        if value in typing.get_args(annotation):
+            return value
+        raise wrong
+    if annotation is type(None):
+        if value is None:
+            return None
+        raise wrong
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise wrong
+        return _build(annotation, value, key + ".", source)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise wrong
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise wrong
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise wrong
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise wrong
+    raise TypeError(f"unsupported annotation {annotation!r} for key {key}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ParamsError(
+                f"{source}: unknown key '{prefix}{key}' (known keys here: {', '.join(sorted(known))})"
+            )
+    kwargs = {}
+    for name, spec in known.items():
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], prefix + name, source)
+        elif spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+            raise ParamsError(f"{source}: required key '{prefix}{name}' is missing")
+    params = cls(**kwargs)
+    _check_values(params, prefix, source)
+    return params
+
+
+def _check_values(params: Any, prefix: str, source: str) -> None:
+    """Range checks that types alone cannot express."""
+    positive = {
+        "num_instructions", "num_prompt_instructions", "batch_size", "max_new_tokens",
+        "num_examples", "max_batches",
+    }
+    for f in dataclasses.fields(params):
+        value = getattr(params, f.name)
+        if f.name in positive and value is not None and value <= 0:
+            raise ParamsError(f"{source}: key '{prefix}{f.name}' must be positive, got {value}")
+    if isinstance(params, InstructionGenerationParams):
+        if not 0 <= params.num_machine_in_prompt < params.num_prompt_instructions:
+            raise ParamsError(
+                f"{source}: key '{prefix}num_machine_in_prompt' must be at least 0 and below "
+                f"num_prompt_instructions ({params.num_prompt_instructions})"
+            )
+        if not 0.0 < params.top_p <= 1.0:
+            raise ParamsError(f"{source}: key '{prefix}top_p' must be in (0, 1]")
+        if params.temperature < 0:
+            raise ParamsError(f"{source}: key '{prefix}temperature' must not be negative")
+        if not 0.0 <= params.novelty_threshold <= 1.0:
+            raise ParamsError(f"{source}: key '{prefix}novelty_threshold' must be in [0, 1]")
+    if isinstance(params, Params) and (not params.run_name or "/" in params.run_name):
+        raise ParamsError(f"{source}: key 'run_name' must be a non-empty name without '/'")
+
+
+def params_from_dict(data: dict[str, Any], source: str = "<params>") -> Params:
+    """Validate a nested dict against the schema and build :class:`Params`."""
+    if not isinstance(data, dict):
+        raise ParamsError(f"{source}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return _build(Params, data, "", source)
+
+
+def load_params(path: str | Path, overrides: Optional[dict[str, Any]] = None) -> Params:
+    """Load and validate a params YAML file; ``overrides`` are dotted keys applied on top."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ParamsError(f"{path}: not valid YAML: {error}") from error
+    data = data or {}
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return params_from_dict(data, str(path))
+

@@ -1,0 +1,55 @@
+"""Every prompt the pipeline sends to a model, in one place.
+
+Wording is ours; the structure follows Self-Instruct (see the method notes): a header
+line, numbered in-context instructions, and the next number for the model to continue.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+INSTRUCTION_HEADERS = {
+    "all": "Come up with a series of tasks:",
+    "classification": (
+        "Come up with a series of classification tasks. "
+        "Try to specify the possible output labels when possible."
+    ),
+}
+
+# Stop generating at a blank line or once the model starts item 16 (Self-Instruct's stops).
+INSTRUCTION_STOP_STRINGS = ["\n\n", "\n16.", "16 ."]
+
+
+def clean_prompt_instruction(instruction: str) -> str:
+    """Collapse whitespace and drop a trailing colon, as Self-Instruct does in its prompts."""
+    return re.sub(r"\s+", " ", instruction).strip().rstrip(":")
+
+
+def instruction_generation_prompt(instructions: Sequence[str], variant: str = "all") -> str:
+    """The numbered-list prompt: header, ``1. ...`` to ``N. ...``, then ``N+1.`` to continue."""
+    lines = [INSTRUCTION_HEADERS[variant]]
+    for number, instruction in enumerate(instructions, start=1):
+        lines.append(f"{number}. {clean_prompt_instruction(instruction)}")
+    lines.append(f"{len(instructions) + 1}.")
+    return "\n".join(lines)
+
+
+CLASSIFICATION_QUESTION = "Can this task be regarded as a classification task with finite output labels?"
+
+
+def classification_prompt(examples: Sequence[tuple[str, bool]], instruction: str) -> str:
+    """Few-shot yes/no prompt: labelled seed examples, then the instruction to judge."""
+    blocks = [CLASSIFICATION_QUESTION, ""]
+    for text, is_classification in examples:
+        blocks.append(f"Task: {clean_prompt_instruction(text)}")
+        blocks.append(f"Is it classification? {'Yes' if is_classification else 'No'}")
+        blocks.append("")
+    blocks.append(f"Task: {clean_prompt_instruction(instruction)}")
+    blocks.append("Is it classification?")
+    return "\n".join(blocks)
+
+
+def parse_yes_no(answer: str) -> bool:
+    """True when the model's answer starts with yes (any case, leading space allowed)."""
+    return answer.strip().lower().startswith("yes")

@@ -1,0 +1,32 @@
+"""Where a run's outputs live, and the per-stage metrics the tests and the report read."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def stage_dir(run_dir: str | Path, name: str) -> Path:
+    """``<run_dir>/<name>``, created if missing."""
+    path = Path(run_dir) / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def record_metrics(run_dir: str | Path, stage: str, metrics: dict[str, Any]) -> Path:
+    """Write a stage's headline numbers to ``<run_dir>/metrics/<stage>.json``."""
+    path = stage_dir(run_dir, "metrics") / f"{stage}.json"
+    path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def read_metrics(run_dir: str | Path, stage: str) -> dict[str, Any]:
+    """The metrics a stage recorded (see :func:`record_metrics`)."""
+    return json.loads((Path(run_dir) / "metrics" / f"{stage}.json").read_text())
+
+
+def cache_dir() -> Path:
+    """The cache folder for prepared models and downloads: ``$REFINE_AF_CACHE`` or ``~/.cache/refine-af``."""
+    return Path(os.environ.get("REFINE_AF_CACHE", Path.home() / ".cache" / "refine-af"))

@@ -1,0 +1,137 @@
+"""Run the pipeline's notebooks in order with papermill.
+
+    python -m refine_af_utils.run params/default.yaml [--only 01] [--from 01] [--force]
+
+Each notebook gets ``params_path`` and ``run_dir`` injected into its ``parameters`` cell
+and is saved, executed, to ``<run_dir>/notebooks/``. A stage that finished with the same
+params is skipped (its marker is ``<run_dir>/stages/<stage>.json``, which also records
+its wall time) unless ``--force``, which also deletes the stage's outputs first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from refine_af_utils.params import Params, ParamsError, load_params
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One notebook of the pipeline and the folder of ``run_dir`` it writes."""
+
+    id: str
+    notebook: str
+    output_dir: str
+
+
+STAGES = [
+    Stage("00", "00_seed_tasks.ipynb", "seeds"),
+    Stage("01", "01_instruction_generation.ipynb", "instructions"),
+]
+
+
+def select_stages(only: Optional[str] = None, start: Optional[str] = None) -> list[Stage]:
+    """The stages to run: all, ``--only ID`` or ``--from ID`` onwards."""
+    ids = [s.id for s in STAGES]
+    for name, value in (("--only", only), ("--from", start)):
+        if value is not None and value not in ids:
+            raise SystemExit(f"{name} {value}: unknown stage (stages: {', '.join(ids)})")
+    if only is not None:
+        return [s for s in STAGES if s.id == only]
+    if start is not None:
+        return STAGES[ids.index(start):]
+    return list(STAGES)
+
+
+def _marker(run_dir: Path, stage: Stage) -> Path:
+    return run_dir / "stages" / f"{stage.id}.json"
+
+
+def stage_is_complete(run_dir: Path, stage: Stage, params: Params) -> bool:
+    """True when the stage finished before with the same params."""
+    marker = _marker(run_dir, stage)
+    if not marker.is_file():
+        return False
+    return json.loads(marker.read_text()).get("params_fingerprint") == params.fingerprint()
+
+
+def run_stage(stage: Stage, params_path: Path, run_dir: Path, params: Params, force: bool = False) -> float:
+    """Execute one notebook with papermill; return its wall time in seconds."""
+    import papermill
+
+    if force:
+        shutil.rmtree(run_dir / stage.output_dir, ignore_errors=True)
+        _marker(run_dir, stage).unlink(missing_ok=True)
+    executed = run_dir / "notebooks" / stage.notebook
+    executed.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    papermill.execute_notebook(
+        str(NOTEBOOK_DIR / stage.notebook),
+        str(executed),
+        parameters={"params_path": str(params_path.resolve()), "run_dir": str(run_dir.resolve())},
+        cwd=str(REPO_ROOT),
+        kernel_name="python3",
+        progress_bar=False,
+        log_output=True,
+    )
+    seconds = round(time.time() - started, 1)
+    marker = _marker(run_dir, stage)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({
+        "stage": stage.id,
+        "notebook": stage.notebook,
+        "params_fingerprint": params.fingerprint(),
+        "seconds": seconds,
+    }, indent=2) + "\n")
+    return seconds
+
+
+def run_pipeline(
+    params_path: str | Path, only: Optional[str] = None, start: Optional[str] = None,
+    force: bool = False, results_root: str | Path = REPO_ROOT / "results",
+) -> Path:
+    """Run the selected stages for a params file; return the run directory."""
+    params_path = Path(params_path)
+    params = load_params(params_path)
+    run_dir = Path(results_root) / params.run_name
+    for stage in select_stages(only, start):
+        if not force and stage_is_complete(run_dir, stage, params):
+            print(f"[{stage.id}] {stage.notebook}: complete, skipped (--force reruns it)", flush=True)
+            continue
+        print(f"[{stage.id}] {stage.notebook}: running", flush=True)
+        seconds = run_stage(stage, params_path, run_dir, params, force=force)
+        print(f"[{stage.id}] {stage.notebook}: done in {seconds:.0f} s", flush=True)
+    return run_dir
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(prog="python -m refine_af_utils.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("params", help="params YAML file, e.g. params/default.yaml")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--only", metavar="STAGE", help="run only this stage (its notebook number, e.g. 01)")
+    group.add_argument("--from", dest="start", metavar="STAGE", help="run this stage and the ones after it")
+    parser.add_argument("--force", action="store_true", help="rerun stages even if complete, from scratch")
+    parser.add_argument("--results-root", default=str(REPO_ROOT / "results"), help="where run folders go")
+    args = parser.parse_args(argv)
+    try:
+        run_dir = run_pipeline(args.params, args.only, args.start, args.force, args.results_root)
+    except ParamsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"results in {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Stage 0: seed tasks in Self-Instruct's ``seed_tasks.jsonl`` schema.
+
+One JSON object a line: ``id``, ``name``, ``instruction``, ``instances`` (a list of
+``{input, output}``; input may be empty) and ``is_classification``. Extra fields are kept.
+Sources are a local path, ``bundled`` (our own 36 tasks) or an http(s) URL fetched once
+into the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from refine_af_utils.results import cache_dir, record_metrics, stage_dir
+
+if TYPE_CHECKING:
+    from refine_af_utils.params import Params
+
+BUNDLED = "bundled"
+BUNDLED_SEED_TASKS = Path(__file__).parent / "data" / "seed_tasks.jsonl"
+SELF_INSTRUCT_SEED_TASKS_URL = (
+    "https://raw.githubusercontent.com/yizhongw/self-instruct/"
+    "0b26ccaa415992100fa32df62d41b994cf928e23/data/seed_tasks.jsonl"
+)
+
+
+class SeedTaskError(ValueError):
+    """A seed file that does not match the schema."""
+
+
+@dataclass
+class Instance:
+    """One input/output example of a task; ``input`` may be empty."""
+
+    input: str
+    output: str
+
+
+@dataclass
+class SeedTask:
+    """One seed task; ``extra`` keeps fields beyond the schema."""
+
+    id: str
+    name: str
+    instruction: str
+    instances: list[Instance]
+    is_classification: bool
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The task as a JSON-ready dict, in the file's schema."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "instruction": self.instruction,
+            "instances": [{"input": i.input, "output": i.output} for i in self.instances],
+            "is_classification": self.is_classification,
+            **self.extra,
+        }
+
+
+def _fetch(url: str) -> Path:
+    """Download ``url`` once into the cache; later calls reuse the file."""
+    digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+    target = cache_dir() / "seeds" / f"{digest}-{Path(url.split('?')[0]).name or 'seeds.jsonl'}"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(target.suffix + ".partial")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
+            out.write(response.read())
+    except OSError as error:
+        raise SeedTaskError(f"{url}: could not download the seed tasks ({error})") from error
+    partial.replace(target)
+    return target
+
+
+def resolve_seed_source(source: str | Path) -> Path:
+    """The local file behind ``source`` (a path, ``bundled`` or a URL, fetched once)."""
+    source = str(source)
+    if source == BUNDLED:
+        return BUNDLED_SEED_TASKS
+    if source.startswith(("http://", "https://")):
+        return _fetch(source)
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise SeedTaskError(f"{source}: seed task file not found")
+    return path
+
+
+def _require(record: dict, key: str, kind: type | tuple, where: str) -> Any:
+    if key not in record:
+        raise SeedTaskError(f"{where}: missing field '{key}'")
+    value = record[key]
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise SeedTaskError(f"{where}: field '{key}' must be {names}, got {type(value).__name__}")
+    return value
+
+
+def _parse_task(record: Any, where: str) -> SeedTask:
+    if not isinstance(record, dict):
+        raise SeedTaskError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    task_id = _require(record, "id", (str, int), where)
+    name = _require(record, "name", str, where)
+    instruction = _require(record, "instruction", str, where)
+    if not instruction.strip():
+        raise SeedTaskError(f"{where}: field 'instruction' is empty")
+    raw_instances = _require(record, "instances", list, where)
+    if not raw_instances:
+        raise SeedTaskError(f"{where}: field 'instances' is an empty list")
+    instances = []
+    for index, raw in enumerate(raw_instances):
+        spot = f"{where}: field 'instances[{index}]'"
+        if not isinstance(raw, dict):
+            raise SeedTaskError(f"{spot} must be an object with 'input' and 'output'")
+        for key in ("input", "output"):
+            if key not in raw:
+                raise SeedTaskError(f"{spot}: missing field '{key}'")
+            if not isinstance(raw[key], str):
+                raise SeedTaskError(f"{spot}: field '{key}' must be str, got {type(raw[key]).__name__}")
+        instances.append(Instance(raw["input"], raw["output"]))
+    is_classification = _require(record, "is_classification", bool, where)
+    known = {"id", "name", "instruction", "instances", "is_classification"}
+    extra = {k: v for k, v in record.items() if k not in known}
+    return SeedTask(str(task_id), name, instruction, instances, is_classification, extra)
+
+
+def load_seed_tasks(source: str | Path) -> list[SeedTask]:
+    """Read and validate seed tasks from a path, ``bundled`` or a URL.
+
+    Raises :class:`SeedTaskError` naming the file, the line and the field for bad JSON,
+    missing fields, wrong types, empty instructions, duplicate ids and empty files.
+    """
+    path = resolve_seed_source(source)
+    tasks: list[SeedTask] = []
+    seen: dict[str, int] = {}
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise SeedTaskError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from error
+            task = _parse_task(record, where)
+            if task.id in seen:
+                raise SeedTaskError(f"{where}: field 'id' duplicates id {task.id!r} of line {seen[task.id]}")
+            seen[task.id] = line_number
+            tasks.append(task)
+    if not tasks:
+        raise SeedTaskError(f"{path}: no seed tasks (the file is empty)")
+    return tasks
+
+
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+def seed_summary(tasks: list[SeedTask]) -> pd.DataFrame:
+    """One-row-per-statistic table: tasks, classification share, instances, lengths."""
+    instances = [i for t in tasks for i in t.instances]
+    non_empty_inputs = [i.input for i in instances if i.input.strip()]
+    rows = [
+        ("tasks", len(tasks)),
+        ("classification tasks", sum(t.is_classification for t in tasks)),
+        ("classification share", round(sum(t.is_classification for t in tasks) / len(tasks), 3)),
+        ("instances", len(instances)),
+        ("instances with empty input", len(instances) - len(non_empty_inputs)),
+        ("mean instruction length (words)", round(sum(_words(t.instruction) for t in tasks) / len(tasks), 1)),
+        (
+            "mean non-empty input length (words)",
+            round(sum(map(_words, non_empty_inputs)) / len(non_empty_inputs), 1) if non_empty_inputs else 0.0,
+        ),
+        ("mean output length (words)", round(sum(_words(i.output) for i in instances) / len(instances), 1)),
+    ]
+    return pd.DataFrame(rows, columns=["statistic", "value"])
+
+
+def write_seed_tasks(tasks: list[SeedTask], path: str | Path) -> None:
+    """Write tasks as JSONL in the seed schema (the stage 0 artefact)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        for task in tasks:
+            handle.write(json.dumps(task.to_dict(), ensure_ascii=False) + "\n")
+
+
+SEEDS_DIR = "seeds"
+SEED_TASKS_FILE = "seed_tasks.jsonl"
+
+
+def run_seed_stage(params: "Params", run_dir: str | Path) -> tuple[list[SeedTask], pd.DataFrame]:
+    """Stage 0: load and validate the seed tasks, write them and their summary under ``<run_dir>/seeds``."""
+    tasks = load_seed_tasks(params.seed_tasks)
+    out = stage_dir(run_dir, SEEDS_DIR)
+    write_seed_tasks(tasks, out / SEED_TASKS_FILE)
+    summary = seed_summary(tasks)
+    summary.to_csv(out / "seed_summary.csv", index=False)
+    record_metrics(run_dir, "00", dict(zip(summary["statistic"], summary["value"].tolist())))
+    return tasks, summary
+
+
+def run_seed_tasks(run_dir: str | Path) -> list[SeedTask]:
+    """The seed tasks stage 0 wrote for this run."""
+    return load_seed_tasks(Path(run_dir) / SEEDS_DIR / SEED_TASKS_FILE)
+
+
+def seed_table(tasks: list[SeedTask]) -> pd.DataFrame:
+    """Seed tasks as a table: id, name, instruction, instance count, classification flag."""
+    return pd.DataFrame({
+        "id": [t.id for t in tasks],
+        "name": [t.name for t in tasks],
+        "instruction": [t.instruction for t in tasks],
+        "instances": [len(t.instances) for t in tasks],
+        "is_classification": [t.is_classification for t in tasks],
+    })
