@@ -157,3 +157,8 @@ def load_causal_lm(spec: ModelParams) -> tuple[PreTrainedModel, PreTrainedTokeni
     model.to(spec.device)
     model.eval()
     return model, tokenizer
+
+
+if __name__ == "__main__":
+    print(f"embedded LLM ready in {prepare_embedded_models()}")
+    print(f"embedded sentence encoder in {embedded_encoder_dir()}")

