@@ -24,6 +24,8 @@ EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_LLM = "smollm2-135m-instruct"
 EMBEDDED_ENCODER = "all-minilm-l6-v2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Bump when prepare_embedded_models changes what it writes, so stale caches are rebuilt.
+_PREPARATION_VERSION = 2
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -43,7 +45,7 @@ def _package_folder(package: str, wheel: str) -> Path:
 
 def embedded_llm_dir() -> Path:
     """Folder of the de-quantised embedded LLM in the cache (made by :func:`prepare_embedded_models`)."""
-    return cache_dir() / "models" / f"{EMBEDDED_LLM}-bf16"
+    return cache_dir() / "models" / f"{EMBEDDED_LLM}-bf16-v{_PREPARATION_VERSION}"
 
 
 def embedded_encoder_dir() -> Path:
