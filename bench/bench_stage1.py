@@ -95,8 +95,8 @@ def main() -> None:
     parser.add_argument("--out", default="results/bench/stage1.json")
     parser.add_argument("--pool-sizes", default="1000,5000,15000")
     parser.add_argument("--candidates", type=int, default=20)
-    parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prompts", type=int, default=32)  # stage 1 default batch
+    parser.add_argument("--new-tokens", type=int, default=160)  # stage 1 default
     args = parser.parse_args()
     rng = random.Random(0)
     torch.manual_seed(0)

@@ -62,6 +62,83 @@ class ClassificationParams:
     max_new_tokens: int = 3
 
 
+UNIEVAL = "MingZhong/unieval-dialog"
+UNIEVAL_QUESTIONS = {
+    "naturalness": "question: Is this a natural response in the dialogue? </s> response: {output}",
+    "coherence": (
+        "question: Is this a coherent response given the dialogue history? </s> response: {output} "
+        "</s> dialogue history: {context}"
+    ),
+    "understandability": "question: Is this an understandable response in the dialogue? </s> response: {output}",
+}
+OASST_RM = "OpenAssistant/oasst-rm-2.1-pythia-1.4b-epoch-2.5"
+OASST_TEMPLATE = "<|prompter|>{prompt}<|endoftext|><|assistant|>{output}<|endoftext|>"
+
+
+@dataclass
+class ScorerParams:
+    """One component of the reward: which scorer kind, on which model, with which template.
+
+    Templates may use {instruction}, {input}, {output} (alias {response}), {prompt} and
+    {context} (both: the instruction, then the input when there is one).
+    """
+
+    kind: Literal["sequence_classification", "yes_no", "embedding_similarity", "lm_fluency"]
+    model: str
+    template: str
+    weight: float
+    pair_template: Optional[str] = None  # second text (embedding_similarity, lm_fluency): default {output}
+    max_length: int = 1024
+    batch_size: int = 8
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "float32"
+    device: str = "cpu"
+    trust_remote_code: bool = False
+
+
+def _paper_scorer(name: str) -> ScorerParams:
+    return ScorerParams(kind="yes_no", model=UNIEVAL, template=UNIEVAL_QUESTIONS[name],
+                        weight=PAPER_WEIGHTS[name])
+
+
+# Eq. 1 of the paper. Only the understandability weight is certain (-0.4421, from the abstract
+# and public descriptions); the others are our best recollection; the intercept is unknown.
+PAPER_WEIGHTS = {"reward_model": 0.0078, "understandability": -0.4421, "naturalness": 0.3212, "coherence": 0.1520}
+
+
+@dataclass
+class RewardParams:
+    """The REFINE-AF reward: intercept + sum of weight * score over the four components."""
+
+    reward_model: ScorerParams = field(default_factory=lambda: ScorerParams(
+        kind="sequence_classification", model=OASST_RM, template=OASST_TEMPLATE,
+        weight=PAPER_WEIGHTS["reward_model"]))
+    understandability: ScorerParams = field(default_factory=lambda: _paper_scorer("understandability"))
+    naturalness: ScorerParams = field(default_factory=lambda: _paper_scorer("naturalness"))
+    coherence: ScorerParams = field(default_factory=lambda: _paper_scorer("coherence"))
+    intercept: float = 0.0
+
+
+@dataclass
+class InstanceGenerationParams:
+    """Self-Instruct's instance generation prompts and decoding (stage 2 samples, stage 3 trains, stage 4 writes)."""
+
+    batch_size: int = 16
+    max_new_tokens: int = 128
+    temperature: float = 0.7
+    top_p: float = 0.9
+    num_demonstrations: int = 2
+    max_instances_per_task: int = 5
+
+
+@dataclass
+class RewardAnalysisParams:
+    """Stage 2's analysis: how many instructions to sample and candidates per instruction."""
+
+    num_instructions: int = 24
+    candidates_per_instruction: int = 2
+    num_examples_shown: int = 5
+
+
 @dataclass
 class Params:
     """All settings of one pipeline run."""
@@ -75,6 +152,9 @@ class Params:
         default_factory=InstructionGenerationParams
     )
     classification: ClassificationParams = field(default_factory=ClassificationParams)
+    instance_generation: InstanceGenerationParams = field(default_factory=InstanceGenerationParams)
+    reward: RewardParams = field(default_factory=RewardParams)
+    reward_analysis: RewardAnalysisParams = field(default_factory=RewardAnalysisParams)
 
     def to_dict(self) -> dict[str, Any]:
         """The params as plain nested dicts (what YAML holds)."""
@@ -168,7 +248,8 @@ def _check_values(params: Any, prefix: str, source: str) -> None:
     """Range checks that types alone cannot express."""
     positive = {
         "num_instructions", "num_prompt_instructions", "batch_size", "max_new_tokens",
-        "num_examples", "max_batches",
+        "num_examples", "max_batches", "max_length", "num_demonstrations", "max_instances_per_task",
+        "candidates_per_instruction", "num_examples_shown",
     }
     for f in dataclasses.fields(params):
         value = getattr(params, f.name)
@@ -186,6 +267,18 @@ def _check_values(params: Any, prefix: str, source: str) -> None:
             raise ParamsError(f"{source}: key '{prefix}temperature' must not be negative")
         if not 0.0 <= params.novelty_threshold <= 1.0:
             raise ParamsError(f"{source}: key '{prefix}novelty_threshold' must be in [0, 1]")
+    if isinstance(params, ScorerParams):
+        for template_key in ("template", "pair_template"):
+            template = getattr(params, template_key)
+            if template is None:
+                continue
+            try:
+                template.format(instruction="", input="", output="", response="", prompt="", context="")
+            except (KeyError, IndexError, ValueError) as error:
+                raise ParamsError(
+                    f"{source}: key '{prefix}{template_key}' has an unknown placeholder or a stray brace ({error}); "
+                    "use {instruction}, {input}, {output}, {response}, {prompt} or {context}"
+                ) from error
     if isinstance(params, Params) and (not params.run_name or "/" in params.run_name):
         raise ParamsError(f"{source}: key 'run_name' must be a non-empty name without '/'")
 

@@ -48,3 +48,34 @@ def bar_chart(table: pd.DataFrame, label_column: str, value_column: str, title: 
     ax.set_xlabel(value_column)
     fig.tight_layout()
     return fig
+
+
+def histogram_grid(table: pd.DataFrame, columns: Sequence[str], title: str, bins: int = 20) -> plt.Figure:
+    """One histogram per column, two per row."""
+    rows = (len(columns) + 1) // 2
+    fig, axes = plt.subplots(rows, 2, figsize=(9, 3 * rows), squeeze=False)
+    for ax, column in zip(axes.flat, columns):
+        ax.hist(table[column].astype(float), bins=bins, color="#4C72B0", edgecolor="white")
+        ax.set_title(column)
+        ax.set_ylabel("count")
+    for ax in list(axes.flat)[len(columns):]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def heatmap(matrix: pd.DataFrame, title: str) -> plt.Figure:
+    """A square matrix (e.g. correlations in [-1, 1]) with its values written in the cells."""
+    fig, ax = plt.subplots(figsize=(1.2 * len(matrix) + 2, 1.1 * len(matrix) + 1.5))
+    image = ax.imshow(matrix.values, cmap="RdBu_r", vmin=-1, vmax=1)
+    ax.set_xticks(range(len(matrix.columns)), matrix.columns, rotation=45, ha="right")
+    ax.set_yticks(range(len(matrix.index)), matrix.index)
+    for i in range(len(matrix.index)):
+        for j in range(len(matrix.columns)):
+            value = matrix.values[i, j]
+            ax.text(j, i, "nan" if np.isnan(value) else f"{value:.2f}", ha="center", va="center", fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig

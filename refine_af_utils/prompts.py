@@ -53,3 +53,52 @@ def classification_prompt(examples: Sequence[tuple[str, bool]], instruction: str
 def parse_yes_no(answer: str) -> bool:
     """True when the model's answer starts with yes (any case, leading space allowed)."""
     return answer.strip().lower().startswith("yes")
+
+
+# Instance generation (Self-Instruct style, our wording). Non-classification tasks: input first,
+# then output. Classification tasks: the class label first, then an input that fits it, so the
+# model cannot drift to one label.
+INSTANCE_HEADER = (
+    "Come up with examples for the following tasks. Write several examples when you can. "
+    "If a task needs no input, write the output directly."
+)
+CLASSIFICATION_INSTANCE_HEADER = (
+    "For each classification task below, write a class label and then an input that belongs to that label. "
+    "If the task needs no input, write the class labels only."
+)
+
+
+def _instance_block(instruction: str, instances: Sequence[tuple[str, str]], classification: bool) -> str:
+    lines = [f"Task: {clean_prompt_instruction(instruction)}"]
+    for number, (input_text, output) in enumerate(instances, start=1):
+        if classification:
+            lines.append(f"Class label: {output}")
+            lines.append(f"Input: {input_text}" if input_text.strip() else "Input: (none)")
+        else:
+            lines.append(f"Example {number}")
+            if input_text.strip():
+                lines.append(f"Input: {input_text}")
+            lines.append(f"Output: {output}")
+    return "\n".join(lines)
+
+
+def instance_generation_prompt(
+    instruction: str, classification: bool, demonstrations: Sequence[tuple[str, Sequence[tuple[str, str]]]],
+) -> str:
+    """Header, demonstration tasks with their (input, output) instances, then the open task.
+
+    The prompt ends where the model starts writing the first instance: ``Example 1`` for
+    generation tasks and ``Class label:`` for classification tasks.
+    """
+    header = CLASSIFICATION_INSTANCE_HEADER if classification else INSTANCE_HEADER
+    blocks = [header, ""]
+    for demo_instruction, demo_instances in demonstrations:
+        blocks.append(_instance_block(demo_instruction, demo_instances, classification))
+        blocks.append("")
+    opener = "Class label:" if classification else "Example 1"
+    blocks.append(f"Task: {clean_prompt_instruction(instruction)}\n{opener}")
+    return "\n".join(blocks)
+
+
+# Stop when the model starts the next task.
+INSTANCE_STOP_STRINGS = ["\nTask:", "\n\n\n"]

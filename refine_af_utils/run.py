@@ -37,6 +37,7 @@ class Stage:
 STAGES = [
     Stage("00", "00_seed_tasks.ipynb", "seeds"),
     Stage("01", "01_instruction_generation.ipynb", "instructions"),
+    Stage("02", "02_reward_analysis.ipynb", "reward_analysis"),
 ]
 
 

@@ -70,6 +70,19 @@ def test_smoke_pipeline_through_papermill(tmp_path, capsys):
     for name in ("filter_counts.png", "novelty_rouge_l.png", "instruction_lengths.png", "instructions.csv"):
         assert (run_dir / "instructions" / name).stat().st_size > 0
 
+    reward = read_metrics(run_dir, "02")
+    scores = pd.read_csv(run_dir / "reward_analysis" / "scores.csv")
+    assert reward["instances"] == len(scores) > 0
+    components = ["reward_model", "understandability", "naturalness", "coherence"]
+    assert set(components + ["reward", "instruction", "input", "output"]) <= set(scores.columns)
+    assert scores[components].apply(lambda c: c.between(0, 1).all()).all()  # the default stand-ins are in [0, 1]
+    weights = {"reward_model": 0.0078, "understandability": -0.4421, "naturalness": 0.3212, "coherence": 0.1520}
+    recomputed = sum(w * scores[c] for c, w in weights.items())  # the reward is redrawable from the CSV
+    assert (recomputed - scores["reward"]).abs().max() < 1e-9
+    for name in ("component_histograms.png", "component_correlations.png", "reward_distribution.png",
+                 "best_examples.csv", "worst_examples.csv", "reward_by_type.csv", "correlations.csv"):
+        assert (run_dir / "reward_analysis" / name).stat().st_size > 0
+
     for stage in STAGES:
         executed = nbformat.read(run_dir / "notebooks" / stage.notebook, as_version=4)
         assert any(c.get("outputs") for c in executed.cells if c.cell_type == "code")
@@ -79,6 +92,8 @@ def test_smoke_pipeline_through_papermill(tmp_path, capsys):
     run_pipeline(params_path, results_root=tmp_path)  # complete: both stages are skipped
     assert capsys.readouterr().out.count("complete, skipped") == len(STAGES)
 
+    cache_files = sorted((run_dir / "reward_analysis" / "cache").glob("*.jsonl"))
+    assert len(cache_files) == 4
     run_pipeline(params_path, only="01", force=True, results_root=tmp_path)  # from scratch, same result
     rerun = [json.loads(line) for line in (run_dir / "instructions" / "instructions.jsonl").read_text().splitlines()]
     assert [r["instruction"] for r in rerun] == [r["instruction"] for r in records]
