@@ -140,6 +140,28 @@ class RewardAnalysisParams:
 
 
 @dataclass
+class RLParams:
+    """Stage 3: RL from automated feedback on the instance generator (LoRA on the backbone)."""
+
+    algorithm: Literal["ppo", "grpo", "rloo"] = "ppo"
+    num_prompts: int = 64            # stage 1 instructions used as training prompts
+    updates: int = 8                 # PPO updates (GRPO/RLOO optimiser steps)
+    batch_size: int = 4              # prompts per update
+    num_generations: int = 4         # GRPO/RLOO: completions per prompt
+    ppo_epochs: int = 2
+    learning_rate: float = 1.0e-4
+    kl_coef: float = 0.05
+    response_length: int = 48
+    temperature: float = 0.7
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    invalid_reward: float = -1.0     # added when a completion parses to no instance
+    checkpoint_every: int = 4        # updates between checkpoints (a rerun resumes from the last)
+
+
+@dataclass
 class Params:
     """All settings of one pipeline run."""
 
@@ -155,6 +177,7 @@ class Params:
     instance_generation: InstanceGenerationParams = field(default_factory=InstanceGenerationParams)
     reward: RewardParams = field(default_factory=RewardParams)
     reward_analysis: RewardAnalysisParams = field(default_factory=RewardAnalysisParams)
+    rl: RLParams = field(default_factory=RLParams)
 
     def to_dict(self) -> dict[str, Any]:
         """The params as plain nested dicts (what YAML holds)."""
@@ -177,6 +200,8 @@ def _type_name(annotation: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(annotation))
     if annotation is type(None):
         return "null"
+    if origin is list:
+        return "a list of " + _type_name(typing.get_args(annotation)[0])
     return getattr(annotation, "__name__", str(annotation))
 
 
@@ -198,6 +223,11 @@ def _convert(value: Any, annotation: Any, key: str, source: str) -> Any:
         if value in typing.get_args(annotation):
             return value
         raise wrong
+    if origin is list:
+        if not isinstance(value, list):
+            raise wrong
+        (item,) = typing.get_args(annotation)
+        return [_convert(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
     if annotation is type(None):
         if value is None:
             return None
@@ -249,7 +279,8 @@ def _check_values(params: Any, prefix: str, source: str) -> None:
     positive = {
         "num_instructions", "num_prompt_instructions", "batch_size", "max_new_tokens",
         "num_examples", "max_batches", "max_length", "num_demonstrations", "max_instances_per_task",
-        "candidates_per_instruction", "num_examples_shown",
+        "candidates_per_instruction", "num_examples_shown", "num_prompts", "updates", "num_generations",
+        "ppo_epochs", "response_length", "lora_r", "lora_alpha", "checkpoint_every",
     }
     for f in dataclasses.fields(params):
         value = getattr(params, f.name)

@@ -79,3 +79,31 @@ def heatmap(matrix: pd.DataFrame, title: str) -> plt.Figure:
     ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def line_chart(table: pd.DataFrame, x: str, columns: Sequence[str], title: str) -> plt.Figure:
+    """One line per column against ``x``, each on its own y-axis panel."""
+    fig, axes = plt.subplots(len(columns), 1, figsize=(6, 1.9 * len(columns) + 0.6), sharex=True, squeeze=False)
+    for ax, column in zip(axes[:, 0], columns):
+        ax.plot(table[x], table[column], marker="o", color="#4C72B0")
+        ax.set_ylabel(column)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel(x)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def overlaid_histograms(series: dict[str, Sequence[float]], title: str, xlabel: str, bins: int = 20) -> plt.Figure:
+    """Histograms of several named samples on shared bins, side by side in one panel."""
+    values = [np.asarray(v, dtype=float) for v in series.values()]
+    everything = np.concatenate(values) if values else np.zeros(0)
+    edges = np.histogram_bin_edges(everything, bins=bins) if everything.size else bins
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    ax.hist(values, bins=edges, label=[f"{k} (mean {np.mean(v):.3f})" for k, v in series.items()])
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("count")
+    ax.legend()
+    fig.tight_layout()
+    return fig

@@ -38,6 +38,8 @@ STAGES = [
     Stage("00", "00_seed_tasks.ipynb", "seeds"),
     Stage("01", "01_instruction_generation.ipynb", "instructions"),
     Stage("02", "02_reward_analysis.ipynb", "reward_analysis"),
+    Stage("03", "03_ppo_training.ipynb", "rl"),
+    Stage("04", "04_instance_generation.ipynb", "data"),
 ]
 
 

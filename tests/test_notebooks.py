@@ -83,6 +83,28 @@ def test_smoke_pipeline_through_papermill(tmp_path, capsys):
                  "best_examples.csv", "worst_examples.csv", "reward_by_type.csv", "correlations.csv"):
         assert (run_dir / "reward_analysis" / name).stat().st_size > 0
 
+    rl = pd.read_csv(run_dir / "rl" / "metrics.csv")
+    assert list(rl["update"]) == list(range(1, params.rl.updates + 1))
+    assert rl[["reward", "kl", "policy_loss", "value_loss"]].notna().all().all()
+    assert read_metrics(run_dir, "03")["updates"] == params.rl.updates
+    assert (run_dir / "rl" / "adapter" / "adapter_config.json").is_file()
+    for name in ("reward_kl.png", "components.png"):
+        assert (run_dir / "rl" / name).stat().st_size > 0
+
+    from datasets import load_dataset
+
+    arms = {}
+    for arm in ("self_instruct", "refine_af"):
+        data = load_dataset("json", data_files=str(run_dir / "data" / f"{arm}.jsonl"), split="train")
+        assert {"instruction", "input", "output", "is_classification", "reward", *components} <= set(data.column_names)
+        arms[arm] = data
+        assert read_metrics(run_dir, "04")[f"{arm}_instances"] == len(data) > 0
+    assert set(arms["self_instruct"]["instruction"]) <= {r["instruction"] for r in records}
+    statistics = pd.read_csv(run_dir / "data" / "dataset_statistics.csv", index_col=0)
+    assert list(statistics.columns) == ["self_instruct", "refine_af"]
+    assert statistics.loc["instructions (stage 1)"].tolist() == [params.num_instructions] * 2
+    assert (run_dir / "data" / "reward_by_arm.png").stat().st_size > 0
+
     for stage in STAGES:
         executed = nbformat.read(run_dir / "notebooks" / stage.notebook, as_version=4)
         assert any(c.get("outputs") for c in executed.cells if c.cell_type == "code")
