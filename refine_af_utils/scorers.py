@@ -274,29 +274,40 @@ def _answer_token_ids(tokenizer: Any, word: str) -> list[int]:
     return ids
 
 
+_LANGUAGE_MODELS: dict[tuple, tuple[Any, Any]] = {}
+
+
+def _language_model(spec: ScorerParams) -> tuple[Any, Any]:
+    """A causal or seq2seq LM and its tokenizer for ``spec``, loaded once per (model, dtype, device).
+
+    The default run's three yes/no stand-ins share one copy of the embedded model this way.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    key = (spec.model, spec.dtype, spec.device, spec.trust_remote_code)
+    if key not in _LANGUAGE_MODELS:
+        folder = _model_folder(spec)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=spec.trust_remote_code)
+        auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+        model = auto.from_pretrained(folder, dtype=_dtype(spec), trust_remote_code=spec.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=spec.trust_remote_code)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        _LANGUAGE_MODELS[key] = (model.to(_device(spec)).eval(), tokenizer)
+    return _LANGUAGE_MODELS[key]
+
+
 class YesNoScorer(Scorer):
     """UniEval's P(Yes) / (P(Yes) + P(No)) of the first answer token."""
 
     kind = "yes_no"
     bounded = True
 
-    def __init__(self, name: str, spec: ScorerParams, cache_path: Optional[Path] = None,
-                 model: Any = None, tokenizer: Any = None) -> None:
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
-
+    def __init__(self, name: str, spec: ScorerParams, cache_path: Optional[Path] = None) -> None:
         super().__init__(name, spec, cache_path)
-        if model is None:
-            folder = _model_folder(spec)
-            config = AutoConfig.from_pretrained(folder, trust_remote_code=spec.trust_remote_code)
-            auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-            model = auto.from_pretrained(folder, dtype=_dtype(spec), trust_remote_code=spec.trust_remote_code)
-            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=spec.trust_remote_code)
-            model.to(_device(spec)).eval()
-        self.model, self.tokenizer = model, tokenizer
-        self.seq2seq = bool(model.config.is_encoder_decoder)
+        self.model, self.tokenizer = _language_model(spec)
+        self.seq2seq = bool(self.model.config.is_encoder_decoder)
         self.adds_special_tokens = self.seq2seq  # UniEval's T5 input ends with </s>
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
         # UniEval takes tokenizer("Yes").input_ids[0]; a causal LM may answer with " Yes" too.
         self.yes_ids = _answer_token_ids(self.tokenizer, "Yes")
         self.no_ids = _answer_token_ids(self.tokenizer, "No")
@@ -356,20 +367,11 @@ class LMFluencyScorer(Scorer):
     kind = "lm_fluency"
     bounded = True
 
-    def __init__(self, name: str, spec: ScorerParams, cache_path: Optional[Path] = None,
-                 model: Any = None, tokenizer: Any = None) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    def __init__(self, name: str, spec: ScorerParams, cache_path: Optional[Path] = None) -> None:
         super().__init__(name, spec, cache_path)
-        if model is None:
-            folder = _model_folder(spec)
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=_dtype(spec),
-                                                         trust_remote_code=spec.trust_remote_code)
-            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=spec.trust_remote_code)
-            model.to(_device(spec)).eval()
-        self.model, self.tokenizer = model, tokenizer
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model, self.tokenizer = _language_model(spec)
+        if self.model.config.is_encoder_decoder:
+            raise ValueError(f"scorer '{name}': lm_fluency needs a causal LM, {spec.model} is a seq2seq model")
 
     def token_length(self, instance: InstanceText) -> int:
         """Prefix and output tokens together."""
