@@ -11,6 +11,7 @@ reward and exported as JSONL that ``datasets.load_dataset("json", ...)`` reads.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -111,11 +112,19 @@ class ArmsResult:
 def run_instance_stage(params: Params, run_dir: str | Path) -> ArmsResult:
     """Stage 4: generate, filter, score and export both arms' datasets under ``<run_dir>/data``."""
     from refine_af_utils.plots import overlaid_histograms, save_figure
-    from refine_af_utils.results import record_metrics, stage_dir
+    from refine_af_utils.results import check_stage_config, record_metrics, stage_dir
 
     run_dir = Path(run_dir)
     out = stage_dir(run_dir, DATA_DIR)
     records = read_jsonl(run_dir / "instructions" / "instructions.jsonl")
+    adapter = run_dir / "rl" / "adapter" / "adapter_model.safetensors"
+    settings = params.to_dict()
+    check_stage_config(out, {
+        "model": settings["model"], "random_seed": params.random_seed,
+        "instance_generation": settings["instance_generation"],
+        # the REFINE-AF arm's completions belong to one trained adapter
+        "adapter_sha256": hashlib.sha256(adapter.read_bytes()).hexdigest() if adapter.is_file() else None,
+    })
     scorers = build_scorers(params.reward, run_dir / "reward_analysis" / "cache")
     instances, stats = {}, {}
     for arm in ARMS:

@@ -17,7 +17,6 @@ batches as an uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import string
@@ -42,6 +41,7 @@ from refine_af_utils.prompts import (
     instruction_generation_prompt,
     parse_yes_no,
 )
+from refine_af_utils.results import check_stage_config
 from refine_af_utils.rouge import NoveltyPool
 from refine_af_utils.seeds import SeedTask
 
@@ -166,26 +166,11 @@ def identify_classification(
     return answers
 
 
-def _check_config(params: Params, out_dir: Path) -> None:
-    """Refuse to resume a run whose outputs were made with other settings (num_instructions may grow)."""
-    config = {
-        "seed_tasks": params.seed_tasks,
-        "random_seed": params.random_seed,
-        "model": params.to_dict()["model"],
-        "instruction_generation": params.to_dict()["instruction_generation"],
-        "classification": params.to_dict()["classification"],
-    }
-    path = out_dir / "config.json"
-    if path.is_file():
-        before = json.loads(path.read_text())
-        changed = sorted(k for k in config if before.get(k) != config[k])
-        if changed:
-            raise RuntimeError(
-                f"{out_dir} was made with other settings ({', '.join(changed)} differ); "
-                "rerun the stage with --force to start it again"
-            )
-    else:
-        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+def _stage_config(params: Params) -> dict[str, Any]:
+    """The settings stage 1's outputs depend on (``num_instructions`` may grow on a rerun)."""
+    data = params.to_dict()
+    return {key: data[key] for key in ("seed_tasks", "random_seed", "model", "instruction_generation",
+                                        "classification")}
 
 
 def _batch_seed(random_seed: int, batch: int) -> int:
@@ -199,7 +184,7 @@ def bootstrap_instructions(
     cfg, clf = params.instruction_generation, params.classification
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _check_config(params, out_dir)
+    check_stage_config(out_dir, _stage_config(params))
     state = load_state(out_dir)
     pool = NoveltyPool(s.instruction for s in seeds)
     for record in state.instructions:

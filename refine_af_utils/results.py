@@ -30,3 +30,24 @@ def read_metrics(run_dir: str | Path, stage: str) -> dict[str, Any]:
 def cache_dir() -> Path:
     """The cache folder for prepared models and downloads: ``$REFINE_AF_CACHE`` or ``~/.cache/refine-af``."""
     return Path(os.environ.get("REFINE_AF_CACHE", Path.home() / ".cache" / "refine-af"))
+
+
+def check_stage_config(out_dir: str | Path, config: dict[str, Any]) -> None:
+    """Refuse to resume a stage whose outputs were made with other settings.
+
+    The first run writes ``config.json`` into the stage folder; a later run whose ``config``
+    differs stops with the keys that changed (rerun the stage with ``--force`` to start over).
+    """
+    path = Path(out_dir) / "config.json"
+    config = json.loads(json.dumps(config, sort_keys=True))
+    if path.is_file():
+        before = json.loads(path.read_text())
+        changed = sorted(k for k in set(before) | set(config) if before.get(k) != config.get(k))
+        if changed:
+            raise RuntimeError(
+                f"{out_dir} was made with other settings ({', '.join(changed)} differ); "
+                "rerun the stage with --force to start it again"
+            )
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

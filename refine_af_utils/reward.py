@@ -129,10 +129,13 @@ def _parse_candidates(candidates: Sequence[dict[str, Any]], max_instances: int) 
 def run_reward_analysis(params: Params, run_dir: str | Path) -> RewardAnalysisResult:
     """Stage 2: candidate instances from the untrained backbone, every component scored, figures."""
     from refine_af_utils.plots import heatmap, histogram, histogram_grid, save_figure
-    from refine_af_utils.results import record_metrics, stage_dir
+    from refine_af_utils.results import check_stage_config, record_metrics, stage_dir
 
     run_dir = Path(run_dir)
     out = stage_dir(run_dir, REWARD_ANALYSIS_DIR)
+    settings = params.to_dict()
+    check_stage_config(out, {key: settings[key] for key in ("model", "random_seed", "instance_generation",
+                                                             "reward_analysis")})
     candidates = _candidates(params, run_dir, out)
     instances, filter_counts = _parse_candidates(candidates, params.instance_generation.max_instances_per_task)
     if instances.empty:

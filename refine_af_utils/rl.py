@@ -314,12 +314,19 @@ def train_generator(params: Params, run_dir: str | Path, scorers: Optional[dict[
 
     from refine_af_utils.models import load_causal_lm, resolve_model_path, torch_dtype
     from refine_af_utils.reward import build_scorers
-    from refine_af_utils.results import stage_dir
+    from refine_af_utils.results import check_stage_config, stage_dir
 
     cfg = params.rl
     run_dir = Path(run_dir)
     out = stage_dir(run_dir, RL_DIR)
     checkpoints = out / "checkpoints"
+    settings = params.to_dict()
+    check_stage_config(out, {
+        "model": settings["model"], "reward": settings["reward"], "random_seed": params.random_seed,
+        "instance_generation": settings["instance_generation"],
+        # more updates may be asked for later: the run then resumes
+        "rl": {k: v for k, v in settings["rl"].items() if k not in ("updates", "checkpoint_every")},
+    })
     scorers = scorers or build_scorers(params.reward, run_dir / "reward_analysis" / "cache")
     completion_scorer = CompletionScorer(scorers, params.reward, cfg.invalid_reward,
                                          params.instance_generation.max_instances_per_task)

@@ -127,6 +127,9 @@ def test_ppo_two_updates_then_resume_from_the_checkpoint(tiny_llama_dir, tiny_ru
     train_generator(more, tiny_run)  # complete: nothing is trained again
     assert list(_metrics(tiny_run)["update"]) == [1, 2, 3]
     assert (result.adapter_dir / "adapter_model.safetensors").read_bytes() == after_three
+    other = params_from_dict(tiny_rl_params(tiny_llama_dir, updates=3, learning_rate=1e-3))
+    with pytest.raises(RuntimeError, match=r"other settings \(rl differ\)"):
+        train_generator(other, tiny_run)  # checkpoints of other settings are never resumed silently
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
