@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from refine_af_utils.instances import filter_instances, generate_instances, instance_prompts, parse_instances
+from refine_af_utils.instructions import instructions_of_run
 from refine_af_utils.jsonl import append_jsonl, read_jsonl, truncate_torn_tail
 from refine_af_utils.params import Params
 from refine_af_utils.reward import COMPONENTS, build_scorers, score_instances
@@ -55,10 +56,10 @@ def generate_arm(params: Params, arm: str, records: Sequence[dict[str, Any]], ru
     batches = [records[i:i + cfg.batch_size] for i in range(0, len(records), cfg.batch_size)]
     todo = [(index, batch) for index, batch in enumerate(batches) if any(r["id"] not in done for r in batch)]
     if todo:
-        from refine_af_utils.seeds import run_seed_tasks
+        from refine_af_utils.seeds import seed_tasks_of_run
 
         model, tokenizer = load_generator(params, arm, run_dir)
-        seeds = run_seed_tasks(run_dir)
+        seeds = seed_tasks_of_run(run_dir)
         for index, batch in tqdm(todo, desc=f"instances ({arm})"):
             batch = [r for r in batch if r["id"] not in done]
             torch.manual_seed(params.random_seed * 7919 + index)  # the same noise for both arms
@@ -116,7 +117,7 @@ def run_instance_stage(params: Params, run_dir: str | Path) -> ArmsResult:
 
     run_dir = Path(run_dir)
     out = stage_dir(run_dir, DATA_DIR)
-    records = read_jsonl(run_dir / "instructions" / "instructions.jsonl")
+    records = instructions_of_run(run_dir)
     adapter = run_dir / "rl" / "adapter" / "adapter_model.safetensors"
     settings = params.to_dict()
     check_stage_config(out, {

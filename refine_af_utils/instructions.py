@@ -314,6 +314,15 @@ def generation_throughput(batches: Sequence[dict[str, Any]]) -> dict[str, float]
     }
 
 
+def instructions_of_run(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The instruction records stage 1 wrote for this run (a clear error when there are none)."""
+    path = Path(run_dir) / INSTRUCTIONS_DIR / INSTRUCTIONS_FILE
+    records = read_jsonl(path)
+    if not records:
+        raise FileNotFoundError(f"{path}: no instructions; run stage 1 (--only 01) first")
+    return records
+
+
 @dataclass
 class InstructionStageResult:
     """What stage 1 made: the accepted instructions, per-filter counts and throughput."""
@@ -329,10 +338,10 @@ def run_instruction_stage(params: Params, run_dir: str | Path) -> InstructionSta
     from refine_af_utils.models import load_causal_lm
     from refine_af_utils.plots import bar_chart, histogram, save_figure
     from refine_af_utils.results import record_metrics, stage_dir
-    from refine_af_utils.seeds import run_seed_tasks
+    from refine_af_utils.seeds import seed_tasks_of_run
 
     out = stage_dir(run_dir, INSTRUCTIONS_DIR)
-    seeds = run_seed_tasks(run_dir)
+    seeds = seed_tasks_of_run(run_dir)
     model, tokenizer = load_causal_lm(params.model)
     state = bootstrap_instructions(params, seeds, out, model, tokenizer)
     table = instruction_table(state.instructions)

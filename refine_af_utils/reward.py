@@ -69,13 +69,12 @@ class RewardAnalysisResult:
 def _candidates(params: Params, run_dir: Path, out: Path) -> list[dict[str, Any]]:
     """Sampled instructions' raw candidate continuations, generated once and appended batch by batch."""
     from refine_af_utils.instances import generate_instances, instance_prompts
+    from refine_af_utils.instructions import instructions_of_run
     from refine_af_utils.models import load_causal_lm
-    from refine_af_utils.seeds import run_seed_tasks
+    from refine_af_utils.seeds import seed_tasks_of_run
 
     analysis, cfg = params.reward_analysis, params.instance_generation
-    instructions = read_jsonl(run_dir / "instructions" / "instructions.jsonl")
-    if not instructions:
-        raise FileNotFoundError(f"{run_dir / 'instructions' / 'instructions.jsonl'}: run stage 1 first")
+    instructions = instructions_of_run(run_dir)
     rng = random.Random(params.random_seed)
     chosen = rng.sample(instructions, min(analysis.num_instructions, len(instructions)))
     jobs = [(record, c) for record in chosen for c in range(analysis.candidates_per_instruction)]
@@ -87,7 +86,7 @@ def _candidates(params: Params, run_dir: Path, out: Path) -> list[dict[str, Any]
         import torch
 
         model, tokenizer = load_causal_lm(params.model)
-        seeds = run_seed_tasks(run_dir)
+        seeds = seed_tasks_of_run(run_dir)
         for start in tqdm(range(0, len(todo), cfg.batch_size), desc="candidate instances"):
             batch = todo[start:start + cfg.batch_size]
             torch.manual_seed(params.random_seed + start)

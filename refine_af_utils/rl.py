@@ -290,13 +290,11 @@ class RLTrainingResult:
 def training_prompts(params: Params, run_dir: Path) -> list[dict[str, Any]]:
     """Stage 1 instructions with their instance prompts (stage 2's), ``rl.num_prompts`` of them."""
     from refine_af_utils.instances import instance_prompts
-    from refine_af_utils.jsonl import read_jsonl
-    from refine_af_utils.seeds import run_seed_tasks
+    from refine_af_utils.instructions import instructions_of_run
+    from refine_af_utils.seeds import seed_tasks_of_run
 
-    records = read_jsonl(run_dir / "instructions" / "instructions.jsonl")[: params.rl.num_prompts]
-    if not records:
-        raise FileNotFoundError(f"{run_dir / 'instructions' / 'instructions.jsonl'}: run stage 1 first")
-    prompts = instance_prompts(records, run_seed_tasks(run_dir), params.instance_generation, params.random_seed)
+    records = instructions_of_run(run_dir)[: params.rl.num_prompts]
+    prompts = instance_prompts(records, seed_tasks_of_run(run_dir), params.instance_generation, params.random_seed)
     return [{"prompt": p, "instruction": r["instruction"], "is_classification": r["is_classification"]}
             for p, r in zip(prompts, records)]
 

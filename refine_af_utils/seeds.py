@@ -209,7 +209,7 @@ def run_seed_stage(params: "Params", run_dir: str | Path) -> tuple[list[SeedTask
     return tasks, summary
 
 
-def run_seed_tasks(run_dir: str | Path) -> list[SeedTask]:
+def seed_tasks_of_run(run_dir: str | Path) -> list[SeedTask]:
     """The seed tasks stage 0 wrote for this run."""
     return load_seed_tasks(Path(run_dir) / SEEDS_DIR / SEED_TASKS_FILE)
 
