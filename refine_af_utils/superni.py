@@ -1,0 +1,129 @@
+"""Super-NaturalInstructions evaluation data, prompt and metrics (Self-Instruct / Tk-Instruct protocol).
+
+Data as released in allenai/natural-instructions: ``tasks/<name>.json`` per task and the
+test task list ``splits/default/test_tasks.txt``. The first ``max_instances`` (100) instances
+of each test task are used, zero-shot with the task definition only. Metrics follow
+Tk-Instruct's ``compute_metrics.py``: ROUGE-L F with the Porter stemmer and exact match after
+normalisation, each the maximum over the acceptable answers, times 100; task1415 is excluded.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from refine_af_utils.rouge import rouge_l
+
+EXCLUDED_TASKS = ("task1415",)  # excluded by Tk-Instruct's evaluation (prefix match)
+BUNDLED_SUPERNI = Path(__file__).parent / "data" / "superni_mini"
+
+
+class SuperNIError(ValueError):
+    """A Super-NI task file or split that does not match the released format."""
+
+
+@dataclass
+class SuperNIInstance:
+    """One evaluation instance: its id, input and acceptable answers."""
+
+    id: str
+    input: str
+    references: list[str]
+
+
+@dataclass
+class SuperNITask:
+    """One test task: name, category (first of ``Categories``), definition and instances."""
+
+    name: str
+    category: str
+    definition: str
+    instances: list[SuperNIInstance]
+    available_instances: int
+
+
+def _field(data: dict, key: str, kind: type, path: Path) -> Any:
+    if key not in data:
+        raise SuperNIError(f"{path}: missing field '{key}'")
+    if not isinstance(data[key], kind) or not data[key]:
+        raise SuperNIError(f"{path}: field '{key}' must be a non-empty {kind.__name__}")
+    return data[key]
+
+
+def load_task(path: str | Path, max_instances: int = 100) -> SuperNITask:
+    """Read and validate one task file; keep its first ``max_instances`` instances."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise SuperNIError(f"{path}: cannot read the task ({error})") from error
+    if not isinstance(data, dict):
+        raise SuperNIError(f"{path}: expected a JSON object")
+    definition = _field(data, "Definition", list, path)
+    if not isinstance(definition[0], str) or not definition[0].strip():
+        raise SuperNIError(f"{path}: field 'Definition' must start with a non-empty string")
+    categories = _field(data, "Categories", list, path)
+    raw_instances = _field(data, "Instances", list, path)
+    instances = []
+    for index, raw in enumerate(raw_instances[:max_instances]):
+        where = f"{path}: field 'Instances[{index}]'"
+        if not isinstance(raw, dict) or not isinstance(raw.get("input"), str):
+            raise SuperNIError(f"{where} must be an object with a string 'input'")
+        outputs = raw.get("output")
+        if not isinstance(outputs, list) or not outputs or not all(isinstance(o, str) for o in outputs):
+            raise SuperNIError(f"{where}: 'output' must be a non-empty list of acceptable answers")
+        instances.append(SuperNIInstance(str(raw.get("id", f"{path.stem}-{index}")), raw["input"], outputs))
+    if len(raw_instances) < max_instances:
+        warnings.warn(f"{path.stem}: {len(raw_instances)} instances, fewer than {max_instances}; using all of them",
+                      stacklevel=2)
+    return SuperNITask(path.stem, str(categories[0]), definition[0], instances, len(raw_instances))
+
+
+def load_tasks(superni_dir: str | Path, max_instances: int = 100) -> list[SuperNITask]:
+    """The tasks of ``splits/default/test_tasks.txt`` (task1415 excluded), each with its first instances."""
+    superni_dir = Path(superni_dir)
+    split = superni_dir / "splits" / "default" / "test_tasks.txt"
+    if not split.is_file():
+        raise SuperNIError(f"{split}: test task list not found (point superni_dir at a natural-instructions checkout)")
+    names = [line.strip() for line in split.read_text().splitlines() if line.strip()]
+    tasks = []
+    for name in names:
+        if name.startswith(EXCLUDED_TASKS):
+            continue
+        path = superni_dir / "tasks" / f"{name}.json"
+        if not path.is_file():
+            raise SuperNIError(f"{split}: lists '{name}', but {path} does not exist")
+        tasks.append(load_task(path, max_instances))
+    return tasks
+
+
+def _with_period(text: str) -> str:
+    text = text.strip()
+    return text if text and text[-1] in string.punctuation else text + "."
+
+
+def evaluation_prompt(task: SuperNITask, instance: SuperNIInstance) -> str:
+    """Zero-shot, definition only: ``Definition: ...`` blank line ``Now complete the following example -``."""
+    return (f"Definition: {_with_period(task.definition)}\n\n"
+            f"Now complete the following example -\nInput: {_with_period(instance.input)}\nOutput:")
+
+
+def normalize_answer(text: str) -> str:
+    """Tk-Instruct's (SQuAD's) normalisation: lowercase, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def score(prediction: str, references: list[str]) -> dict[str, float]:
+    """``rougeL`` (Porter-stemmed ROUGE-L F) and ``exact_match``, each the max over references, times 100."""
+    if not references:
+        raise SuperNIError("score needs at least one reference answer")
+    rouge = float(rouge_l(prediction, references, use_stemmer=True).max())
+    exact = max(normalize_answer(prediction) == normalize_answer(r) for r in references)
+    return {"rougeL": 100.0 * rouge, "exact_match": 100.0 * float(exact)}
