@@ -149,10 +149,9 @@ def run_reward_analysis(params: Params, run_dir: str | Path) -> RewardAnalysisRe
     columns = [*COMPONENTS, "reward"]
     correlations = scores[columns].corr()
     correlations.to_csv(out / "correlations.csv")
-    by_type = (scores.assign(type=np.where(scores["is_classification"], "classification", "generation"))
-               .groupby("type")[columns].mean().round(4))
-    by_type.insert(0, "instances", scores.groupby(np.where(scores["is_classification"], "classification",
-                                                           "generation")).size())
+    grouped = scores.assign(type=np.where(scores["is_classification"], "classification", "generation")).groupby("type")
+    by_type = grouped[columns].mean().round(4)
+    by_type.insert(0, "instances", grouped.size())
     by_type.to_csv(out / "reward_by_type.csv")
     shown = ["instruction", "input", "output", *columns]
     ranked = scores.sort_values("reward", ascending=False, kind="stable")

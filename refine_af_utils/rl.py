@@ -34,7 +34,7 @@ from torch import nn
 
 from refine_af_utils.instances import filter_instances, parse_instances
 from refine_af_utils.params import Params, RewardParams
-from refine_af_utils.reward import COMPONENTS, component_weights
+from refine_af_utils.reward import COMPONENTS, component_weights, composite_reward
 from refine_af_utils.scorers import InstanceText, Scorer
 
 # PPO lives in trl.experimental in the pinned trl (1.9.2, the last release that ships it); we
@@ -90,15 +90,11 @@ class CompletionScorer:
             parsed.append(ok)
         columns = {name: scorer.score(flat, progress=False) for name, scorer in self.scorers.items()}
         owners_array = np.asarray(owners)
-        results = []
-        for index in range(len(completions)):
-            rows = owners_array == index
-            components = {name: float(values[rows].mean()) for name, values in columns.items()}
-            total = self.reward.intercept + sum(self.weights[n] * components[n] for n in COMPONENTS)
-            if not parsed[index]:
-                total += self.invalid_reward
-            results.append(CompletionReward(float(total), components, parsed[index]))
-        return results
+        per_completion = {name: np.array([values[owners_array == index].mean() for index in range(len(completions))])
+                          for name, values in columns.items()}
+        totals = composite_reward(per_completion, self.reward) + np.where(parsed, 0.0, self.invalid_reward)
+        return [CompletionReward(float(totals[index]), {name: float(v[index]) for name, v in per_completion.items()},
+                                 parsed[index]) for index in range(len(completions))]
 
 
 class _RewardBackbone(nn.Module):
@@ -308,7 +304,7 @@ def train_generator(params: Params, run_dir: str | Path, scorers: Optional[dict[
     """Stage 3: train the LoRA instance generator with ``rl.algorithm``, resuming from checkpoints."""
     from datasets import Dataset
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
 
     from refine_af_utils.models import load_causal_lm, resolve_model_path, torch_dtype
     from refine_af_utils.reward import build_scorers
@@ -335,11 +331,7 @@ def train_generator(params: Params, run_dir: str | Path, scorers: Optional[dict[
     dtype = torch_dtype(params.model.dtype, params.model.device)
     while done < cfg.updates:
         segment = min(cfg.checkpoint_every, cfg.updates - done)
-        _, tokenizer = load_causal_lm(params.model)
-        tokenizer.padding_side = "left"
-        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype,
-                                                    trust_remote_code=params.model.trust_remote_code)
-        base.config.pad_token_id = tokenizer.pad_token_id
+        base, tokenizer = load_causal_lm(params.model)  # left padding, pad token distinct from eos
         policy = PeftModel.from_pretrained(base, last / "adapter", is_trainable=True) if last else base
         peft_config = None if last else _lora_config(cfg)
         dataset = Dataset.from_list(rows)

@@ -130,10 +130,6 @@ class Scorer:
         return len(self.tokenizer(self.format(instance), add_special_tokens=self.adds_special_tokens)["input_ids"])
 
 
-def _device(spec: ScorerParams) -> str:
-    return spec.device
-
-
 def _dtype(spec: ScorerParams) -> torch.dtype:
     from refine_af_utils.models import torch_dtype
 
@@ -250,13 +246,13 @@ class SequenceClassificationScorer(Scorer):
                 folder, num_labels=1, dtype=_dtype(spec), trust_remote_code=spec.trust_remote_code).eval()
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
             self._custom = False
-        self.model.to(_device(spec))
+        self.model.to(spec.device)
 
     @torch.inference_mode()
     def _score_batch(self, batch: Sequence[InstanceText]) -> Sequence[float]:
         texts = [self.format(i) for i in batch]
         encoded = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
-                                 max_length=self.spec.max_length, add_special_tokens=False).to(_device(self.spec))
+                                 max_length=self.spec.max_length, add_special_tokens=False).to(self.spec.device)
         if self._custom:
             logits = self.model(encoded["input_ids"], encoded["attention_mask"])
         else:
@@ -293,7 +289,7 @@ def _language_model(spec: ScorerParams) -> tuple[Any, Any]:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=spec.trust_remote_code)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        _LANGUAGE_MODELS[key] = (model.to(_device(spec)).eval(), tokenizer)
+        _LANGUAGE_MODELS[key] = (model.to(spec.device).eval(), tokenizer)
     return _LANGUAGE_MODELS[key]
 
 
@@ -342,7 +338,7 @@ class EmbeddingSimilarityScorer(Scorer):
         from sentence_transformers import SentenceTransformer
 
         super().__init__(name, spec, cache_path)
-        self.model = SentenceTransformer(_model_folder(spec), device=_device(spec),
+        self.model = SentenceTransformer(_model_folder(spec), device=spec.device,
                                          trust_remote_code=spec.trust_remote_code)
         self.model.max_seq_length = spec.max_length
         self.tokenizer = self.model.tokenizer
