@@ -36,15 +36,7 @@ def load_generator(params: Params, arm: str, run_dir: Path) -> tuple[Any, Any]:
     """The backbone for ``self_instruct``; backbone + stage 3 adapter (merged) for ``refine_af``."""
     from refine_af_utils.models import load_causal_lm
 
-    model, tokenizer = load_causal_lm(params.model)
-    if arm == "refine_af":
-        from peft import PeftModel
-
-        adapter = run_dir / "rl" / "adapter"
-        if not (adapter / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"{adapter}: no trained adapter; run stage 3 first")
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload().eval()
-    return model, tokenizer
+    return load_causal_lm(params.model, run_dir / "rl" / "adapter" if arm == "refine_af" else None)
 
 
 def generate_arm(params: Params, arm: str, records: Sequence[dict[str, Any]], run_dir: Path) -> list[dict[str, Any]]:

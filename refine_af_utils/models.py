@@ -146,8 +146,11 @@ def torch_dtype(name: str, device: str = "cpu") -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
-def load_causal_lm(spec: ModelParams) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load the backbone and its tokenizer (left padding, distinct pad token), in eval mode."""
+def load_causal_lm(spec: ModelParams, adapter: str | Path | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the backbone and its tokenizer (left padding, distinct pad token), in eval mode.
+
+    With ``adapter`` (a saved LoRA folder), the adapter is merged into the backbone.
+    """
     path = resolve_model_path(spec.name_or_path)
     kwargs: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
     if spec.revision:
@@ -156,6 +159,12 @@ def load_causal_lm(spec: ModelParams) -> tuple[PreTrainedModel, PreTrainedTokeni
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(spec.dtype, spec.device), **kwargs)
     tokenizer.padding_side = "left"
     ensure_distinct_pad_token(tokenizer, model)
+    if adapter is not None:
+        from peft import PeftModel
+
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise ModelNotFoundError(f"{adapter}: no trained adapter there (run the stage that trains it first)")
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     model.to(spec.device)
     model.eval()
     return model, tokenizer

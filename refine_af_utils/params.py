@@ -162,6 +162,37 @@ class RLParams:
 
 
 @dataclass
+class SFTParams:
+    """Stage 5: supervised fine-tuning of the base backbone on each arm's dataset (same settings for both)."""
+
+    full_fine_tuning: bool = False   # false: LoRA
+    epochs: float = 3.0
+    learning_rate: float = 2.0e-4
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_length: int = 512            # prompt + output tokens; longer examples are truncated
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    # "all-linear" (peft's shorthand) or a list of module names
+    lora_target_modules: Union[str, list[str]] = "all-linear"
+    save_steps: int = 50             # optimiser steps between checkpoints (a rerun resumes from the last)
+    gradient_checkpointing: bool = False  # saves GPU memory on 7B+ models at about 30% more time
+
+
+@dataclass
+class EvaluationParams:
+    """Stage 6: zero-shot Super-NaturalInstructions evaluation (Tk-Instruct / Self-Instruct protocol)."""
+
+    # "bundled" (our 12-task offline set, not Super-NI numbers) or a natural-instructions checkout
+    superni_dir: str = "bundled"
+    max_instances: int = 100         # the first instances of each test task
+    max_new_tokens: int = 128        # greedy decoding, stops at the end token
+    batch_size: int = 16
+    max_prompt_tokens: int = 1024    # longer prompts keep their end (the input and "Output:")
+
+
+@dataclass
 class Params:
     """All settings of one pipeline run."""
 
@@ -178,6 +209,8 @@ class Params:
     reward: RewardParams = field(default_factory=RewardParams)
     reward_analysis: RewardAnalysisParams = field(default_factory=RewardAnalysisParams)
     rl: RLParams = field(default_factory=RLParams)
+    sft: SFTParams = field(default_factory=SFTParams)
+    evaluation: EvaluationParams = field(default_factory=EvaluationParams)
 
     def to_dict(self) -> dict[str, Any]:
         """The params as plain nested dicts (what YAML holds)."""
@@ -281,6 +314,8 @@ def _check_values(params: Any, prefix: str, source: str) -> None:
         "num_examples", "max_batches", "max_length", "num_demonstrations", "max_instances_per_task",
         "candidates_per_instruction", "num_examples_shown", "num_prompts", "updates", "num_generations",
         "ppo_epochs", "response_length", "lora_r", "lora_alpha", "checkpoint_every",
+        "epochs", "learning_rate", "gradient_accumulation_steps", "save_steps", "max_instances",
+        "max_prompt_tokens",
     }
     for f in dataclasses.fields(params):
         value = getattr(params, f.name)

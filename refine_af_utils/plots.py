@@ -18,6 +18,7 @@ def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 120) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)  # pipelines make many figures; the notebooks show the saved PNGs
     return path
 
 
@@ -104,6 +105,36 @@ def overlaid_histograms(series: dict[str, Sequence[float]], title: str, xlabel: 
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("count")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def grouped_lines(table: pd.DataFrame, x: str, y: str, group: str, title: str) -> plt.Figure:
+    """One line of ``y`` against ``x`` per value of ``group``, in one panel."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    for name, rows in table.groupby(group, sort=False):
+        ax.plot(rows[x], rows[y], marker=".", label=str(name))
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def grouped_bars(table: pd.DataFrame, title: str, xlabel: str) -> plt.Figure:
+    """Horizontal grouped bars: one group per row of ``table``, one bar per column."""
+    labels = list(table.index)[::-1]
+    height = 0.8 / max(len(table.columns), 1)
+    fig, ax = plt.subplots(figsize=(7, 0.3 * len(table) * len(table.columns) + 1.5))
+    positions = np.arange(len(labels))
+    for offset, column in enumerate(table.columns):
+        ax.barh(positions + offset * height, table[column].to_numpy()[::-1], height=height, label=str(column))
+    ax.set_yticks(positions + height * (len(table.columns) - 1) / 2, labels)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
     return fig

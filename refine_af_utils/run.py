@@ -31,7 +31,7 @@ class Stage:
 
     id: str
     notebook: str
-    output_dir: str
+    output_dir: Optional[str]  # None: the stage rewrites its files in place (the report)
 
 
 STAGES = [
@@ -40,6 +40,9 @@ STAGES = [
     Stage("02", "02_reward_analysis.ipynb", "reward_analysis"),
     Stage("03", "03_ppo_training.ipynb", "rl"),
     Stage("04", "04_instance_generation.ipynb", "data"),
+    Stage("05", "05_sft.ipynb", "sft"),
+    Stage("06", "06_superni_evaluation.ipynb", "eval"),
+    Stage("07", "07_paper_tables.ipynb", None),
 ]
 
 
@@ -73,7 +76,8 @@ def run_stage(stage: Stage, params_path: Path, run_dir: Path, params: Params, fo
     import papermill
 
     if force:
-        shutil.rmtree(run_dir / stage.output_dir, ignore_errors=True)
+        if stage.output_dir is not None:
+            shutil.rmtree(run_dir / stage.output_dir, ignore_errors=True)
         _marker(run_dir, stage).unlink(missing_ok=True)
     executed = run_dir / "notebooks" / stage.notebook
     executed.parent.mkdir(parents=True, exist_ok=True)

@@ -1,16 +1,32 @@
-"""Stage 5 groundwork: supervised fine-tuning of the base backbone on one arm's instances.
+"""Stage 5: supervised fine-tuning of the base backbone on each arm's instances.
 
 The prompt is the instruction, then the input when there is one, then ``Output:``; the loss
 covers the output only (trl's prompt/completion format with ``completion_only_loss``).
-LoRA by default. Both arms use the same settings.
+LoRA by default (``sft.full_fine_tuning`` for all weights). Both arms use the same settings,
+seed and order of steps. Each arm trains in ``sft/<arm>/``: checkpoints every
+``sft.save_steps`` steps (a rerun resumes from the last one), the final adapter (or model)
+in ``sft/<arm>/model`` and the loss per step in ``sft/<arm>/loss.csv``.
+
+Multi-GPU: ``accelerate launch --config_file params/accelerate_multi_gpu.yaml -m
+refine_af_utils.sft PARAMS`` trains both arms, then the notebook picks the results up.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import pandas as pd
+import torch
+
+from refine_af_utils.arms import ARMS
+from refine_af_utils.params import ModelParams, Params, SFTParams
+
+SFT_DIR = "sft"
 
 
 def sft_prompt(instruction: str, input_text: str) -> str:
@@ -27,40 +43,152 @@ def sft_records(instances: Sequence[dict[str, Any]], eos_token: str) -> list[dic
             for r in instances]
 
 
-def fine_tune(model_path: str, instances: Sequence[dict[str, Any]], output_dir: str | Path, *,
-              epochs: float = 2.0, learning_rate: float = 2e-4, batch_size: int = 8, max_length: int = 512,
-              lora_r: int = 16, lora_alpha: int = 32, full_fine_tuning: bool = False, use_cpu: bool = True,
-              seed: int = 42, tokenizer: Optional[Any] = None) -> pd.DataFrame:
-    """Fine-tune ``model_path`` on ``instances`` with trl's SFTTrainer; return the loss per logged step.
+def _last_checkpoint(folder: Path) -> Optional[Path]:
+    checkpoints = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return checkpoints[-1] if checkpoints else None
 
-    Saves the adapter (or the full model) and the tokenizer in ``output_dir``; the loss
-    curve goes to ``output_dir/loss.csv``.
+
+def fine_tune(model_spec: ModelParams, instances: Sequence[dict[str, Any]], output_dir: str | Path,
+              cfg: SFTParams, seed: int = 42) -> pd.DataFrame:
+    """Fine-tune the backbone on ``instances`` with trl's SFTTrainer; return the loss per logged step.
+
+    Resumes from the newest ``output_dir/checkpoint-*``; when done, saves the adapter (or the
+    full model) and the tokenizer to ``output_dir/model``, the losses to ``output_dir/loss.csv``,
+    writes ``output_dir/complete`` and removes the checkpoints. A completed arm is not retrained.
     """
+    output_dir = Path(output_dir)
+    if (output_dir / "complete").is_file():
+        return pd.read_csv(output_dir / "loss.csv")
+    if not instances:
+        raise ValueError(f"{output_dir}: no instances to fine-tune on (stage 4 kept none for this arm)")
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from refine_af_utils.models import ensure_distinct_pad_token
+    from refine_af_utils.models import ensure_distinct_pad_token, resolve_model_path, torch_dtype
 
-    output_dir = Path(output_dir)
-    tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path)
+    path = resolve_model_path(model_spec.name_or_path)
+    kwargs: dict[str, Any] = {"trust_remote_code": model_spec.trust_remote_code}
+    if model_spec.revision:
+        kwargs["revision"] = model_spec.revision
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    dtype = torch_dtype(model_spec.dtype, model_spec.device)
+    # Explicit dtype: transformers would otherwise keep the checkpoint's (bf16 for the embedded
+    # model), which is emulated and slow on CPUs without native bf16.
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     ensure_distinct_pad_token(tokenizer, model)
     tokenizer.padding_side = "right"
-    dataset = Dataset.from_list(sft_records(instances, tokenizer.eos_token))
     args = SFTConfig(
-        output_dir=str(output_dir), num_train_epochs=epochs, learning_rate=learning_rate,
-        per_device_train_batch_size=batch_size, max_length=max_length, completion_only_loss=True,
-        logging_steps=1, save_strategy="no", report_to=[], seed=seed, use_cpu=use_cpu, disable_tqdm=False,
+        output_dir=str(output_dir), num_train_epochs=cfg.epochs, learning_rate=cfg.learning_rate,
+        per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        max_length=cfg.max_length, completion_only_loss=True, logging_steps=1,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=1, report_to=[], seed=seed,
+        data_seed=seed, use_cpu=model_spec.device == "cpu", bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        disable_tqdm=False,
     )
-    peft_config = None if full_fine_tuning else LoraConfig(
-        r=lora_r, lora_alpha=lora_alpha, target_modules="all-linear", task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=peft_config)
-    trainer.train()
-    trainer.save_model(str(output_dir))
-    tokenizer.save_pretrained(output_dir)
-    losses = pd.DataFrame([{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e])
+    peft_config = None if cfg.full_fine_tuning else LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(sft_records(instances, tokenizer.eos_token)),
+                         processing_class=tokenizer, peft_config=peft_config)
+    checkpoint = _last_checkpoint(output_dir)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if not trainer.is_world_process_zero():
+        return pd.DataFrame()
+    final = output_dir / "model"
+    shutil.rmtree(final, ignore_errors=True)
+    trainer.save_model(str(final))
+    tokenizer.save_pretrained(final)
+    losses = pd.DataFrame([{"step": e["step"], "epoch": round(e["epoch"], 4), "loss": e["loss"]}
+                           for e in trainer.state.log_history if "loss" in e])
     losses.to_csv(output_dir / "loss.csv", index=False)
+    (output_dir / "complete").write_text(json.dumps({"steps": int(trainer.state.global_step)}) + "\n")
+    for old in output_dir.glob("checkpoint-*"):
+        shutil.rmtree(old, ignore_errors=True)
     return losses
+
+
+def arm_instances_of_run(run_dir: str | Path, arm: str) -> list[dict[str, Any]]:
+    """Stage 4's dataset of one arm (``data/<arm>.jsonl``)."""
+    from refine_af_utils.jsonl import read_jsonl
+
+    path = Path(run_dir) / "data" / f"{arm}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no dataset for arm '{arm}'; run stage 4 first")
+    return read_jsonl(path)
+
+
+def model_dir(run_dir: str | Path, arm: str) -> Path:
+    """Where stage 5 saves an arm's fine-tuned adapter (or full model)."""
+    return Path(run_dir) / SFT_DIR / arm / "model"
+
+
+def train_arms(params: Params, run_dir: str | Path) -> dict[str, pd.DataFrame]:
+    """Fine-tune the base backbone on each arm's dataset (resuming); the loss table per arm."""
+    from refine_af_utils.results import check_stage_config, stage_dir
+
+    run_dir = Path(run_dir)
+    out = stage_dir(run_dir, SFT_DIR)
+    data = {arm: arm_instances_of_run(run_dir, arm) for arm in ARMS}
+    settings = params.to_dict()
+    check_stage_config(out, {
+        "model": settings["model"], "sft": settings["sft"], "random_seed": params.random_seed,
+        # each arm's adapter belongs to one dataset
+        **{f"{arm}_data_sha256": hashlib.sha256((run_dir / "data" / f"{arm}.jsonl").read_bytes()).hexdigest()
+           for arm in ARMS},
+    })
+    return {arm: fine_tune(params.model, data[arm], out / arm, params.sft, params.random_seed) for arm in ARMS}
+
+
+@dataclass
+class SFTStageResult:
+    """Stage 5's loss table (one row per arm and step), the per-arm summary and the figure."""
+
+    losses: pd.DataFrame
+    summary: pd.DataFrame
+    figures: dict[str, Path]
+
+
+def run_sft_stage(params: Params, run_dir: str | Path) -> SFTStageResult:
+    """Stage 5 for the notebook: train both arms, write ``sft/loss.csv`` and the loss figure."""
+    from refine_af_utils.plots import grouped_lines, save_figure
+    from refine_af_utils.results import record_metrics
+
+    run_dir = Path(run_dir)
+    per_arm = train_arms(params, run_dir)
+    losses = pd.concat([table.assign(arm=arm) for arm, table in per_arm.items()], ignore_index=True)
+    out = run_dir / SFT_DIR
+    losses.to_csv(out / "loss.csv", index=False)
+    summary = pd.DataFrame({arm: {
+        "training instances": len(arm_instances_of_run(run_dir, arm)),
+        "steps": int(table["step"].max()),
+        "first loss": round(float(table["loss"].iloc[0]), 4),
+        "last loss": round(float(table["loss"].iloc[-1]), 4),
+    } for arm, table in per_arm.items()})
+    summary.to_csv(out / "summary.csv")
+    figure = save_figure(grouped_lines(losses, "epoch", "loss", "arm", "Stage 5: SFT loss on each arm's dataset"),
+                         out / "loss.png")
+    record_metrics(run_dir, "05", {f"{arm}_{key.replace(' ', '_')}": value
+                                   for arm, column in summary.items() for key, value in column.items()})
+    return SFTStageResult(losses, summary, {"loss": figure})
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """``python -m refine_af_utils.sft PARAMS`` (or under ``accelerate launch``): stage 5's training alone."""
+    import argparse
+
+    from refine_af_utils.params import load_params
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("params")
+    parser.add_argument("--results-root", default="results")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    for arm, table in train_arms(params, Path(args.results_root) / params.run_name).items():
+        print(arm, table.tail(1).to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""Stage 6: zero-shot Super-NaturalInstructions evaluation of the base and both SFT models.
+
+Every model answers the first ``evaluation.max_instances`` instances of every test task with
+the definition-only prompt (:func:`refine_af_utils.superni.evaluation_prompt`), greedily.
+Predictions are appended batch by batch to ``eval/predictions_<model>.jsonl`` with the prompt,
+the references and the metrics, so anyone can recompute them, and a rerun continues where a
+crash stopped. Per task, per category (12) and overall scores follow Tk-Instruct (means over
+instances); the paper's headline is the share of tasks on which REFINE-AF beats Self-Instruct.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from refine_af_utils.params import ModelParams, Params
+from refine_af_utils.superni import BUNDLED_SUPERNI, SuperNITask, evaluation_prompt, load_tasks, score
+
+EVAL_DIR = "eval"
+MODELS = ("base", "self_instruct", "refine_af")
+METRICS = ("rougeL", "exact_match")
+PAPER_TASKS_IMPROVED = (63.0, 66.0)  # % of Super-NI test tasks where REFINE-AF beats Self-Instruct, per backbone
+
+
+def resolve_superni_dir(value: str) -> Path:
+    """``bundled`` -> our offline set; otherwise a natural-instructions checkout (it must exist)."""
+    if value == "bundled":
+        return BUNDLED_SUPERNI
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"evaluation.superni_dir: '{value}' is not a folder; clone github.com/allenai/natural-instructions "
+            "and point this key at it, or use 'bundled'")
+    return path
+
+
+def _model_files_sha256(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def load_evaluated_model(params: Params, name: str, run_dir: Path) -> tuple[Any, Any]:
+    """The base backbone, or the backbone with an arm's stage 5 adapter merged (or its full SFT model)."""
+    from refine_af_utils.models import load_causal_lm
+    from refine_af_utils.sft import model_dir
+
+    if name == "base":
+        return load_causal_lm(params.model)
+    folder = model_dir(run_dir, name)
+    if params.sft.full_fine_tuning:
+        spec = ModelParams(**{**params.to_dict()["model"], "name_or_path": str(folder), "revision": None})
+        return load_causal_lm(spec)
+    return load_causal_lm(params.model, folder)
+
+
+def _clip_prompt(tokenizer: Any, prompt: str, max_tokens: int) -> str:
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return prompt if len(ids) <= max_tokens else tokenizer.decode(ids[-max_tokens:])
+
+
+def predict(params: Params, name: str, tasks: Sequence[SuperNITask], run_dir: str | Path) -> pd.DataFrame:
+    """One model's scored predictions for every instance, resuming from ``predictions_<name>.jsonl``."""
+    from refine_af_utils.generation import generate_batch
+    from refine_af_utils.jsonl import append_jsonl, read_jsonl, truncate_torn_tail
+
+    cfg = params.evaluation
+    run_dir = Path(run_dir)
+    path = run_dir / EVAL_DIR / f"predictions_{name}.jsonl"
+    truncate_torn_tail(path)
+    done = {(r["task"], r["id"]) for r in read_jsonl(path)}
+    todo = [(task, instance) for task in tasks for instance in task.instances if (task.name, instance.id) not in done]
+    if todo:
+        model, tokenizer = load_evaluated_model(params, name, run_dir)
+        prompts = [_clip_prompt(tokenizer, evaluation_prompt(t, i), cfg.max_prompt_tokens) for t, i in todo]
+        order = sorted(range(len(todo)), key=lambda k: len(prompts[k]))  # similar lengths batch with less padding
+        batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+        for batch in tqdm(batches, desc=f"Super-NI predictions ({name})"):
+            outputs = generate_batch(model, tokenizer, [prompts[k] for k in batch], cfg.max_new_tokens)
+            records = []
+            for k, output in zip(batch, outputs):
+                task, instance = todo[k]
+                prediction = output.text.strip()
+                records.append({"task": task.name, "category": task.category, "id": instance.id,
+                                "prompt": prompts[k], "prediction": prediction, "references": instance.references,
+                                **score(prediction, instance.references)})
+            append_jsonl(path, records)
+    wanted = {(t.name, i.id) for t in tasks for i in t.instances}
+    table = pd.DataFrame([r for r in read_jsonl(path) if (r["task"], r["id"]) in wanted])
+    return table.sort_values(["task", "id"], kind="stable").reset_index(drop=True)
+
+
+def per_task_scores(predictions: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Mean ROUGE-L and exact match per task and model (columns ``rougeL_<model>``, ...)."""
+    tables = []
+    for name, table in predictions.items():
+        grouped = table.groupby(["task", "category"], sort=True)
+        means = grouped[list(METRICS)].mean().add_suffix(f"_{name}")
+        tables.append(means)
+    result = pd.concat(tables, axis=1).reset_index()
+    counts = next(iter(predictions.values())).groupby("task").size().rename("instances")
+    return result.merge(counts, on="task")
+
+
+def grouped_scores(predictions: dict[str, pd.DataFrame], by: str | None) -> pd.DataFrame:
+    """Tk-Instruct's grouped metrics: means over the instances of each group (or of all, ``by=None``)."""
+    rows = {}
+    for name, table in predictions.items():
+        if by is None:
+            rows[name] = table[list(METRICS)].mean()
+        else:
+            rows[name] = table.groupby(by)["rougeL"].mean()
+    return pd.DataFrame(rows).round(2)
+
+
+def compare_arms(per_task: pd.DataFrame, metric: str = "rougeL", atol: float = 1e-9) -> pd.DataFrame:
+    """Per task: REFINE-AF's score minus Self-Instruct's, and the outcome (win, tie, loss)."""
+    delta = per_task[f"{metric}_refine_af"] - per_task[f"{metric}_self_instruct"]
+    outcome = np.where(np.isclose(delta, 0.0, atol=atol), "tie", np.where(delta > 0, "win", "loss"))
+    return pd.DataFrame({"task": per_task["task"], "category": per_task["category"],
+                         "self_instruct": per_task[f"{metric}_self_instruct"],
+                         "refine_af": per_task[f"{metric}_refine_af"], "delta": delta, "outcome": outcome})
+
+
+def tasks_improved(comparison: pd.DataFrame) -> dict[str, Any]:
+    """Counts and shares of wins, ties and losses of REFINE-AF over Self-Instruct (ties counted apart)."""
+    counts = comparison["outcome"].value_counts()
+    total = len(comparison)
+    summary: dict[str, Any] = {"tasks": total}
+    for outcome, plural in (("win", "wins"), ("tie", "ties"), ("loss", "losses")):
+        summary[plural] = int(counts.get(outcome, 0))
+        summary[f"{outcome}_share_percent"] = round(100.0 * counts.get(outcome, 0) / total, 1) if total else None
+    return summary
+
+
+def category_winners(per_category: pd.DataFrame) -> pd.DataFrame:
+    """Each category's mean ROUGE-L per model and which arm wins it."""
+    table = per_category.copy()
+    delta = table["refine_af"] - table["self_instruct"]
+    table["winner"] = np.where(np.isclose(delta, 0.0), "tie", np.where(delta > 0, "refine_af", "self_instruct"))
+    return table
+
+
+@dataclass
+class EvaluationResult:
+    """Stage 6's tables and figures."""
+
+    predictions: dict[str, pd.DataFrame]
+    per_task: pd.DataFrame
+    per_category: pd.DataFrame
+    overall: pd.DataFrame
+    comparison: pd.DataFrame
+    improvement: dict[str, Any]
+    figures: dict[str, Path]
+
+
+def evaluation_figure(name: str, per_category: pd.DataFrame, comparison: pd.DataFrame, path: Path) -> Path:
+    """Draw ``per_category`` (bars per model) or ``task_deltas`` (per-task difference histogram) to ``path``."""
+    from refine_af_utils.plots import grouped_bars, histogram, save_figure
+
+    if name == "per_category":
+        return save_figure(grouped_bars(per_category[list(MODELS)], "ROUGE-L per category", "ROUGE-L"), path)
+    if name == "task_deltas":
+        return save_figure(histogram(comparison["delta"], "REFINE-AF minus Self-Instruct, per task",
+                                     "ROUGE-L difference", vline=0.0, vline_label="tie"), path)
+    raise ValueError(f"unknown evaluation figure '{name}'")
+
+
+EVALUATION_FIGURES = ("per_category", "task_deltas")
+
+
+def run_evaluation_stage(params: Params, run_dir: str | Path) -> EvaluationResult:
+    """Stage 6 for the notebook: predict with the three models, score, tabulate and draw."""
+    from refine_af_utils.results import check_stage_config, record_metrics, stage_dir
+    from refine_af_utils.sft import model_dir
+
+    run_dir = Path(run_dir)
+    out = stage_dir(run_dir, EVAL_DIR)
+    superni_dir = resolve_superni_dir(params.evaluation.superni_dir)
+    settings = params.to_dict()
+    check_stage_config(out, {
+        "model": settings["model"], "evaluation": settings["evaluation"],
+        **{f"{arm}_model_sha256": _model_files_sha256(model_dir(run_dir, arm)) for arm in MODELS[1:]},
+    })
+    tasks = load_tasks(superni_dir, params.evaluation.max_instances)
+    predictions = {name: predict(params, name, tasks, run_dir) for name in MODELS}
+    per_task = per_task_scores(predictions)
+    per_category = grouped_scores(predictions, "category")
+    overall = grouped_scores(predictions, None).T
+    overall["tasks"] = len(tasks)
+    overall["instances"] = [len(predictions[name]) for name in overall.index]
+    comparison = compare_arms(per_task)
+    improvement = tasks_improved(comparison)
+    winners = category_winners(per_category)
+    per_task.round(4).to_csv(out / "per_task.csv", index=False)
+    winners.to_csv(out / "per_category.csv", index_label="category")
+    overall.to_csv(out / "overall.csv", index_label="model")
+    comparison.round(4).to_csv(out / "task_comparison.csv", index=False)
+    pd.Series(improvement).to_csv(out / "tasks_improved.csv", header=["value"], index_label="measure")
+    figures = {name: evaluation_figure(name, per_category, comparison, out / f"{name}.png")
+               for name in EVALUATION_FIGURES}
+    record_metrics(run_dir, "06", {
+        **{f"{name}_rougeL": float(overall.loc[name, "rougeL"]) for name in MODELS},
+        **{f"{name}_exact_match": float(overall.loc[name, "exact_match"]) for name in MODELS},
+        **improvement, "superni_dir": params.evaluation.superni_dir,
+    })
+    return EvaluationResult(predictions, per_task, winners, overall, comparison, improvement, figures)
