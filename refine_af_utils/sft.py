@@ -49,12 +49,13 @@ def _last_checkpoint(folder: Path) -> Optional[Path]:
 
 
 def fine_tune(model_spec: ModelParams, instances: Sequence[dict[str, Any]], output_dir: str | Path,
-              cfg: SFTParams, seed: int = 42) -> pd.DataFrame:
+              cfg: SFTParams, seed: int = 42, callbacks: Sequence[Any] = ()) -> pd.DataFrame:
     """Fine-tune the backbone on ``instances`` with trl's SFTTrainer; return the loss per logged step.
 
     Resumes from the newest ``output_dir/checkpoint-*``; when done, saves the adapter (or the
     full model) and the tokenizer to ``output_dir/model``, the losses to ``output_dir/loss.csv``,
     writes ``output_dir/complete`` and removes the checkpoints. A completed arm is not retrained.
+    ``callbacks`` are extra transformers ``TrainerCallback`` objects.
     """
     output_dir = Path(output_dir)
     if (output_dir / "complete").is_file():
@@ -63,7 +64,7 @@ def fine_tune(model_spec: ModelParams, instances: Sequence[dict[str, Any]], outp
         raise ValueError(f"{output_dir}: no instances to fine-tune on (stage 4 kept none for this arm)")
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from trl import SFTConfig, SFTTrainer
 
     from refine_af_utils.models import ensure_distinct_pad_token, resolve_model_path, torch_dtype
@@ -91,8 +92,9 @@ def fine_tune(model_spec: ModelParams, instances: Sequence[dict[str, Any]], outp
     peft_config = None if cfg.full_fine_tuning else LoraConfig(
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
         target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM")
+    set_seed(seed)  # the LoRA initialisation happens in SFTTrainer: the same for both arms and on resume
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(sft_records(instances, tokenizer.eos_token)),
-                         processing_class=tokenizer, peft_config=peft_config)
+                         processing_class=tokenizer, peft_config=peft_config, callbacks=list(callbacks))
     checkpoint = _last_checkpoint(output_dir)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if not trainer.is_world_process_zero():

@@ -105,13 +105,56 @@ def test_smoke_pipeline_through_papermill(tmp_path, capsys):
     assert statistics.loc["instructions (stage 1)"].tolist() == [params.num_instructions] * 2
     assert (run_dir / "data" / "reward_by_arm.png").stat().st_size > 0
 
+    sft = pd.read_csv(run_dir / "sft" / "loss.csv")
+    assert set(sft["arm"]) == {"self_instruct", "refine_af"} and sft["loss"].notna().all()
+    for arm in ("self_instruct", "refine_af"):
+        assert (run_dir / "sft" / arm / "model" / "adapter_config.json").is_file()
+        assert (run_dir / "sft" / arm / "complete").is_file()
+    assert read_metrics(run_dir, "05")["refine_af_steps"] == sft[sft["arm"] == "refine_af"]["step"].max()
+    assert (run_dir / "sft" / "loss.png").stat().st_size > 0
+
+    evaluation = read_metrics(run_dir, "06")
+    tasks = 12  # the bundled set: one task per Super-NI test category
+    for model in ("base", "self_instruct", "refine_af"):
+        predictions = [json.loads(line) for line in
+                       (run_dir / "eval" / f"predictions_{model}.jsonl").read_text().splitlines()]
+        assert len(predictions) == tasks * params.evaluation.max_instances
+        assert {"task", "id", "prompt", "prediction", "references", "rougeL", "exact_match"} <= set(predictions[0])
+        mean = sum(p["rougeL"] for p in predictions) / len(predictions)
+        assert evaluation[f"{model}_rougeL"] == pytest.approx(mean, abs=0.01)
+    assert evaluation["wins"] + evaluation["ties"] + evaluation["losses"] == evaluation["tasks"] == tasks
+    per_category = pd.read_csv(run_dir / "eval" / "per_category.csv", index_col="category")
+    assert len(per_category) == 12 and set(per_category["winner"]) <= {"refine_af", "self_instruct", "tie"}
+    assert len(pd.read_csv(run_dir / "eval" / "per_task.csv")) == tasks
+
+    report = (run_dir / "report.md").read_text()
+    stage7 = read_metrics(run_dir, "07")
+    expected_tables = {"main", "tasks_improved", "per_category", "seeds", "filter_counts", "reward_components",
+                       "reward_correlations", "rl_summary", "dataset_statistics", "reward_by_arm", "sft_summary",
+                       "wall_time"}
+    expected_figures = {"06_per_category", "06_task_deltas", "01_filter_counts", "01_novelty", "02_components",
+                        "02_correlations", "03_reward_kl", "03_components", "04_arm_rewards", "05_sft_loss",
+                        "wall_time"}
+    assert set(stage7["tables"]) == expected_tables and set(stage7["figures"]) == expected_figures
+    for name in expected_tables:
+        assert f"(`table_{name}.csv`)" in report and (run_dir / f"table_{name}.csv").stat().st_size > 0
+    for name in expected_figures:
+        assert f"](fig_{name}.png)" in report and (run_dir / f"fig_{name}.png").stat().st_size > 0
+    assert "63-66%" in report and "not** Super-NI numbers" in report
+    wall = pd.read_csv(run_dir / "table_wall_time.csv", dtype={"stage": str})
+    assert wall["stage"].tolist() == ["00", "01", "02", "03", "04", "05", "06", "0-6"]
+    assert wall["seconds"].iloc[-1] == pytest.approx(wall["seconds"].iloc[:-1].sum(), abs=0.2)
+    figures = {p.name: p.read_bytes() for p in run_dir.glob("fig_*.png")}
+    run_pipeline(params_path, only="07", force=True, results_root=tmp_path)  # regenerated: byte-identical
+    assert {p.name: p.read_bytes() for p in run_dir.glob("fig_*.png")} == figures
+
     for stage in STAGES:
         executed = nbformat.read(run_dir / "notebooks" / stage.notebook, as_version=4)
         assert any(c.get("outputs") for c in executed.cells if c.cell_type == "code")
         assert json.loads((run_dir / "stages" / f"{stage.id}.json").read_text())["seconds"] > 0
 
     capsys.readouterr()
-    run_pipeline(params_path, results_root=tmp_path)  # complete: both stages are skipped
+    run_pipeline(params_path, results_root=tmp_path)  # complete: every stage is skipped
     assert capsys.readouterr().out.count("complete, skipped") == len(STAGES)
 
     cache_files = sorted((run_dir / "reward_analysis" / "cache").glob("*.jsonl"))

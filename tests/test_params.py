@@ -52,6 +52,10 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("run_name: a/b\n", "key 'run_name'"),
         ("- a\n- b\n", "top level must be a mapping"),
         ("run_name: [unclosed\n", "not valid YAML"),
+        ("run_name: x\nsft:\n  lora_target_modules: 3\n", "key 'sft.lora_target_modules' must be str or a list of str"),
+        ("run_name: x\nsft:\n  epochs: 0\n", "key 'sft.epochs' must be positive"),
+        ("run_name: x\nevaluation:\n  max_instances: 0\n", "key 'evaluation.max_instances' must be positive"),
+        ("run_name: x\nevaluation:\n  superni_dir: 7\n", "key 'evaluation.superni_dir' must be str"),
     ],
 )
 def test_bad_params_name_the_file_and_key(tmp_path, text, message):

@@ -1,14 +1,21 @@
-"""Stage 5 groundwork: SFT on a tiny Llama, loss on the output only."""
+"""Stage 5: SFT on a tiny Llama, loss on the output only, resumable after a crash."""
 
+import pandas as pd
+import pytest
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
+from refine_af_utils.params import ModelParams, SFTParams
 from refine_af_utils.sft import fine_tune, sft_prompt, sft_records
 
 INSTANCES = [{"instruction": "Name a colour.", "input": "", "output": "Blue"},
              {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}] * 4
+
+
+def _spec(tiny_llama_dir):
+    return ModelParams(name_or_path=str(tiny_llama_dir), dtype="float32")
 
 
 def test_prompt_layout():
@@ -18,11 +25,41 @@ def test_prompt_layout():
 
 
 def test_lora_sft_trains_and_the_loss_falls(tmp_path, tiny_llama_dir):
-    losses = fine_tune(str(tiny_llama_dir), INSTANCES, tmp_path / "sft", epochs=6, learning_rate=5e-3,
-                       batch_size=8, lora_r=8, lora_alpha=16)
+    cfg = SFTParams(epochs=6, learning_rate=5e-3, batch_size=8, lora_r=8, lora_alpha=16, save_steps=100)
+    losses = fine_tune(_spec(tiny_llama_dir), INSTANCES, tmp_path / "sft", cfg)
     assert len(losses) == 6 and losses["loss"].notna().all()
     assert losses["loss"].iloc[-1] < losses["loss"].iloc[0]
-    assert (tmp_path / "sft" / "adapter_config.json").is_file() and (tmp_path / "sft" / "loss.csv").is_file()
+    assert (tmp_path / "sft" / "model" / "adapter_config.json").is_file()
+    assert pd.read_csv(tmp_path / "sft" / "loss.csv")["step"].tolist() == list(range(1, 7))
+    assert not list((tmp_path / "sft").glob("checkpoint-*"))  # removed once the arm is complete
+    # a completed arm is read back, not trained again
+    assert fine_tune(_spec(tiny_llama_dir), [], tmp_path / "sft", cfg).equals(pd.read_csv(tmp_path / "sft" / "loss.csv"))
+
+
+def test_full_fine_tuning_saves_a_whole_model(tmp_path, tiny_llama_dir):
+    cfg = SFTParams(full_fine_tuning=True, epochs=1, learning_rate=1e-3, batch_size=4)
+    fine_tune(_spec(tiny_llama_dir), INSTANCES, tmp_path / "full", cfg)
+    assert (tmp_path / "full" / "model" / "model.safetensors").is_file()
+    assert not (tmp_path / "full" / "model" / "adapter_config.json").exists()
+
+
+class _Crash(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            raise KeyboardInterrupt("simulated crash after step 3")
+
+
+def test_a_crashed_run_resumes_from_its_last_checkpoint(tmp_path, tiny_llama_dir):
+    cfg = SFTParams(epochs=3, learning_rate=5e-3, batch_size=2, lora_r=8, lora_alpha=16, save_steps=2)
+    reference = fine_tune(_spec(tiny_llama_dir), INSTANCES, tmp_path / "uninterrupted", cfg)
+    with pytest.raises(KeyboardInterrupt):
+        fine_tune(_spec(tiny_llama_dir), INSTANCES, tmp_path / "crashed", cfg, callbacks=[_Crash()])
+    assert [p.name for p in (tmp_path / "crashed").glob("checkpoint-*")] == ["checkpoint-2"]
+    assert not (tmp_path / "crashed" / "complete").exists()
+    resumed = fine_tune(_spec(tiny_llama_dir), INSTANCES, tmp_path / "crashed", cfg)
+    assert resumed["step"].tolist() == reference["step"].tolist() == list(range(1, 13))
+    # steps 3+ were trained again from checkpoint 2 with its optimiser and data order
+    assert resumed["loss"].to_numpy() == pytest.approx(reference["loss"].to_numpy(), rel=1e-4)
 
 
 def test_only_the_output_is_in_the_loss(tmp_path, tiny_llama_dir):

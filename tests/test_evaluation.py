@@ -1,0 +1,79 @@
+"""Stage 6: predictions are resumable and complete; tables and the tasks-improved share by hand."""
+
+import pandas as pd
+import pytest
+
+from refine_af_utils.evaluation import (
+    compare_arms,
+    category_winners,
+    grouped_scores,
+    per_task_scores,
+    predict,
+    resolve_superni_dir,
+    tasks_improved,
+)
+from refine_af_utils.jsonl import read_jsonl
+from refine_af_utils.params import params_from_dict
+from refine_af_utils.superni import BUNDLED_SUPERNI, load_tasks, score
+
+
+def _predictions(scores):
+    """A predictions table from {task: (category, [rougeL per instance])}."""
+    rows = [{"task": task, "category": category, "id": f"{task}-{i}", "rougeL": value, "exact_match": 0.0}
+            for task, (category, values) in scores.items() for i, value in enumerate(values)]
+    return pd.DataFrame(rows)
+
+
+PREDICTIONS = {
+    "base": _predictions({"t1": ("A", [0, 0]), "t2": ("A", [10, 10]), "t3": ("B", [0, 0, 0, 0])}),
+    "self_instruct": _predictions({"t1": ("A", [50, 50]), "t2": ("A", [20, 40]), "t3": ("B", [10, 10, 10, 10])}),
+    "refine_af": _predictions({"t1": ("A", [60, 60]), "t2": ("A", [30, 30]), "t3": ("B", [0, 0, 20, 20])}),
+}
+
+
+def test_per_task_category_and_overall_are_means_over_instances():
+    per_task = per_task_scores(PREDICTIONS).set_index("task")
+    assert per_task.loc["t2", "rougeL_self_instruct"] == 30 and per_task.loc["t3", "instances"] == 4
+    per_category = grouped_scores(PREDICTIONS, "category")
+    assert per_category.loc["A", "refine_af"] == 45.0 and per_category.loc["B", "self_instruct"] == 10.0
+    overall = grouped_scores(PREDICTIONS, None)  # instance-weighted, as Tk-Instruct: t3 counts 4 times
+    assert overall.loc["rougeL", "refine_af"] == pytest.approx((120 + 60 + 40) / 8, abs=0.01)
+    winners = category_winners(per_category)
+    assert winners.loc["A", "winner"] == "refine_af"  # 45 vs 40
+    assert winners.loc["B", "winner"] == "tie"        # 10 vs 10
+
+
+def test_tasks_improved_counts_ties_apart():
+    comparison = compare_arms(per_task_scores(PREDICTIONS))
+    assert comparison.set_index("task")["outcome"].to_dict() == {"t1": "win", "t2": "tie", "t3": "tie"}
+    summary = tasks_improved(comparison)
+    assert summary == {"tasks": 3, "wins": 1, "win_share_percent": 33.3, "ties": 2, "tie_share_percent": 66.7,
+                       "losses": 0, "loss_share_percent": 0.0}
+
+
+def test_superni_dir_resolution(tmp_path):
+    assert resolve_superni_dir("bundled") == BUNDLED_SUPERNI
+    with pytest.raises(FileNotFoundError, match="evaluation.superni_dir: .*natural-instructions"):
+        resolve_superni_dir(str(tmp_path / "missing"))
+
+
+def test_predictions_resume_after_a_torn_write(tmp_path, tiny_llama_dir):
+    params = params_from_dict({"run_name": "t", "model": {"name_or_path": str(tiny_llama_dir), "dtype": "float32"},
+                               "evaluation": {"max_instances": 2, "max_new_tokens": 4, "batch_size": 5,
+                                              "max_prompt_tokens": 64}})
+    tasks = load_tasks(BUNDLED_SUPERNI, max_instances=2)
+    first = predict(params, "base", tasks, tmp_path)
+    assert len(first) == 24 and first[["task", "id"]].drop_duplicates().shape[0] == 24
+    record = read_jsonl(tmp_path / "eval" / "predictions_base.jsonl")[0]
+    assert set(record) >= {"task", "id", "prompt", "prediction", "references", "rougeL", "exact_match"}
+    assert record["prompt"].endswith("\nOutput:")
+    path = tmp_path / "eval" / "predictions_base.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:7]) + lines[7][:20])  # a crash: 7 records and half of the 8th
+    kept = read_jsonl(path)
+    resumed = predict(params, "base", tasks, tmp_path)
+    records = read_jsonl(path)
+    assert len(records) == 24 and records[:7] == kept  # no duplicates, nothing lost, nothing rewritten
+    assert resumed[["task", "id"]].equals(first[["task", "id"]])
+    for row in resumed.itertuples():  # the stored metrics recompute from the stored text
+        assert score(row.prediction, row.references)["rougeL"] == pytest.approx(row.rougeL)
