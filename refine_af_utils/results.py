@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Sequence
 
 
 def stage_dir(run_dir: str | Path, name: str) -> Path:
@@ -51,3 +51,17 @@ def check_stage_config(out_dir: str | Path, config: dict[str, Any]) -> None:
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def stage_command_line(description: str, argv: Optional[Sequence[str]] = None) -> tuple[Any, Path]:
+    """Parse ``PARAMS [--results-root DIR]`` for a stage's own entry point; return (params, run_dir)."""
+    import argparse
+
+    from refine_af_utils.params import load_params
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("params", help="params YAML file")
+    parser.add_argument("--results-root", default="results", help="where run folders go")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    return params, Path(args.results_root) / params.run_name

@@ -432,16 +432,10 @@ def _truncate_metrics(path: Path, updates_done: int) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """``python -m refine_af_utils.rl PARAMS`` (or under ``accelerate launch``): stage 3 alone."""
-    import argparse
+    from refine_af_utils.results import stage_command_line
 
-    from refine_af_utils.params import load_params
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("params")
-    parser.add_argument("--results-root", default="results")
-    args = parser.parse_args(argv)
-    params = load_params(args.params)
-    result = train_generator(params, Path(args.results_root) / params.run_name)
+    params, run_dir = stage_command_line(main.__doc__, argv)
+    result = train_generator(params, run_dir)
     print(result.metrics.to_string())
 
 

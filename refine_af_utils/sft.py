@@ -179,16 +179,10 @@ def run_sft_stage(params: Params, run_dir: str | Path) -> SFTStageResult:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """``python -m refine_af_utils.sft PARAMS`` (or under ``accelerate launch``): stage 5's training alone."""
-    import argparse
+    from refine_af_utils.results import stage_command_line
 
-    from refine_af_utils.params import load_params
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("params")
-    parser.add_argument("--results-root", default="results")
-    args = parser.parse_args(argv)
-    params = load_params(args.params)
-    for arm, table in train_arms(params, Path(args.results_root) / params.run_name).items():
+    params, run_dir = stage_command_line(main.__doc__, argv)
+    for arm, table in train_arms(params, run_dir).items():
         print(arm, table.tail(1).to_string(index=False))
 
 
