@@ -41,9 +41,14 @@ def resolve_superni_dir(value: str) -> Path:
 
 
 def _model_files_sha256(folder: Path) -> str:
+    """sha256 over a finished stage 5 model's weight files (read in chunks: full 7B models are large)."""
+    if not (folder.parent / "complete").is_file():
+        raise FileNotFoundError(f"{folder}: no finished SFT model; run stage 5 first")
     digest = hashlib.sha256()
     for path in sorted(folder.glob("*.safetensors")):
-        digest.update(path.read_bytes())
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(chunk)
     return digest.hexdigest()
 
 

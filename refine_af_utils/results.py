@@ -50,7 +50,10 @@ def check_stage_config(out_dir: str | Path, config: dict[str, Any]) -> None:
             )
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        # write-then-rename: processes under accelerate never read a half-written file
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        partial.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        partial.replace(path)
 
 
 def stage_command_line(description: str, argv: Optional[Sequence[str]] = None) -> tuple[Any, Path]:

@@ -44,7 +44,9 @@ def sft_records(instances: Sequence[dict[str, Any]], eos_token: str) -> list[dic
 
 
 def _last_checkpoint(folder: Path) -> Optional[Path]:
-    checkpoints = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    # trainer_state.json is written last: a folder without it is a save cut short by a crash
+    checkpoints = sorted((p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()),
+                         key=lambda p: int(p.name.split("-")[1]))
     return checkpoints[-1] if checkpoints else None
 
 
@@ -119,7 +121,12 @@ def arm_instances_of_run(run_dir: str | Path, arm: str) -> list[dict[str, Any]]:
     path = Path(run_dir) / "data" / f"{arm}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no dataset for arm '{arm}'; run stage 4 first")
-    return read_jsonl(path)
+    records = read_jsonl(path)
+    for line, record in enumerate(records, start=1):
+        for key in ("instruction", "input", "output"):
+            if not isinstance(record.get(key), str):
+                raise ValueError(f"{path}:{line}: key '{key}' must be a string, got {record.get(key)!r}")
+    return records
 
 
 def model_dir(run_dir: str | Path, arm: str) -> Path:

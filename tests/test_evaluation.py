@@ -77,3 +77,10 @@ def test_predictions_resume_after_a_torn_write(tmp_path, tiny_llama_dir):
     assert resumed[["task", "id"]].equals(first[["task", "id"]])
     for row in resumed.itertuples():  # the stored metrics recompute from the stored text
         assert score(row.prediction, row.references)["rougeL"] == pytest.approx(row.rougeL)
+
+
+def test_evaluating_before_stage_5_says_so(tmp_path):
+    from refine_af_utils.evaluation import _model_files_sha256
+
+    with pytest.raises(FileNotFoundError, match="run stage 5 first"):
+        _model_files_sha256(tmp_path / "sft" / "refine_af" / "model")
