@@ -29,7 +29,7 @@ STAGE_NAMES = {
 
 def markdown_table(table: pd.DataFrame, index: bool = True, digits: int = 4) -> str:
     """A GitHub-flavoured Markdown table (no third-party formatter)."""
-    frame = table.reset_index() if index else table
+    frame = table.rename_axis(table.index.name or "").reset_index() if index else table
 
     def cell(value: Any) -> str:
         if isinstance(value, (float, np.floating)):
