@@ -84,3 +84,26 @@ def test_evaluating_before_stage_5_says_so(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="run stage 5 first"):
         _model_files_sha256(tmp_path / "sft" / "refine_af" / "model")
+
+
+def test_a_fully_fine_tuned_arm_loads_as_its_own_model(tmp_path, tiny_llama_dir):
+    import shutil
+
+    from refine_af_utils.evaluation import load_evaluated_model
+
+    model_dir = tmp_path / "sft" / "refine_af" / "model"
+    shutil.copytree(tiny_llama_dir, model_dir)
+    (model_dir.parent / "complete").write_text("{}")
+    params = params_from_dict({"run_name": "t", "model": {"name_or_path": "no/such-hub-model", "revision": "abc"},
+                               "sft": {"full_fine_tuning": True}})
+    model, tokenizer = load_evaluated_model(params, "refine_af", tmp_path)  # never touches the hub id
+    assert model.config.num_hidden_layers == 2 and tokenizer.padding_side == "left"
+
+
+def test_the_report_names_a_missing_result(tmp_path):
+    from refine_af_utils.report import build_report
+
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "06.json").write_text('{"superni_dir": "bundled"}')
+    with pytest.raises(FileNotFoundError, match=r"eval/overall.csv: missing; run the stage that writes it"):
+        build_report(tmp_path)
