@@ -92,6 +92,13 @@ def dataset_statistics(instances: pd.DataFrame, instructions: int) -> dict[str, 
     }
 
 
+def arm_rewards_figure(rewards: dict[str, Sequence[float]], path: Path) -> Path:
+    """Both arms' reward distributions on shared bins (stage 4 and the report draw the same figure)."""
+    from refine_af_utils.plots import overlaid_histograms, save_figure
+
+    return save_figure(overlaid_histograms(rewards, "REFINE-AF reward of each arm's instances", "reward"), path)
+
+
 @dataclass
 class ArmsResult:
     """Both arms' scored instances, their statistics table and the reward comparison."""
@@ -104,7 +111,6 @@ class ArmsResult:
 
 def run_instance_stage(params: Params, run_dir: str | Path) -> ArmsResult:
     """Stage 4: generate, filter, score and export both arms' datasets under ``<run_dir>/data``."""
-    from refine_af_utils.plots import overlaid_histograms, save_figure
     from refine_af_utils.results import check_stage_config, record_metrics, stage_dir
 
     run_dir = Path(run_dir)
@@ -135,9 +141,8 @@ def run_instance_stage(params: Params, run_dir: str | Path) -> ArmsResult:
     statistics.to_csv(out / "dataset_statistics.csv")
     summary = pd.DataFrame({arm: table[[*COMPONENTS, "reward"]].mean() for arm, table in instances.items()}).round(4)
     summary.to_csv(out / "reward_by_arm.csv")
-    figures = {"rewards": save_figure(overlaid_histograms(
-        {arm: t["reward"] for arm, t in instances.items()}, "REFINE-AF reward of each arm's instances", "reward"),
-        out / "reward_by_arm.png")}
+    figures = {"rewards": arm_rewards_figure({arm: t["reward"] for arm, t in instances.items()},
+                                             out / "reward_by_arm.png")}
     record_metrics(run_dir, "04", {
         **{f"{arm}_instances": len(t) for arm, t in instances.items()},
         **{f"{arm}_mean_reward": round(float(t["reward"].mean()), 6) if len(t) else None

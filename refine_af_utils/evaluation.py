@@ -19,11 +19,12 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from refine_af_utils.arms import ARMS
 from refine_af_utils.params import ModelParams, Params
 from refine_af_utils.superni import BUNDLED_SUPERNI, SuperNITask, evaluation_prompt, load_tasks, score
 
 EVAL_DIR = "eval"
-MODELS = ("base", "self_instruct", "refine_af")
+MODELS = ("base", *ARMS)  # the backbone, then its SFT on each arm's dataset
 METRICS = ("rougeL", "exact_match")
 PAPER_TASKS_IMPROVED = (63.0, 66.0)  # % of Super-NI test tasks where REFINE-AF beats Self-Instruct, per backbone
 

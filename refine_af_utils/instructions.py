@@ -333,10 +333,26 @@ class InstructionStageResult:
     figures: dict[str, Path]
 
 
+def filter_counts_figure(counts: pd.DataFrame, path: Path) -> Path:
+    """Bars of candidates per filter (stage 1 and the report draw the same figure)."""
+    from refine_af_utils.plots import bar_chart, save_figure
+
+    return save_figure(bar_chart(counts, "stage", "count", "Stage 1: candidates per filter"), path)
+
+
+def novelty_figure(max_rouge_l: Sequence[float], threshold: float, path: Path) -> Path:
+    """Histogram of each new instruction's highest ROUGE-L to the pool, with the rejection threshold."""
+    from refine_af_utils.plots import histogram, save_figure
+
+    return save_figure(histogram(
+        max_rouge_l, "ROUGE-L of each new instruction to its most similar pool instruction",
+        "max ROUGE-L F", bins=[i / 20 for i in range(21)], vline=threshold, vline_label="rejection threshold"), path)
+
+
 def run_instruction_stage(params: Params, run_dir: str | Path) -> InstructionStageResult:
     """Stage 1: bootstrap instructions into ``<run_dir>/instructions`` with tables and figures."""
     from refine_af_utils.models import load_causal_lm
-    from refine_af_utils.plots import bar_chart, histogram, save_figure
+    from refine_af_utils.plots import histogram, save_figure
     from refine_af_utils.results import record_metrics, stage_dir
     from refine_af_utils.seeds import seed_tasks_of_run
 
@@ -350,12 +366,9 @@ def run_instruction_stage(params: Params, run_dir: str | Path) -> InstructionSta
     table.to_csv(out / "instructions.csv", index=False)
     counts.to_csv(out / "filter_counts.csv", index=False)
     figures = {
-        "filter_counts": save_figure(bar_chart(counts, "stage", "count", "Stage 1: candidates per filter"),
-                                     out / "filter_counts.png"),
-        "novelty": save_figure(histogram(
-            table["max_rouge_l"], "ROUGE-L of each new instruction to its most similar pool instruction",
-            "max ROUGE-L F", bins=[i / 20 for i in range(21)], vline=params.instruction_generation.novelty_threshold,
-            vline_label="rejection threshold"), out / "novelty_rouge_l.png"),
+        "filter_counts": filter_counts_figure(counts, out / "filter_counts.png"),
+        "novelty": novelty_figure(table["max_rouge_l"], params.instruction_generation.novelty_threshold,
+                                  out / "novelty_rouge_l.png"),
         "lengths": save_figure(histogram(table["words"], "Length of the new instructions", "words"),
                                out / "instruction_lengths.png"),
     }

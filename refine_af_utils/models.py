@@ -146,19 +146,31 @@ def torch_dtype(name: str, device: str = "cpu") -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
-def load_causal_lm(spec: ModelParams, adapter: str | Path | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load the backbone and its tokenizer (left padding, distinct pad token), in eval mode.
+def load_pretrained(spec: ModelParams) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The backbone (in ``spec.dtype``, still on the CPU) and its tokenizer with a distinct pad token.
 
-    With ``adapter`` (a saved LoRA folder), the adapter is merged into the backbone.
+    Training (stage 5) uses this directly so that its trainer places the model; inference
+    goes through :func:`load_causal_lm`.
     """
     path = resolve_model_path(spec.name_or_path)
     kwargs: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
     if spec.revision:
         kwargs["revision"] = spec.revision
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    # An explicit dtype: transformers would otherwise keep the checkpoint's (bf16 for the embedded
+    # model), which is emulated and slow on CPUs without native bf16.
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(spec.dtype, spec.device), **kwargs)
-    tokenizer.padding_side = "left"
     ensure_distinct_pad_token(tokenizer, model)
+    return model, tokenizer
+
+
+def load_causal_lm(spec: ModelParams, adapter: str | Path | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the backbone and its tokenizer (left padding, distinct pad token), in eval mode.
+
+    With ``adapter`` (a saved LoRA folder), the adapter is merged into the backbone.
+    """
+    model, tokenizer = load_pretrained(spec)
+    tokenizer.padding_side = "left"
     if adapter is not None:
         from peft import PeftModel
 

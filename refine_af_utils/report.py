@@ -15,16 +15,16 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from refine_af_utils.arms import ARMS
+from refine_af_utils.arms import ARMS, arm_rewards_figure
 from refine_af_utils.evaluation import PAPER_TASKS_IMPROVED, evaluation_figure
+from refine_af_utils.instructions import filter_counts_figure, novelty_figure
 from refine_af_utils.jsonl import read_jsonl
-from refine_af_utils.reward import COMPONENTS
+from refine_af_utils.reward import COMPONENTS, component_histograms_figure, correlations_figure
+from refine_af_utils.rl import components_figure, reward_kl_figure
+from refine_af_utils.run import STAGES
+from refine_af_utils.sft import sft_loss_figure
 
 REPORT_FILE = "report.md"
-STAGE_NAMES = {
-    "00": "seed tasks", "01": "instruction generation", "02": "reward analysis", "03": "RL training",
-    "04": "instance generation (both arms)", "05": "SFT (both arms)", "06": "Super-NI evaluation",
-}
 
 
 def markdown_table(table: pd.DataFrame, index: bool = True, digits: int = 4) -> str:
@@ -94,10 +94,10 @@ def _csv(run_dir: Path, relative: str, **kwargs: Any) -> pd.DataFrame:
 def wall_times(run_dir: Path) -> pd.DataFrame:
     """Seconds per stage from the runner's stage markers (stage 7 itself is running and not listed)."""
     rows = []
-    for stage, name in STAGE_NAMES.items():
-        marker = run_dir / "stages" / f"{stage}.json"
+    for stage in STAGES[:-1]:
+        marker = run_dir / "stages" / f"{stage.id}.json"
         if marker.is_file():
-            rows.append({"stage": stage, "name": name, "seconds": json.loads(marker.read_text())["seconds"]})
+            rows.append({"stage": stage.id, "name": stage.title, "seconds": json.loads(marker.read_text())["seconds"]})
     table = pd.DataFrame(rows, columns=["stage", "name", "seconds"])
     if len(table):
         table.loc[len(table)] = {"stage": "0-6", "name": "total", "seconds": round(table["seconds"].sum(), 1)}
@@ -106,8 +106,7 @@ def wall_times(run_dir: Path) -> pd.DataFrame:
 
 def build_report(run_dir: str | Path, run_name: str | None = None) -> Report:
     """Regenerate every table and figure of the run into ``report.md`` (see the module docstring)."""
-    from refine_af_utils.plots import (bar_chart, grouped_lines, heatmap, histogram, histogram_grid, line_chart,
-                                       overlaid_histograms, save_figure)
+    from refine_af_utils.plots import bar_chart, save_figure
 
     run_dir = Path(run_dir)
     report = Report(run_dir)
@@ -150,14 +149,12 @@ def build_report(run_dir: str | Path, run_name: str | None = None) -> Report:
     counts = _csv(run_dir, "instructions/filter_counts.csv")
     report.table("filter_counts", counts, "candidates per filter (Self-Instruct's filters and the novelty rule)",
                  index=False)
-    report.figure("01_filter_counts", lambda p: save_figure(bar_chart(counts, "stage", "count",
-                                                                       "Stage 1: candidates per filter"), p),
-                  "candidates per filter")
+    report.figure("01_filter_counts", lambda p: filter_counts_figure(counts, p), "candidates per filter")
     instructions = pd.DataFrame(read_jsonl(_require(run_dir / "instructions" / "instructions.jsonl")))
-    report.figure("01_novelty", lambda p: save_figure(histogram(
-        instructions["max_rouge_l"], "Highest ROUGE-L of each new instruction to the pool", "ROUGE-L",
-        bins=np.linspace(0, 1, 21), vline=0.7, vline_label="novelty threshold 0.7"), p),
-        "instruction novelty: highest ROUGE-L against the earlier pool")
+    threshold = json.loads(_require(run_dir / "instructions" / "config.json").read_text())[
+        "instruction_generation"]["novelty_threshold"]
+    report.figure("01_novelty", lambda p: novelty_figure(instructions["max_rouge_l"], threshold, p),
+                  "instruction novelty: highest ROUGE-L against the earlier pool")
 
     report.text("## Stage 2: automated feedback (reward components)")
     scores = _csv(run_dir, "reward_analysis/scores.csv")
@@ -165,11 +162,8 @@ def build_report(run_dir: str | Path, run_name: str | None = None) -> Report:
     summary = scores[[*COMPONENTS, "reward"]].describe().loc[["mean", "std", "min", "max"]].T
     report.table("reward_components", summary, f"reward components over {len(scores)} sampled instances")
     report.table("reward_correlations", correlations, "correlation of the reward components")
-    report.figure("02_components", lambda p: save_figure(histogram_grid(scores, list(COMPONENTS),
-                                                                         "Reward components per instance"), p),
-                  "reward component distributions")
-    report.figure("02_correlations", lambda p: save_figure(heatmap(correlations, "Correlation of reward components"),
-                                                           p), "component correlations")
+    report.figure("02_components", lambda p: component_histograms_figure(scores, p), "reward component distributions")
+    report.figure("02_correlations", lambda p: correlations_figure(correlations, p), "component correlations")
 
     report.text("## Stage 3: RL training of the instance generator")
     rl = _csv(run_dir, "rl/metrics.csv")
@@ -177,29 +171,24 @@ def build_report(run_dir: str | Path, run_name: str | None = None) -> Report:
     rl_summary = pd.DataFrame({"first half": rl.iloc[:half][["reward", "kl", "parsed_share"]].mean(),
                                "second half": rl.iloc[half:][["reward", "kl", "parsed_share"]].mean()}).T
     report.table("rl_summary", rl_summary, f"mean reward, KL and parsed share over the {len(rl)} updates, by half")
-    report.figure("03_reward_kl", lambda p: save_figure(line_chart(rl, "update", ["reward", "kl"],
-                                                                    "Reward and KL per update"), p),
+    algorithm = json.loads(_require(run_dir / "metrics" / "03.json").read_text())["algorithm"]
+    report.figure("03_reward_kl", lambda p: reward_kl_figure(rl, algorithm, p),
                   "RL reward and KL to the base model per update")
-    report.figure("03_components", lambda p: save_figure(line_chart(rl, "update", list(COMPONENTS),
-                                                                     "Reward components per update"), p),
+    report.figure("03_components", lambda p: components_figure(rl, p),
                   "reward components of the sampled instances per update")
 
     report.text("## Stage 4: the two instance datasets")
     report.table("dataset_statistics", _csv(run_dir, "data/dataset_statistics.csv", index_col=0),
                  "dataset statistics in the layout of Self-Instruct's Table 1")
-    arms = {arm: pd.DataFrame(read_jsonl(_require(run_dir / "data" / f"{arm}.jsonl"))) for arm in ARMS}
-    by_arm = pd.DataFrame({arm: t[[*COMPONENTS, "reward"]].mean() for arm, t in arms.items()})
-    report.table("reward_by_arm", by_arm, "mean reward and components of each arm's instances")
-    report.figure("04_arm_rewards", lambda p: save_figure(overlaid_histograms(
-        {arm: t["reward"] for arm, t in arms.items()}, "REFINE-AF reward of each arm's instances", "reward"), p),
-        "reward distributions of both arms")
+    report.table("reward_by_arm", _csv(run_dir, "data/reward_by_arm.csv", index_col=0),
+                 "mean reward and components of each arm's instances")
+    rewards = {arm: pd.DataFrame(read_jsonl(_require(run_dir / "data" / f"{arm}.jsonl")))["reward"] for arm in ARMS}
+    report.figure("04_arm_rewards", lambda p: arm_rewards_figure(rewards, p), "reward distributions of both arms")
 
     report.text("## Stage 5: supervised fine-tuning")
     losses = _csv(run_dir, "sft/loss.csv")
     report.table("sft_summary", _csv(run_dir, "sft/summary.csv", index_col=0), "SFT on each arm (same settings)")
-    report.figure("05_sft_loss", lambda p: save_figure(grouped_lines(losses, "epoch", "loss", "arm",
-                                                                      "SFT loss on each arm's dataset"), p),
-                  "SFT training loss per arm")
+    report.figure("05_sft_loss", lambda p: sft_loss_figure(losses, p), "SFT training loss per arm")
 
     report.text("## Wall time")
     times = wall_times(run_dir)

@@ -125,9 +125,23 @@ def _parse_candidates(candidates: Sequence[dict[str, Any]], max_instances: int) 
     return pd.DataFrame(rows), counts_table
 
 
+def component_histograms_figure(scores: pd.DataFrame, path: Path) -> Path:
+    """One histogram per reward component (stage 2 and the report draw the same figure)."""
+    from refine_af_utils.plots import histogram_grid, save_figure
+
+    return save_figure(histogram_grid(scores, list(COMPONENTS), "Reward components per instance"), path)
+
+
+def correlations_figure(correlations: pd.DataFrame, path: Path) -> Path:
+    """Heatmap of the components' correlations."""
+    from refine_af_utils.plots import heatmap, save_figure
+
+    return save_figure(heatmap(correlations, "Correlation of reward components"), path)
+
+
 def run_reward_analysis(params: Params, run_dir: str | Path) -> RewardAnalysisResult:
     """Stage 2: candidate instances from the untrained backbone, every component scored, figures."""
-    from refine_af_utils.plots import heatmap, histogram, histogram_grid, save_figure
+    from refine_af_utils.plots import histogram, save_figure
     from refine_af_utils.results import check_stage_config, record_metrics, stage_dir
 
     run_dir = Path(run_dir)
@@ -160,10 +174,8 @@ def run_reward_analysis(params: Params, run_dir: str | Path) -> RewardAnalysisRe
     best.to_csv(out / "best_examples.csv", index=False)
     worst.to_csv(out / "worst_examples.csv", index=False)
     figures = {
-        "components": save_figure(histogram_grid(scores, list(COMPONENTS), "Reward components per instance"),
-                                  out / "component_histograms.png"),
-        "correlations": save_figure(heatmap(correlations, "Correlation of reward components"),
-                                    out / "component_correlations.png"),
+        "components": component_histograms_figure(scores, out / "component_histograms.png"),
+        "correlations": correlations_figure(correlations, out / "component_correlations.png"),
         "reward": save_figure(histogram(scores["reward"], "Composite REFINE-AF reward (Eq. 1)", "reward"),
                               out / "reward_distribution.png"),
     }

@@ -387,20 +387,25 @@ def train_generator(params: Params, run_dir: str | Path, scorers: Optional[dict[
     shutil.rmtree(adapter_dir, ignore_errors=True)
     shutil.copytree(last / "adapter", adapter_dir)
     metrics = pd.read_csv(out / METRICS_FILE)
-    return RLTrainingResult(metrics, adapter_dir, _training_figures(metrics, out, cfg.algorithm))
+    figures = {"reward_kl": reward_kl_figure(metrics, cfg.algorithm, out / "reward_kl.png"),
+               "components": components_figure(metrics, out / "components.png")}
+    return RLTrainingResult(metrics, adapter_dir, figures)
 
 
-def _training_figures(metrics: pd.DataFrame, out: Path, algorithm: str) -> dict[str, Path]:
+def reward_kl_figure(metrics: pd.DataFrame, algorithm: str, path: Path) -> Path:
+    """Reward and KL per update (stage 3 and the report draw the same figure)."""
     from refine_af_utils.plots import line_chart, save_figure
 
-    return {
-        "reward_kl": save_figure(line_chart(metrics, "update", ["reward", "kl"],
-                                            f"{algorithm.upper()}: reward and KL to the base model per update"),
-                                 out / "reward_kl.png"),
-        "components": save_figure(line_chart(metrics, "update", list(COMPONENTS),
-                                             "Mean reward components of the sampled instances per update"),
-                                  out / "components.png"),
-    }
+    return save_figure(line_chart(metrics, "update", ["reward", "kl"],
+                                  f"{algorithm.upper()}: reward and KL to the base model per update"), path)
+
+
+def components_figure(metrics: pd.DataFrame, path: Path) -> Path:
+    """Each reward component's mean over the sampled instances, per update."""
+    from refine_af_utils.plots import line_chart, save_figure
+
+    return save_figure(line_chart(metrics, "update", list(COMPONENTS),
+                                  "Mean reward components of the sampled instances per update"), path)
 
 
 def run_rl_stage(params: Params, run_dir: str | Path) -> RLTrainingResult:

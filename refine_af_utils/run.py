@@ -32,17 +32,18 @@ class Stage:
     id: str
     notebook: str
     output_dir: Optional[str]  # None: the stage rewrites its files in place (the report)
+    title: str
 
 
 STAGES = [
-    Stage("00", "00_seed_tasks.ipynb", "seeds"),
-    Stage("01", "01_instruction_generation.ipynb", "instructions"),
-    Stage("02", "02_reward_analysis.ipynb", "reward_analysis"),
-    Stage("03", "03_ppo_training.ipynb", "rl"),
-    Stage("04", "04_instance_generation.ipynb", "data"),
-    Stage("05", "05_sft.ipynb", "sft"),
-    Stage("06", "06_superni_evaluation.ipynb", "eval"),
-    Stage("07", "07_paper_tables.ipynb", None),
+    Stage("00", "00_seed_tasks.ipynb", "seeds", "seed tasks"),
+    Stage("01", "01_instruction_generation.ipynb", "instructions", "instruction generation"),
+    Stage("02", "02_reward_analysis.ipynb", "reward_analysis", "reward analysis"),
+    Stage("03", "03_ppo_training.ipynb", "rl", "RL training"),
+    Stage("04", "04_instance_generation.ipynb", "data", "instance generation (both arms)"),
+    Stage("05", "05_sft.ipynb", "sft", "SFT (both arms)"),
+    Stage("06", "06_superni_evaluation.ipynb", "eval", "Super-NI evaluation"),
+    Stage("07", "07_paper_tables.ipynb", None, "report"),
 ]
 
 

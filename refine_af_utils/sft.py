@@ -66,22 +66,14 @@ def fine_tune(model_spec: ModelParams, instances: Sequence[dict[str, Any]], outp
         raise ValueError(f"{output_dir}: no instances to fine-tune on (stage 4 kept none for this arm)")
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
-    from refine_af_utils.models import ensure_distinct_pad_token, resolve_model_path, torch_dtype
+    from refine_af_utils.models import load_pretrained, torch_dtype
 
-    path = resolve_model_path(model_spec.name_or_path)
-    kwargs: dict[str, Any] = {"trust_remote_code": model_spec.trust_remote_code}
-    if model_spec.revision:
-        kwargs["revision"] = model_spec.revision
-    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    dtype = torch_dtype(model_spec.dtype, model_spec.device)
-    # Explicit dtype: transformers would otherwise keep the checkpoint's (bf16 for the embedded
-    # model), which is emulated and slow on CPUs without native bf16.
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-    ensure_distinct_pad_token(tokenizer, model)
+    model, tokenizer = load_pretrained(model_spec)  # the trainer places it (one device per process)
     tokenizer.padding_side = "right"
+    dtype = torch_dtype(model_spec.dtype, model_spec.device)
     args = SFTConfig(
         output_dir=str(output_dir), num_train_epochs=cfg.epochs, learning_rate=cfg.learning_rate,
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -151,6 +143,13 @@ def train_arms(params: Params, run_dir: str | Path) -> dict[str, pd.DataFrame]:
     return {arm: fine_tune(params.model, data[arm], out / arm, params.sft, params.random_seed) for arm in ARMS}
 
 
+def sft_loss_figure(losses: pd.DataFrame, path: Path) -> Path:
+    """The loss per step of each arm against the epoch (stage 5 and the report draw the same figure)."""
+    from refine_af_utils.plots import grouped_lines, save_figure
+
+    return save_figure(grouped_lines(losses, "epoch", "loss", "arm", "Stage 5: SFT loss on each arm's dataset"), path)
+
+
 @dataclass
 class SFTStageResult:
     """Stage 5's loss table (one row per arm and step), the per-arm summary and the figure."""
@@ -162,7 +161,6 @@ class SFTStageResult:
 
 def run_sft_stage(params: Params, run_dir: str | Path) -> SFTStageResult:
     """Stage 5 for the notebook: train both arms, write ``sft/loss.csv`` and the loss figure."""
-    from refine_af_utils.plots import grouped_lines, save_figure
     from refine_af_utils.results import record_metrics
 
     run_dir = Path(run_dir)
@@ -177,8 +175,7 @@ def run_sft_stage(params: Params, run_dir: str | Path) -> SFTStageResult:
         "last loss": round(float(table["loss"].iloc[-1]), 4),
     } for arm, table in per_arm.items()})
     summary.to_csv(out / "summary.csv")
-    figure = save_figure(grouped_lines(losses, "epoch", "loss", "arm", "Stage 5: SFT loss on each arm's dataset"),
-                         out / "loss.png")
+    figure = sft_loss_figure(losses, out / "loss.png")
     record_metrics(run_dir, "05", {f"{arm}_{key.replace(' ', '_')}": value
                                    for arm, column in summary.items() for key, value in column.items()})
     return SFTStageResult(losses, summary, {"loss": figure})

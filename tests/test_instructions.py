@@ -1,4 +1,3 @@
-import json
 import os
 import signal
 import subprocess
@@ -22,7 +21,7 @@ from refine_af_utils.instructions import (
 )
 from refine_af_utils.jsonl import append_jsonl, read_jsonl
 from refine_af_utils.models import load_causal_lm
-from refine_af_utils.params import ModelParams, params_from_dict
+from refine_af_utils.params import params_from_dict
 from refine_af_utils.prompts import classification_prompt, instruction_generation_prompt
 from refine_af_utils.seeds import load_seed_tasks
 
