@@ -144,20 +144,23 @@ class RLParams:
     """Stage 3: RL from automated feedback on the instance generator (LoRA on the backbone)."""
 
     algorithm: Literal["ppo", "grpo", "rloo"] = "ppo"
-    num_prompts: int = 64            # stage 1 instructions used as training prompts
+    # Rollouts decode with instance_generation's temperature, top_p, max_new_tokens and stop strings.
+    num_prompts: int = 64            # at most this many training prompts (after the held-out split)
+    heldout_instructions: int = 24   # stage 1 instructions held out of training (seeded split)
+    heldout_samples: int = 4         # completions per held-out instruction, base and trained generator
     updates: int = 8                 # PPO updates (GRPO/RLOO optimiser steps)
     batch_size: int = 4              # prompts per update
     num_generations: int = 4         # GRPO/RLOO: completions per prompt
     ppo_epochs: int = 2
     learning_rate: float = 1.0e-4
+    value_learning_rate: float = 1.0e-5  # PPO: the critic's own learning rate (full copy, zero-initialised head)
     kl_coef: float = 0.05
-    response_length: int = 48
-    temperature: float = 0.7
+    missing_eos_penalty: Optional[float] = None  # trl: subtracted when a completion has no end token
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    invalid_reward: float = -1.0     # added when a completion parses to no instance
+    invalid_reward: float = -0.1     # added when a completion yields no instance (see README: parse penalty)
     checkpoint_every: int = 4        # updates between checkpoints (a rerun resumes from the last)
 
 
@@ -178,6 +181,8 @@ class SFTParams:
     lora_target_modules: Union[str, list[str]] = "all-linear"
     save_steps: int = 50             # optimiser steps between checkpoints (a rerun resumes from the last)
     gradient_checkpointing: bool = False  # saves GPU memory on 7B+ models at about 30% more time
+    equal_examples: bool = True      # subsample the larger arm (seeded) to the smaller arm's size
+    include_seed_tasks: bool = False  # add the seed tasks' instances to both arms (Self-Instruct did)
 
 
 @dataclass
@@ -313,7 +318,7 @@ def _check_values(params: Any, prefix: str, source: str) -> None:
         "num_instructions", "num_prompt_instructions", "batch_size", "max_new_tokens",
         "num_examples", "max_batches", "max_length", "num_demonstrations", "max_instances_per_task",
         "candidates_per_instruction", "num_examples_shown", "num_prompts", "updates", "num_generations",
-        "ppo_epochs", "response_length", "lora_r", "lora_alpha", "checkpoint_every",
+        "ppo_epochs", "heldout_instructions", "heldout_samples", "value_learning_rate", "lora_r", "lora_alpha", "checkpoint_every",
         "epochs", "learning_rate", "gradient_accumulation_steps", "save_steps", "max_instances",
         "max_prompt_tokens",
     }
@@ -347,6 +352,14 @@ def _check_values(params: Any, prefix: str, source: str) -> None:
                 ) from error
     if isinstance(params, Params) and (not params.run_name or "/" in params.run_name):
         raise ParamsError(f"{source}: key 'run_name' must be a non-empty name without '/'")
+    if isinstance(params, Params) and params.rl.algorithm == "ppo" and params.instance_generation.top_p != 1.0:
+        # trl 1.9.2's PPO samples with top_p=1 and computes its log-probabilities on the full
+        # distribution; RL rollouts and stage 4 must decode alike, so stage 4 cannot use another top_p.
+        raise ParamsError(
+            f"{source}: key 'instance_generation.top_p' must be 1.0 with rl.algorithm 'ppo' "
+            f"(got {params.instance_generation.top_p}): trl's PPO samples from the full distribution, "
+            "and RL and stage 4 decode alike; use grpo or rloo for nucleus sampling"
+        )
 
 
 def params_from_dict(data: dict[str, Any], source: str = "<params>") -> Params:
