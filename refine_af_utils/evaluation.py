@@ -184,18 +184,22 @@ EVALUATION_FIGURES = ("per_category", "task_deltas")
 
 def run_evaluation_stage(params: Params, run_dir: str | Path) -> EvaluationResult:
     """Stage 6 for the notebook: predict with the three models, score, tabulate and draw."""
+    from refine_af_utils.models import check_device, resolve_model_path
     from refine_af_utils.results import check_stage_config, record_metrics, stage_dir
     from refine_af_utils.sft import model_dir
 
     run_dir = Path(run_dir)
     out = stage_dir(run_dir, EVAL_DIR)
+    # Inputs first: a run that fails on them must not leave a config.json that refuses the corrected run.
     superni_dir = resolve_superni_dir(params.evaluation.superni_dir)
+    tasks = load_tasks(superni_dir, params.evaluation.max_instances)
+    check_device(params.model.device)
+    resolve_model_path(params.model.name_or_path)
     settings = params.to_dict()
     check_stage_config(out, {
         "model": settings["model"], "evaluation": settings["evaluation"],
         **{f"{arm}_model_sha256": _model_files_sha256(model_dir(run_dir, arm)) for arm in MODELS[1:]},
     })
-    tasks = load_tasks(superni_dir, params.evaluation.max_instances)
     predictions = {name: predict(params, name, tasks, run_dir) for name in MODELS}
     per_task = per_task_scores(predictions)
     per_category = grouped_scores(predictions, "category")

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from refine_af_utils.errors import RefineAFError
 from refine_af_utils.params import ModelParams
 from refine_af_utils.results import cache_dir
 
@@ -28,8 +29,39 @@ _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _PREPARATION_VERSION = 2
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(RefineAFError, FileNotFoundError):
     """A model path or embedded model that is not there."""
+
+
+class DeviceUnavailableError(RefineAFError, ValueError):
+    """A ``device`` that this machine does not have (``cuda:7`` on a CPU machine, say)."""
+
+
+def available_devices() -> list[str]:
+    """The devices torch can use here: ``cpu``, then ``cuda:0``... and ``mps`` when present."""
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def check_device(device: str, key: str = "model.device") -> None:
+    """Refuse a device this machine lacks, naming the params ``key``, the device and what is available."""
+    available = available_devices()
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as error:
+        raise DeviceUnavailableError(f"{key}: '{device}' is not a device name such as cpu, cuda, cuda:0 or mps "
+                                     f"(available here: {', '.join(available)})") from error
+    if parsed.type not in ("cuda", "mps"):
+        return  # cpu, or another backend (xpu, ...) that torch itself judges
+    if f"{parsed.type}:{parsed.index}" in available or (parsed.index is None and any(
+            name.startswith(parsed.type) for name in available)):
+        return
+    raise DeviceUnavailableError(f"{key}: device '{device}' is not available on this machine "
+                                 f"(available: {', '.join(available)})")
 
 
 def _package_folder(package: str, wheel: str) -> Path:
@@ -150,8 +182,9 @@ def load_pretrained(spec: ModelParams) -> tuple[PreTrainedModel, PreTrainedToken
     """The backbone (in ``spec.dtype``, still on the CPU) and its tokenizer with a distinct pad token.
 
     Training (stage 5) uses this directly so that its trainer places the model; inference
-    goes through :func:`load_causal_lm`.
+    goes through :func:`load_causal_lm`. An unavailable ``spec.device`` stops before loading.
     """
+    check_device(spec.device)
     path = resolve_model_path(spec.name_or_path)
     kwargs: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
     if spec.revision:

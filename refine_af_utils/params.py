@@ -10,16 +10,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import yaml
 
+from refine_af_utils.errors import RefineAFError, decode_utf8
 
-class ParamsError(ValueError):
+
+class ParamsError(RefineAFError, ValueError):
     """A params file that does not match the schema."""
 
 
@@ -243,9 +247,19 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
+def _accepts_float(annotation: Any) -> bool:
+    if annotation is float:
+        return True
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        return any(_accepts_float(a) for a in typing.get_args(annotation))
+    return False
+
+
 def _convert(value: Any, annotation: Any, key: str, source: str) -> Any:
-    """Check ``value`` against ``annotation``; return it (ints widen to floats)."""
+    """Check ``value`` against ``annotation``; return it (ints widen to floats; NaN and inf are refused)."""
     origin = typing.get_origin(annotation)
+    if isinstance(value, float) and not math.isfinite(value) and _accepts_float(annotation):
+        raise ParamsError(f"{source}: key '{key}' must be a finite number, got {value}")
     wrong = ParamsError(
         f"{source}: key '{key}' must be {_type_name(annotation)}, got {value!r} "
         f"({type(value).__name__})"
@@ -312,6 +326,27 @@ def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
     return params
 
 
+# Ranges of keys, wherever they occur (both temperatures, both top_p, both lora_dropout).
+_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "temperature": (lambda v: v >= 0, "at least 0 (0 decodes greedily)"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "novelty_threshold": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "kl_coef": (lambda v: v >= 0, "at least 0"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+}
+
+RUN_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def check_run_name(name: str, source: str = "<params>") -> None:
+    """Refuse a run name that is not a plain folder name: letters, digits, ``-``, ``_``, ``.``; not ``.`` or ``..``."""
+    if not RUN_NAME_PATTERN.fullmatch(name) or name in (".", ".."):
+        raise ParamsError(
+            f"{source}: key 'run_name' must be a folder name of letters, digits, '-', '_' and '.' "
+            f"(not '.' or '..'), got {name!r}"
+        )
+
+
 def _check_values(params: Any, prefix: str, source: str) -> None:
     """Range checks that types alone cannot express."""
     positive = {
@@ -326,18 +361,14 @@ def _check_values(params: Any, prefix: str, source: str) -> None:
         value = getattr(params, f.name)
         if f.name in positive and value is not None and value <= 0:
             raise ParamsError(f"{source}: key '{prefix}{f.name}' must be positive, got {value}")
+        if f.name in _RANGES and value is not None and not _RANGES[f.name][0](value):
+            raise ParamsError(f"{source}: key '{prefix}{f.name}' must be {_RANGES[f.name][1]}, got {value}")
     if isinstance(params, InstructionGenerationParams):
         if not 0 <= params.num_machine_in_prompt < params.num_prompt_instructions:
             raise ParamsError(
                 f"{source}: key '{prefix}num_machine_in_prompt' must be at least 0 and below "
                 f"num_prompt_instructions ({params.num_prompt_instructions})"
             )
-        if not 0.0 < params.top_p <= 1.0:
-            raise ParamsError(f"{source}: key '{prefix}top_p' must be in (0, 1]")
-        if params.temperature < 0:
-            raise ParamsError(f"{source}: key '{prefix}temperature' must not be negative")
-        if not 0.0 <= params.novelty_threshold <= 1.0:
-            raise ParamsError(f"{source}: key '{prefix}novelty_threshold' must be in [0, 1]")
     if isinstance(params, ScorerParams):
         for template_key in ("template", "pair_template"):
             template = getattr(params, template_key)
@@ -350,8 +381,8 @@ def _check_values(params: Any, prefix: str, source: str) -> None:
                     f"{source}: key '{prefix}{template_key}' has an unknown placeholder or a stray brace ({error}); "
                     "use {instruction}, {input}, {output}, {response}, {prompt} or {context}"
                 ) from error
-    if isinstance(params, Params) and (not params.run_name or "/" in params.run_name):
-        raise ParamsError(f"{source}: key 'run_name' must be a non-empty name without '/'")
+    if isinstance(params, Params):
+        check_run_name(params.run_name, source)
     if isinstance(params, Params) and params.rl.algorithm == "ppo" and params.instance_generation.top_p != 1.0:
         # trl 1.9.2's PPO samples with top_p=1 and computes its log-probabilities on the full
         # distribution; RL rollouts and stage 4 must decode alike, so stage 4 cannot use another top_p.
@@ -369,15 +400,52 @@ def params_from_dict(data: dict[str, Any], source: str = "<params>") -> Params:
     return _build(Params, data, "", source)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's safe loader, except that a key given twice in one mapping is an error (not: the last wins)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` merges keys that later keys may override
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first given on line {seen[key]})", key_node.start_mark)
+            except TypeError:  # an unhashable key: yaml's own constructor reports it
+                continue
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_error_line(path: Path, error: yaml.YAMLError) -> str:
+    """A YAML error as one line: ``file:line: not valid YAML (problem)``."""
+    mark = getattr(error, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+    problem = getattr(error, "problem", None) or str(error)
+    if problem.startswith("duplicate key"):
+        return f"{where}: {problem}"
+    if getattr(error, "context", None):
+        problem = f"{error.context}: {problem}"
+    return f"{where}: not valid YAML ({' '.join(problem.split())})"
+
+
 def load_params(path: str | Path, overrides: Optional[dict[str, Any]] = None) -> Params:
-    """Load and validate a params YAML file; ``overrides`` are dotted keys applied on top."""
+    """Load and validate a params YAML file; ``overrides`` are dotted keys applied on top.
+
+    Raises :class:`ParamsError` with one line naming the file and the line (bad YAML, a duplicate
+    key, a byte that is not UTF-8) or the dotted key (unknown, missing, wrong type or out of range).
+    """
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found")
+    text = decode_utf8(path.read_bytes(), str(path), ParamsError)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as error:
-        raise ParamsError(f"{path}: not valid YAML: {error}") from error
+        raise ParamsError(_yaml_error_line(path, error)) from error
     data = data or {}
     for dotted, value in (overrides or {}).items():
         node = data

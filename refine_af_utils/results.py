@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from refine_af_utils.errors import StageConfigError
+
 
 def stage_dir(run_dir: str | Path, name: str) -> Path:
     """``<run_dir>/<name>``, created if missing."""
@@ -32,11 +34,31 @@ def cache_dir() -> Path:
     return Path(os.environ.get("REFINE_AF_CACHE", Path.home() / ".cache" / "refine-af"))
 
 
+def run_folder(results_root: str | Path, run_name: str) -> Path:
+    """``<results_root>/<run_name>``, after checking that the name is safe and the folder lies inside the root.
+
+    Raises :class:`~refine_af_utils.params.ParamsError` for ``.``, ``..``, a path or a name whose
+    resolved folder (symbolic links followed) is not a sub-folder of the resolved results root.
+    """
+    from refine_af_utils.params import ParamsError, check_run_name
+
+    check_run_name(run_name)
+    root = Path(results_root)
+    run_dir = root / run_name
+    if run_dir.resolve().parent != root.resolve():
+        raise ParamsError(f"run_name {run_name!r}: the run folder {run_dir.resolve()} is not inside the results "
+                          f"root {root.resolve()}")
+    return run_dir
+
+
 def check_stage_config(out_dir: str | Path, config: dict[str, Any]) -> None:
     """Refuse to resume a stage whose outputs were made with other settings.
 
     The first run writes ``config.json`` into the stage folder; a later run whose ``config``
-    differs stops with the keys that changed (rerun the stage with ``--force`` to start over).
+    differs stops with the keys that changed (rerun the stage with ``--force`` to start over):
+    a :class:`~refine_af_utils.errors.StageConfigError`. Call it only after the stage's inputs
+    passed validation, so that a run that fails on bad input leaves no config that blocks the
+    corrected run.
     """
     path = Path(out_dir) / "config.json"
     config = json.loads(json.dumps(config, sort_keys=True))
@@ -44,7 +66,7 @@ def check_stage_config(out_dir: str | Path, config: dict[str, Any]) -> None:
         before = json.loads(path.read_text())
         changed = sorted(k for k in set(before) | set(config) if before.get(k) != config.get(k))
         if changed:
-            raise RuntimeError(
+            raise StageConfigError(
                 f"{out_dir} was made with other settings ({', '.join(changed)} differ); "
                 "rerun the stage with --force to start it again"
             )
@@ -67,4 +89,4 @@ def stage_command_line(description: str, argv: Optional[Sequence[str]] = None) -
     parser.add_argument("--results-root", default="results", help="where run folders go")
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    return params, Path(args.results_root) / params.run_name
+    return params, run_folder(args.results_root, params.run_name)

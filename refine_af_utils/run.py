@@ -6,20 +6,32 @@ Each notebook gets ``params_path`` and ``run_dir`` injected into its ``parameter
 and is saved, executed, to ``<run_dir>/notebooks/``. A stage that finished with the same
 params is skipped (its marker is ``<run_dir>/stages/<stage>.json``, which also records
 its wall time) unless ``--force``, which also deletes the stage's outputs first.
+
+One runner per run folder: the runner holds an OS lock on ``<run_dir>/.lock`` while it runs,
+and a second one exits at once naming the holder's PID and command line (the OS drops the
+lock of a killed runner). A project error raised in a notebook (bad params, seeds, Super-NI
+data, a stage folder made with other settings, a missing model) is printed as one line,
+``[NN] stage: message``, with the executed notebook that holds the full traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
+import os
+import shlex
 import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
-from refine_af_utils.params import Params, ParamsError, load_params
+from refine_af_utils.errors import RefineAFError, RunLockedError, project_error_names
+from refine_af_utils.params import Params, load_params
+from refine_af_utils.results import run_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
@@ -72,9 +84,65 @@ def stage_is_complete(run_dir: Path, stage: Stage, params: Params) -> bool:
     return json.loads(marker.read_text()).get("params_fingerprint") == params.fingerprint()
 
 
+class StageError(RefineAFError, RuntimeError):
+    """A stage whose notebook raised one of the project's errors; the message is one line."""
+
+
+LOCK_FILE = ".lock"
+
+
+def _command_line() -> str:
+    """This process's command line, as typed (``python -m refine_af_utils.run ...``) where /proc has it."""
+    try:
+        parts = [p.decode(errors="replace") for p in Path("/proc/self/cmdline").read_bytes().split(b"\0") if p]
+    except OSError:
+        parts = [sys.executable, *sys.argv]
+    return shlex.join(parts)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path) -> Iterator[Path]:
+    """Hold the run folder's lock (``flock`` on ``<run_dir>/.lock``) for the ``with`` block.
+
+    Raises :class:`~refine_af_utils.errors.RunLockedError` at once, naming the holder's PID and
+    command line, when another process holds it. The OS releases the lock when its holder
+    exits, even by SIGKILL, so a stale lock file never blocks.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = json.loads(path.read_text())
+                who = f"pid {holder['pid']}: {holder['command']}"
+            except (OSError, ValueError, KeyError, TypeError):
+                who = "a process that is just starting"
+            raise RunLockedError(f"{run_dir}: another runner is using this run ({who}); "
+                                 "wait for it to finish or stop it") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, (json.dumps({"pid": os.getpid(), "command": _command_line(),
+                                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n").encode())
+        try:
+            yield path
+        finally:
+            os.ftruncate(fd, 0)  # still locked: nobody reads a stale holder
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
 def run_stage(stage: Stage, params_path: Path, run_dir: Path, params: Params, force: bool = False) -> float:
-    """Execute one notebook with papermill; return its wall time in seconds."""
+    """Execute one notebook with papermill; return its wall time in seconds.
+
+    A project error inside the notebook becomes a :class:`StageError` with one line and the
+    executed notebook's path; any other error propagates with its traceback.
+    """
     import papermill
+    from papermill.exceptions import PapermillExecutionError
 
     if force:
         if stage.output_dir is not None:
@@ -83,15 +151,21 @@ def run_stage(stage: Stage, params_path: Path, run_dir: Path, params: Params, fo
     executed = run_dir / "notebooks" / stage.notebook
     executed.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    papermill.execute_notebook(
-        str(NOTEBOOK_DIR / stage.notebook),
-        str(executed),
-        parameters={"params_path": str(params_path.resolve()), "run_dir": str(run_dir.resolve())},
-        cwd=str(REPO_ROOT),
-        kernel_name="python3",
-        progress_bar=False,
-        log_output=True,
-    )
+    try:
+        papermill.execute_notebook(
+            str(NOTEBOOK_DIR / stage.notebook),
+            str(executed),
+            parameters={"params_path": str(params_path.resolve()), "run_dir": str(run_dir.resolve())},
+            cwd=str(REPO_ROOT),
+            kernel_name="python3",
+            progress_bar=False,
+            log_output=True,
+        )
+    except PapermillExecutionError as error:
+        if error.ename not in project_error_names():
+            raise
+        message = " ".join(str(error.evalue).splitlines())
+        raise StageError(f"[{stage.id}] {stage.title}: {message} (full traceback in {executed})") from None
     seconds = round(time.time() - started, 1)
     marker = _marker(run_dir, stage)
     marker.parent.mkdir(parents=True, exist_ok=True)
@@ -111,14 +185,16 @@ def run_pipeline(
     """Run the selected stages for a params file; return the run directory."""
     params_path = Path(params_path)
     params = load_params(params_path)
-    run_dir = Path(results_root) / params.run_name
-    for stage in select_stages(only, start):
-        if not force and stage_is_complete(run_dir, stage, params):
-            print(f"[{stage.id}] {stage.notebook}: complete, skipped (--force reruns it)", flush=True)
-            continue
-        print(f"[{stage.id}] {stage.notebook}: running", flush=True)
-        seconds = run_stage(stage, params_path, run_dir, params, force=force)
-        print(f"[{stage.id}] {stage.notebook}: done in {seconds:.0f} s", flush=True)
+    run_dir = run_folder(results_root, params.run_name)
+    stages = select_stages(only, start)
+    with run_lock(run_dir):
+        for stage in stages:
+            if not force and stage_is_complete(run_dir, stage, params):
+                print(f"[{stage.id}] {stage.notebook}: complete, skipped (--force reruns it)", flush=True)
+                continue
+            print(f"[{stage.id}] {stage.notebook}: running", flush=True)
+            seconds = run_stage(stage, params_path, run_dir, params, force=force)
+            print(f"[{stage.id}] {stage.notebook}: done in {seconds:.0f} s", flush=True)
     return run_dir
 
 
@@ -134,7 +210,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         run_dir = run_pipeline(args.params, args.only, args.start, args.force, args.results_root)
-    except ParamsError as error:
+    except StageError as error:
+        print(error, file=sys.stderr)
+        return 1
+    except RefineAFError as error:  # bad params, unsafe run name, run locked by another runner
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"results in {run_dir}")

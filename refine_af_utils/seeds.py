@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from refine_af_utils.errors import RefineAFError, decode_utf8
 from refine_af_utils.results import cache_dir, record_metrics, stage_dir
 
 if TYPE_CHECKING:
@@ -30,7 +31,12 @@ SELF_INSTRUCT_SEED_TASKS_URL = (
 )
 
 
-class SeedTaskError(ValueError):
+# One seed task a line: Self-Instruct's longest is under 2 kB. A 50 MB line once made stage 1 use
+# 9.9 GB (its prompts and ROUGE-L pool hold every seed instruction), so longer lines are refused.
+MAX_SEED_LINE_BYTES = 100_000
+
+
+class SeedTaskError(RefineAFError, ValueError):
     """A seed file that does not match the schema."""
 
 
@@ -137,16 +143,25 @@ def load_seed_tasks(source: str | Path) -> list[SeedTask]:
     """Read and validate seed tasks from a path, ``bundled`` or a URL.
 
     Raises :class:`SeedTaskError` naming the file, the line and the field for bad JSON,
-    missing fields, wrong types, empty instructions, duplicate ids and empty files.
+    missing fields, wrong types, empty instructions, duplicate ids, bytes that are not UTF-8,
+    lines longer than :data:`MAX_SEED_LINE_BYTES` and empty files.
     """
     path = resolve_seed_source(source)
     tasks: list[SeedTask] = []
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        line_number = 0
+        while raw := handle.readline(MAX_SEED_LINE_BYTES + 2):  # a bounded read: never a whole huge line
+            line_number += 1
+            where = f"{path}:{line_number}"
+            if len(raw.rstrip(b"\r\n")) > MAX_SEED_LINE_BYTES:
+                raise SeedTaskError(
+                    f"{where}: line longer than {MAX_SEED_LINE_BYTES} bytes, the limit for one seed task "
+                    "(is the file one JSON object a line?)"
+                )
+            line = decode_utf8(raw, str(path), SeedTaskError, first_line=line_number)
             if not line.strip():
                 continue
-            where = f"{path}:{line_number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:

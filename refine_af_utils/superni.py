@@ -17,13 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from refine_af_utils.errors import RefineAFError, decode_utf8
 from refine_af_utils.rouge import rouge_l
 
 EXCLUDED_TASKS = ("task1415",)  # excluded by Tk-Instruct's evaluation (prefix match)
 BUNDLED_SUPERNI = Path(__file__).parent / "data" / "superni_mini"
 
 
-class SuperNIError(ValueError):
+class SuperNIError(RefineAFError, ValueError):
     """A Super-NI task file or split that does not match the released format."""
 
 
@@ -59,8 +60,10 @@ def load_task(path: str | Path, max_instances: int = 100) -> SuperNITask:
     """Read and validate one task file; keep its first ``max_instances`` instances."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
+        data = json.loads(decode_utf8(path.read_bytes(), str(path), SuperNIError))
+    except json.JSONDecodeError as error:
+        raise SuperNIError(f"{path}:{error.lineno}: not valid JSON ({error.msg} at column {error.colno})") from error
+    except OSError as error:
         raise SuperNIError(f"{path}: cannot read the task ({error})") from error
     if not isinstance(data, dict):
         raise SuperNIError(f"{path}: expected a JSON object")
@@ -90,7 +93,11 @@ def load_tasks(superni_dir: str | Path, max_instances: int = 100) -> list[SuperN
     split = superni_dir / "splits" / "default" / "test_tasks.txt"
     if not split.is_file():
         raise SuperNIError(f"{split}: test task list not found (point superni_dir at a natural-instructions checkout)")
-    names = [line.strip() for line in split.read_text().splitlines() if line.strip()]
+    names = [line.strip() for line in decode_utf8(split.read_bytes(), str(split), SuperNIError).splitlines()
+             if line.strip()]
+    if not names:
+        raise SuperNIError(f"{split}: no task names (the file is empty); list one test task a line, "
+                           "e.g. task1356_xlsum_title_generation")
     tasks = []
     for name in names:
         if name.startswith(EXCLUDED_TASKS):
@@ -99,6 +106,8 @@ def load_tasks(superni_dir: str | Path, max_instances: int = 100) -> list[SuperN
         if not path.is_file():
             raise SuperNIError(f"{split}: lists '{name}', but {path} does not exist")
         tasks.append(load_task(path, max_instances))
+    if not tasks:
+        raise SuperNIError(f"{split}: lists only excluded tasks ({', '.join(EXCLUDED_TASKS)}); nothing to evaluate")
     return tasks
 
 
