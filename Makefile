@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PARAMS ?= params/default.yaml
 STAMP := $(VENV)/.refine-af-installed
 
-.PHONY: install reproduce test bench clean-venv
+.PHONY: install reproduce test bench lab check clean-venv
 
 $(STAMP): requirements-lock.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,17 @@ test: install
 
 bench: install
 	$(PY) bench/bench_stage1.py
+
+# JupyterLab on localhost in the repository, with the venv registered as the kernel "refine-af".
+LAB_PORT ?= 8888
+lab: install
+	$(PY) -m ipykernel install --sys-prefix --name refine-af --display-name "Python (refine-af)"
+	$(VENV)/bin/jupyter lab --ServerApp.ip=127.0.0.1 --ServerApp.port=$(LAB_PORT) --ServerApp.root_dir="$(CURDIR)"
+
+# Notebook hygiene and lint, the same checks as .pre-commit-config.yaml (nothing is modified).
+check: $(STAMP)
+	$(VENV)/bin/nbstripout --keep-id --verify notebooks/*.ipynb
+	$(VENV)/bin/ruff check .
 
 clean-venv:
 	rm -rf $(VENV)
