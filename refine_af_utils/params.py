@@ -428,7 +428,9 @@ def _yaml_error_line(path: Path, error: yaml.YAMLError) -> str:
     if problem.startswith("duplicate key"):
         return f"{where}: {problem}"
     if getattr(error, "context", None):
-        problem = f"{error.context}: {problem}"
+        context_mark = getattr(error, "context_mark", None)
+        opened = f" (line {context_mark.line + 1})" if context_mark is not None and context_mark != mark else ""
+        problem = f"{error.context}{opened}: {problem}"
     return f"{where}: not valid YAML ({' '.join(problem.split())})"
 
 

@@ -97,7 +97,7 @@ def _command_line() -> str:
         parts = [p.decode(errors="replace") for p in Path("/proc/self/cmdline").read_bytes().split(b"\0") if p]
     except OSError:
         parts = [sys.executable, *sys.argv]
-    return shlex.join(parts)
+    return shlex.join(parts).replace("\n", "\\n")  # one line, in the lock file and in messages
 
 
 @contextlib.contextmanager

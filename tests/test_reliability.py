@@ -1,0 +1,296 @@
+"""Issue 12's reliability findings: the run lock, safe run names, validation before writing, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from refine_af_utils.errors import RefineAFError, StageConfigError, decode_utf8
+from refine_af_utils.models import DeviceUnavailableError, ModelNotFoundError, check_device
+from refine_af_utils.params import ParamsError, load_params, params_from_dict
+from refine_af_utils.results import check_stage_config, run_folder
+from refine_af_utils.run import RunLockedError, main, run_lock
+from refine_af_utils.seeds import MAX_SEED_LINE_BYTES, SeedTaskError, load_seed_tasks
+from refine_af_utils.superni import BUNDLED_SUPERNI, SuperNIError, load_tasks
+
+from conftest import REPO_ROOT
+
+# PPO needs instance_generation.top_p 1.0; every params dict here sets it so only the tested key is wrong.
+BASE = "run_name: r\ninstance_generation:\n  top_p: 1.0\n"
+
+
+def _params_file(tmp_path: Path, text: str, name: str = "p.yaml") -> Path:
+    path = tmp_path / name
+    path.write_bytes(text.encode() if isinstance(text, str) else text)
+    return path
+
+
+def _one_line(error: pytest.ExceptionInfo) -> str:
+    message = str(error.value)
+    assert "\n" not in message, message
+    return message
+
+
+# --- item 2: one runner per run folder ----------------------------------------------------------
+
+HOLDER = (
+    "import sys, time\n"
+    "from refine_af_utils.run import run_lock\n"
+    "with run_lock(sys.argv[1]):\n"
+    "    print('locked', flush=True)\n"
+    "    time.sleep(300)\n"
+)
+
+
+def test_a_second_runner_exits_at_once_naming_the_holder_and_a_killed_holder_does_not_block(tmp_path):
+    params_path = _params_file(tmp_path, BASE)
+    root = tmp_path / "results"
+    run_dir = root / "r"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir)], stdout=subprocess.PIPE, text=True,
+                              cwd=REPO_ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert json.loads((run_dir / ".lock").read_text())["pid"] == holder.pid
+        second = subprocess.run(
+            [sys.executable, "-m", "refine_af_utils.run", str(params_path), "--only", "00",
+             "--results-root", str(root)],
+            capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+        assert second.returncode == 2
+        assert f"pid {holder.pid}: " in second.stderr and "time.sleep(300)" in second.stderr
+        assert second.stderr.count("\n") == 1 and "another runner is using this run" in second.stderr
+        assert not (run_dir / "notebooks").exists()  # it ran nothing
+        with pytest.raises(RunLockedError, match=f"pid {holder.pid}"):
+            with run_lock(run_dir):
+                pass
+    finally:
+        holder.kill()  # SIGKILL: no cleanup runs, the lock file stays behind
+        holder.wait()
+    assert (run_dir / ".lock").exists()
+    with run_lock(run_dir):  # the OS released the dead holder's lock
+        assert json.loads((run_dir / ".lock").read_text())["pid"] == os.getpid()
+    assert (run_dir / ".lock").read_text() == ""  # released: no stale holder recorded
+
+
+# --- item 3: safe run names ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "../x", "", "a b", "x\\y", "naïve"])
+def test_unsafe_run_names_are_refused(tmp_path, name):
+    path = _params_file(tmp_path, f"run_name: {json.dumps(name)}\ninstance_generation:\n  top_p: 1.0\n")
+    with pytest.raises(ParamsError) as error:
+        load_params(path)
+    assert f"{path}: key 'run_name' must be a folder name" in _one_line(error)
+    with pytest.raises(ParamsError, match="key 'run_name'"):
+        run_folder(tmp_path / "results", name)
+
+
+def test_safe_run_names_and_the_results_root(tmp_path):
+    root = tmp_path / "results"
+    root.mkdir()
+    for name in ("default", "smoke-2.v1", "a_b", "..x", "x.."):
+        assert run_folder(root, name) == root / name
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (root / "link").symlink_to(outside)
+    with pytest.raises(ParamsError, match="not inside the results root") as error:
+        run_folder(root, "link")
+    _one_line(error)
+
+
+def test_the_runner_refuses_dot_dot_before_writing_anything(tmp_path, capsys):
+    root = tmp_path / "a" / "results"
+    root.mkdir(parents=True)
+    params_path = _params_file(tmp_path, 'run_name: ".."\ninstance_generation:\n  top_p: 1.0\n')
+    assert main([str(params_path), "--results-root", str(root)]) == 2
+    assert "key 'run_name'" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["results"] and not any(root.iterdir())
+
+
+# --- item 4: validate before writing -------------------------------------------------------------
+
+def _stage_5_done(run_dir: Path, model_source: Path | None = None) -> None:
+    """Stand-ins for both arms' finished stage 5 (the tiny model itself when given)."""
+    for arm in ("self_instruct", "refine_af"):
+        folder = run_dir / "sft" / arm / "model"
+        if model_source is not None:
+            shutil.copytree(model_source, folder)
+        else:
+            folder.mkdir(parents=True)
+            (folder / "model.safetensors").write_bytes(arm.encode())
+        (folder.parent / "complete").write_text("{}")
+
+
+def _eval_params(superni_dir: str, model: str = "embedded:smollm2-135m-instruct", device: str = "cpu") -> object:
+    return params_from_dict({
+        "run_name": "r", "instance_generation": {"top_p": 1.0}, "sft": {"full_fine_tuning": True},
+        "model": {"name_or_path": model, "dtype": "float32", "device": device},
+        "evaluation": {"superni_dir": superni_dir, "max_instances": 1, "max_new_tokens": 3, "batch_size": 12,
+                       "max_prompt_tokens": 64},
+    }, "<test>")
+
+
+def test_a_failed_stage_6_leaves_no_config_that_blocks_the_fix(tmp_path):
+    from refine_af_utils.evaluation import run_evaluation_stage
+
+    run_dir = tmp_path / "run"
+    _stage_5_done(run_dir)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SuperNIError, match="test task list not found"):
+        run_evaluation_stage(_eval_params(str(empty)), run_dir)
+    assert not (run_dir / "eval" / "config.json").exists()
+    (empty / "splits" / "default").mkdir(parents=True)
+    (empty / "splits" / "default" / "test_tasks.txt").write_text("\n")
+    with pytest.raises(SuperNIError, match="no task names"):
+        run_evaluation_stage(_eval_params(str(empty)), run_dir)
+    with pytest.raises(DeviceUnavailableError, match="cuda:99"):
+        run_evaluation_stage(_eval_params("bundled", device="cuda:99"), run_dir)
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        run_evaluation_stage(_eval_params("bundled", model=str(tmp_path / "no-model")), run_dir)
+    assert not (run_dir / "eval" / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_the_corrected_stage_6_runs_after_a_failed_one(tmp_path, tiny_llama_dir):
+    from refine_af_utils.evaluation import run_evaluation_stage
+
+    run_dir = tmp_path / "run"
+    _stage_5_done(run_dir, tiny_llama_dir)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SuperNIError):
+        run_evaluation_stage(_eval_params(str(empty), model=str(tiny_llama_dir)), run_dir)
+    result = run_evaluation_stage(_eval_params("bundled", model=str(tiny_llama_dir)), run_dir)  # not refused
+    assert result.improvement["tasks"] == 12
+    assert json.loads((run_dir / "eval" / "config.json").read_text())["evaluation"]["superni_dir"] == "bundled"
+
+
+def test_stage_config_error_is_a_project_error(tmp_path):
+    check_stage_config(tmp_path, {"a": 1})
+    with pytest.raises(StageConfigError, match=r"\(a differ\).*--force") as error:
+        check_stage_config(tmp_path, {"a": 2})
+    assert isinstance(error.value, RuntimeError) and isinstance(error.value, RefineAFError)
+
+
+# --- item 6: every bad input in one line ---------------------------------------------------------
+
+@pytest.mark.parametrize("text, message", [
+    (BASE + "num_instructions: 5\nnum_instructions: 6\n", ":5: duplicate key 'num_instructions' (first given on line 4)"),
+    (BASE + "model:\n  device: cpu\n  device: cuda\n", ":6: duplicate key 'device' (first given on line 5)"),
+    (BASE + "instance_generation:\n  temperature: 1\n", ":4: duplicate key 'instance_generation' (first given on line 2)"),
+    (BASE + "model: {device: cpu, device: cuda}\n", ":4: duplicate key 'device'"),
+    ("run_name: r\ninstruction_generation:\n  temperature: .nan\n",
+     "key 'instruction_generation.temperature' must be a finite number, got nan"),
+    ("run_name: r\ninstance_generation:\n  top_p: 1.0\n  temperature: -1\n",
+     "key 'instance_generation.temperature' must be at least 0"),
+    ("run_name: r\ninstance_generation:\n  top_p: 5\nrl:\n  algorithm: grpo\n",
+     "key 'instance_generation.top_p' must be in (0, 1], got 5.0"),
+    ("run_name: r\ninstance_generation:\n  top_p: 0\nrl:\n  algorithm: rloo\n",
+     "key 'instance_generation.top_p' must be in (0, 1]"),
+    (BASE + "rl:\n  kl_coef: -1\n", "key 'rl.kl_coef' must be at least 0, got -1.0"),
+    (BASE + "rl:\n  lora_dropout: 2\n", "key 'rl.lora_dropout' must be in [0, 1), got 2.0"),
+    (BASE + "sft:\n  lora_dropout: 1\n", "key 'sft.lora_dropout' must be in [0, 1)"),
+    (BASE + "rl:\n  learning_rate: .inf\n", "key 'rl.learning_rate' must be a finite number, got inf"),
+    (BASE + "reward:\n  naturalness:\n    kind: yes_no\n    model: m\n    template: '{output}'\n    weight: .nan\n",
+     "key 'reward.naturalness.weight' must be a finite number, got nan"),
+    (BASE + "reward:\n  intercept: -.inf\n", "key 'reward.intercept' must be a finite number, got -inf"),
+    (BASE + "instruction_generation:\n  novelty_threshold: 1.5\n",
+     "key 'instruction_generation.novelty_threshold' must be in [0, 1]"),
+    (BASE + "instruction_generation:\n  top_p: 0\n", "key 'instruction_generation.top_p' must be in (0, 1]"),
+    (BASE + "model: [unclosed\n", ":5: not valid YAML (while parsing a flow sequence (line 4): expected ','"),
+    (BASE.encode() + b"# caf\xe9\n", ":4: not UTF-8 text (byte 0xe9 at column 6)"),
+])
+def test_bad_params_give_one_line_naming_the_file_and_line_or_key(tmp_path, text, message):
+    path = _params_file(tmp_path, text)
+    with pytest.raises(ParamsError) as error:
+        load_params(path)
+    line = _one_line(error)
+    assert line.startswith(str(path)) and message in line, line
+
+
+def test_bad_seed_files_name_the_file_and_line(tmp_path):
+    good = json.dumps({"id": "s1", "name": "n", "instruction": "Do it.", "is_classification": False,
+                       "instances": [{"input": "", "output": "ok"}]})
+    path = tmp_path / "seeds.jsonl"
+    path.write_bytes(good.encode() + b"\n" + good.replace("s1", "s2").replace("Do it.", "Caf\xe9").encode("latin-1")
+                     + b"\n")
+    with pytest.raises(SeedTaskError) as error:
+        load_seed_tasks(path)
+    assert _one_line(error).startswith(f"{path}:2: not UTF-8 text (byte 0xe9")
+    huge = json.dumps({"id": "s3", "name": "n", "instruction": "x " * MAX_SEED_LINE_BYTES, "is_classification": False,
+                       "instances": [{"input": "", "output": "ok"}]})
+    path.write_text(good + "\n\n" + huge + "\n")
+    with pytest.raises(SeedTaskError) as error:
+        load_seed_tasks(path)
+    assert _one_line(error).startswith(f"{path}:3: line longer than {MAX_SEED_LINE_BYTES} bytes")
+    path.write_text(good + "\r\n")  # Windows line ends still load
+    assert [t.id for t in load_seed_tasks(path)] == ["s1"]
+
+
+def test_bad_superni_split_files_get_clear_messages(tmp_path):
+    root = tmp_path / "ni"
+    shutil.copytree(BUNDLED_SUPERNI, root)
+    split = root / "splits" / "default" / "test_tasks.txt"
+    split.write_text("")
+    with pytest.raises(SuperNIError) as error:
+        load_tasks(root)
+    assert _one_line(error).startswith(f"{split}: no task names (the file is empty)")
+    split.write_text("task1415_excluded\n")
+    with pytest.raises(SuperNIError, match="only excluded tasks"):
+        load_tasks(root)
+    split.write_bytes(b"mini001_textual_entailment\nmini\xff\n")
+    with pytest.raises(SuperNIError) as error:
+        load_tasks(root)
+    assert _one_line(error).startswith(f"{split}:2: not UTF-8 text (byte 0xff at column 5)")
+    task = root / "tasks" / "mini001_textual_entailment.json"
+    split.write_text("mini001_textual_entailment\n")
+    task.write_text('{\n  "Definition": [\n')
+    with pytest.raises(SuperNIError) as error:
+        load_tasks(root)
+    assert _one_line(error).startswith(f"{task}:3: not valid JSON")
+
+
+def test_an_unavailable_device_names_itself_and_what_is_available():
+    import torch
+
+    check_device("cpu")
+    with pytest.raises(DeviceUnavailableError) as error:
+        check_device("cuda:99")
+    message = _one_line(error)
+    assert "model.device: device 'cuda:99' is not available on this machine (available: cpu" in message
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceUnavailableError, match=r"reward.coherence.device: device 'cuda'.*available: cpu"):
+            check_device("cuda", key="reward.coherence.device")
+    with pytest.raises(DeviceUnavailableError, match="'gpu' is not a device name"):
+        check_device("gpu")
+
+
+def test_decode_utf8_counts_lines_from_the_given_first_line():
+    assert decode_utf8("é".encode(), "f", SeedTaskError) == "é"
+    with pytest.raises(SeedTaskError, match=r"^f:12: not UTF-8 text \(byte 0x80 at column 3\)"):
+        decode_utf8(b"ok\nab\x80", "f", SeedTaskError, first_line=11)
+
+
+def test_project_errors_keep_their_builtin_classes():
+    for cls, builtin in ((ParamsError, ValueError), (SeedTaskError, ValueError), (SuperNIError, ValueError),
+                         (ModelNotFoundError, FileNotFoundError), (StageConfigError, RuntimeError),
+                         (DeviceUnavailableError, ValueError)):
+        assert issubclass(cls, RefineAFError) and issubclass(cls, builtin)
+
+
+@pytest.mark.slow
+def test_a_project_error_inside_a_notebook_is_one_line_with_the_executed_notebook(tmp_path, capsys):
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text('{"id": "s1"}\n')
+    params_path = _params_file(tmp_path, BASE + f"seed_tasks: {json.dumps(str(seeds))}\n")
+    assert main([str(params_path), "--only", "00", "--results-root", str(tmp_path / "results")]) == 1
+    executed = tmp_path / "results" / "r" / "notebooks" / "00_seed_tasks.ipynb"
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"[00] seed tasks: {seeds}:1: missing field 'name' (full traceback in {executed})")
+    assert "Traceback" in executed.read_text() or "SeedTaskError" in executed.read_text()
+    assert not (tmp_path / "results" / "r" / "stages" / "00.json").exists()
