@@ -144,6 +144,8 @@ def run_stage(stage: Stage, params_path: Path, run_dir: Path, params: Params, fo
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
+    from refine_af_utils.notebook import kernel_config
+
     if force:
         if stage.output_dir is not None:
             shutil.rmtree(run_dir / stage.output_dir, ignore_errors=True)
@@ -158,6 +160,7 @@ def run_stage(stage: Stage, params_path: Path, run_dir: Path, params: Params, fo
             parameters={"params_path": str(params_path.resolve()), "run_dir": str(run_dir.resolve())},
             cwd=str(REPO_ROOT),
             kernel_name="python3",
+            config=kernel_config(),  # IPC transport: no "Kernel is running over TCP without encryption" warning
             progress_bar=False,
             log_output=True,
         )
