@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from refine_af_utils.instances import filter_instances, generate_instances, instance_prompts, parse_instances
+from refine_af_utils.instances import extract_instances, generate_instances, instance_prompts
 from refine_af_utils.instructions import instructions_of_run
 from refine_af_utils.jsonl import append_jsonl, read_jsonl, truncate_torn_tail
 from refine_af_utils.params import Params
@@ -40,35 +40,95 @@ def load_generator(params: Params, arm: str, run_dir: Path) -> tuple[Any, Any]:
 
 
 def generate_arm(params: Params, arm: str, records: Sequence[dict[str, Any]], run_dir: Path) -> list[dict[str, Any]]:
-    """Raw completions of one arm for every instruction record, resuming from ``raw_<arm>.jsonl``."""
+    """Raw completions of one arm for every instruction record, resuming from ``raw_<arm>.jsonl``.
+
+    Batches are cut from the full record list and seeded by their first instruction (the same
+    noise for both arms); a rerun regenerates a half-written batch whole and appends only the
+    missing rows, so a resumed arm equals an uninterrupted one.
+    """
+    from refine_af_utils.seeding import derive_seed
+
     cfg = params.instance_generation
     path = run_dir / DATA_DIR / f"raw_{arm}.jsonl"
     truncate_torn_tail(path)
-    done = {r["instruction_id"] for r in read_jsonl(path)}
+    done = {r["instruction"] for r in read_jsonl(path)}
     batches = [records[i:i + cfg.batch_size] for i in range(0, len(records), cfg.batch_size)]
-    todo = [(index, batch) for index, batch in enumerate(batches) if any(r["id"] not in done for r in batch)]
+    todo = [batch for batch in batches if any(r["instruction"] not in done for r in batch)]
     if todo:
         from refine_af_utils.seeds import seed_tasks_of_run
 
         model, tokenizer = load_generator(params, arm, run_dir)
         seeds = seed_tasks_of_run(run_dir)
-        for index, batch in tqdm(todo, desc=f"instances ({arm})"):
-            batch = [r for r in batch if r["id"] not in done]
-            torch.manual_seed(params.random_seed * 7919 + index)  # the same noise for both arms
-            texts = generate_instances(model, tokenizer, instance_prompts(batch, seeds, cfg, params.random_seed), cfg)
-            append_jsonl(path, [{"instruction_id": r["id"], "text": t} for r, t in zip(batch, texts)])
-    by_id = {r["instruction_id"]: r["text"] for r in read_jsonl(path)}
-    return [{**r, "text": by_id[r["id"]]} for r in records]
+        for batch in tqdm(todo, desc=f"instances ({arm})"):
+            torch.manual_seed(derive_seed(params.random_seed, "04", batch[0]["instruction"]))
+            generations = generate_instances(model, tokenizer, instance_prompts(batch, seeds, cfg, params.random_seed), cfg)
+            append_jsonl(path, [{"instruction_id": r["id"], "instruction": r["instruction"], "text": g.text,
+                                 "truncated": g.truncated}
+                                for r, g in zip(batch, generations) if r["instruction"] not in done])
+    by_instruction = {r["instruction"]: r for r in read_jsonl(path)}
+    return [{**r, "text": by_instruction[r["instruction"]]["text"],
+             "truncated": by_instruction[r["instruction"]]["truncated"]} for r in records]
 
 
 def arm_instances(completions: Sequence[dict[str, Any]], max_instances: int) -> pd.DataFrame:
-    """Parsed and filtered instances of one arm, one row per instance."""
+    """Parsed and filtered instances of one arm (the shared extraction rule), one row per instance."""
     rows = []
     for record in completions:
-        kept, _ = filter_instances(parse_instances(record["text"], record["is_classification"]), max_instances)
+        kept, _ = extract_instances(record["text"], record["is_classification"], record["truncated"], max_instances)
         rows.extend({"instruction_id": record["id"], "instruction": record["instruction"], "input": i.input,
                      "output": i.output, "is_classification": record["is_classification"]} for i in kept)
     return pd.DataFrame(rows, columns=["instruction_id", "instruction", "input", "output", "is_classification"])
+
+
+def per_instruction_rewards(records: Sequence[dict[str, Any]], instances: dict[str, pd.DataFrame],
+                            split: dict[str, str], unparsed: float) -> pd.DataFrame:
+    """One row per instruction: its RL split and, per arm, whether it has instances and its rewards.
+
+    ``<arm>_reward`` is the mean reward of the arm's kept instances, or ``unparsed`` (the RL
+    parse penalty) when it has none, as in RL; ``<arm>_content`` is that mean over kept
+    instances only (empty when none).
+    """
+    table = pd.DataFrame({"instruction": [r["instruction"] for r in records],
+                          "split": [split.get(r["instruction"], "unused") for r in records]})
+    for arm, frame in instances.items():
+        means = frame.groupby("instruction")["reward"].mean() if len(frame) else pd.Series(dtype=float)
+        content = table["instruction"].map(means)
+        table[f"{arm}_has_instances"] = content.notna().astype(float)
+        table[f"{arm}_reward"] = content.fillna(unparsed)
+        table[f"{arm}_content"] = content
+    return table
+
+
+ARM_MEASURES = {"has_instances": "share of instructions with at least one kept instance",
+                "reward": "mean reward over all instructions (none kept: the parse penalty)",
+                "content": "mean reward over instructions with kept instances"}
+
+
+def arm_comparison(table: pd.DataFrame, random_seed: int) -> pd.DataFrame:
+    """REFINE-AF minus Self-Instruct per measure, paired by instruction, for all, RL-train and held-out ones."""
+    from refine_af_utils.rl import paired_summary
+    from refine_af_utils.seeding import derive_seed
+
+    groups = {"all": table, "rl-train": table[table["split"] == "train"],
+              "held-out": table[table["split"] == "heldout"]}
+    parts = []
+    for group, rows in groups.items():
+        if rows.empty:
+            continue
+        summary = paired_summary(rows, {m: (f"{ARMS[0]}_{m}", f"{ARMS[1]}_{m}") for m in ARM_MEASURES},
+                                 derive_seed(random_seed, "04", "ci", group))
+        parts.append(summary.assign(group=group, instructions=len(rows)))
+    columns = ["group", "instructions", "measure", "mean_before", "mean_after", "mean_difference", "ci_low",
+               "ci_high", "pairs"]
+    return pd.concat(parts, ignore_index=True)[columns].rename(
+        columns={"mean_before": f"{ARMS[0]}_mean", "mean_after": f"{ARMS[1]}_mean"})
+
+
+def arm_comparison_figure(comparison: pd.DataFrame, path: Path) -> Path:
+    """Each measure's REFINE-AF minus Self-Instruct difference with its CI, per instruction group."""
+    from refine_af_utils.rl import heldout_figure
+
+    return heldout_figure(comparison, path, "Stage 4: REFINE-AF minus Self-Instruct, paired by instruction, 95% CI")
 
 
 def _words(texts: Sequence[str]) -> float:
@@ -101,28 +161,36 @@ def arm_rewards_figure(rewards: dict[str, Sequence[float]], path: Path) -> Path:
 
 @dataclass
 class ArmsResult:
-    """Both arms' scored instances, their statistics table and the reward comparison."""
+    """Both arms' scored instances, their statistics, the per-instruction comparison and the figures."""
 
     instances: dict[str, pd.DataFrame]
     statistics: pd.DataFrame
     reward_summary: pd.DataFrame
+    per_instruction: pd.DataFrame
+    comparison: pd.DataFrame
     figures: dict[str, Path]
 
 
 def run_instance_stage(params: Params, run_dir: str | Path) -> ArmsResult:
     """Stage 4: generate, filter, score and export both arms' datasets under ``<run_dir>/data``."""
+    from refine_af_utils.reward import unparsed_reward
     from refine_af_utils.results import check_stage_config, record_metrics, stage_dir
+    from refine_af_utils.rl import rl_split_of_run
 
     run_dir = Path(run_dir)
-    out = stage_dir(run_dir, DATA_DIR)
     records = instructions_of_run(run_dir)
+    split = rl_split_of_run(run_dir)
+    unparsed = unparsed_reward(run_dir, params)
     adapter = run_dir / "rl" / "adapter" / "adapter_model.safetensors"
+    if not adapter.is_file():
+        raise FileNotFoundError(f"{adapter}: stage 3's trained adapter is missing; run stage 03 first")
+    out = stage_dir(run_dir, DATA_DIR)
     settings = params.to_dict()
     check_stage_config(out, {
         "model": settings["model"], "random_seed": params.random_seed,
         "instance_generation": settings["instance_generation"],
         # the REFINE-AF arm's completions belong to one trained adapter
-        "adapter_sha256": hashlib.sha256(adapter.read_bytes()).hexdigest() if adapter.is_file() else None,
+        "adapter_sha256": hashlib.sha256(adapter.read_bytes()).hexdigest(),
     })
     scorers = build_scorers(params.reward, run_dir / "reward_analysis" / "cache")
     instances, stats = {}, {}
@@ -141,11 +209,22 @@ def run_instance_stage(params: Params, run_dir: str | Path) -> ArmsResult:
     statistics.to_csv(out / "dataset_statistics.csv")
     summary = pd.DataFrame({arm: table[[*COMPONENTS, "reward"]].mean() for arm, table in instances.items()}).round(4)
     summary.to_csv(out / "reward_by_arm.csv")
+    per_instruction = per_instruction_rewards(records, instances, split, unparsed)
+    per_instruction.to_csv(out / "per_instruction.csv", index=False)
+    comparison = arm_comparison(per_instruction, params.random_seed)
+    comparison.to_csv(out / "arm_comparison.csv", index=False)
     figures = {"rewards": arm_rewards_figure({arm: t["reward"] for arm, t in instances.items()},
-                                             out / "reward_by_arm.png")}
+                                             out / "reward_by_arm.png"),
+               "comparison": arm_comparison_figure(comparison, out / "arm_comparison.png")}
+    overall = comparison[comparison["group"] == "all"].set_index("measure")
     record_metrics(run_dir, "04", {
         **{f"{arm}_instances": len(t) for arm, t in instances.items()},
         **{f"{arm}_mean_reward": round(float(t["reward"].mean()), 6) if len(t) else None
            for arm, t in instances.items()},
+        **{f"{arm}_instructions_with_instances": int(per_instruction[f"{arm}_has_instances"].sum()) for arm in ARMS},
+        **{f"{arm}_reward_all_instructions": round(float(per_instruction[f"{arm}_reward"].mean()), 6) for arm in ARMS},
+        "reward_all_instructions_difference": float(overall.loc["reward", "mean_difference"]),
+        "reward_all_instructions_ci_low": float(overall.loc["reward", "ci_low"]),
+        "reward_all_instructions_ci_high": float(overall.loc["reward", "ci_high"]),
     })
-    return ArmsResult(instances, statistics, summary, figures)
+    return ArmsResult(instances, statistics, summary, per_instruction, comparison, figures)

@@ -48,6 +48,24 @@ def cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
     return text[: min(positions)], True
 
 
+def decode_completion(tokenizer: PreTrainedTokenizerBase, tokens: Sequence[int], max_new_tokens: int,
+                      stop_strings: Sequence[str] = ()) -> Generation:
+    """The text of generated ``tokens`` up to the end token or the first stop string.
+
+    The one decoding rule of stages 2-4 and the RL rollouts: ``truncated`` is true when the
+    completion hit the token limit without an end token or a stop string (Self-Instruct's
+    ``finish_reason == "length"``). Padding is ignored wherever it stands.
+    """
+    row = list(tokens)
+    ended_by_eos = tokenizer.eos_token_id in row
+    if ended_by_eos:
+        row = row[: row.index(tokenizer.eos_token_id)]
+    kept = [t for t in row if t not in {tokenizer.pad_token_id, tokenizer.eos_token_id}]
+    text, stopped = cut_at_stop(tokenizer.decode(kept, skip_special_tokens=True), stop_strings)
+    truncated = not (ended_by_eos or stopped) and len(row) >= max_new_tokens
+    return Generation(text=text, truncated=truncated, num_tokens=len(kept))
+
+
 @torch.inference_mode()
 def generate_batch(
     model: PreTrainedModel,
@@ -82,14 +100,5 @@ def generate_batch(
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    results = []
-    special = {tokenizer.pad_token_id, tokenizer.eos_token_id}
-    for row in output[:, prompt_length:].tolist():
-        ended_by_eos = tokenizer.eos_token_id in row
-        if ended_by_eos:
-            row = row[: row.index(tokenizer.eos_token_id)]
-        tokens = [t for t in row if t not in special]
-        text, stopped = cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stop_strings)
-        truncated = not (ended_by_eos or stopped) and len(row) >= max_new_tokens
-        results.append(Generation(text=text, truncated=truncated, num_tokens=len(tokens)))
-    return results
+    return [decode_completion(tokenizer, row, max_new_tokens, stop_strings)
+            for row in output[:, prompt_length:].tolist()]

@@ -8,7 +8,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from refine_af_utils.generation import generate_batch
+from refine_af_utils.generation import Generation, generate_batch
 from refine_af_utils.params import InstanceGenerationParams
 from refine_af_utils.prompts import INSTANCE_STOP_STRINGS, instance_generation_prompt
 from refine_af_utils.seeds import SeedTask
@@ -97,6 +97,24 @@ def filter_instances(instances: Sequence[Instance], max_instances: int = 5) -> t
     return unique[:max_instances], dict(counts)
 
 
+def extract_instances(text: str, classification: bool, truncated: bool,
+                      max_instances: int = 5) -> tuple[list[Instance], dict[str, int]]:
+    """The one instance-extraction rule of stage 2, the RL reward and stage 4.
+
+    ``text`` is a completion already cut at :data:`INSTANCE_STOP_STRINGS` (see
+    :func:`refine_af_utils.generation.decode_completion`). A completion that hit the token
+    limit (``truncated``) loses its last parsed instance, which the limit cut off
+    (Self-Instruct drops a response on ``finish_reason == "length"``); then Self-Instruct's
+    filters apply. Returns the kept instances and a count per drop reason.
+    """
+    parsed = parse_instances(text, classification)
+    cut = 1 if truncated and parsed else 0
+    kept, counts = filter_instances(parsed[: len(parsed) - cut], max_instances)
+    if cut:
+        counts["cut_by_token_limit"] = 1
+    return kept, counts
+
+
 def demonstrations(seeds: Sequence[SeedTask], classification: bool, count: int,
                    rng: random.Random) -> list[tuple[str, list[tuple[str, str]]]]:
     """``count`` seed tasks of the same type (classification or not) with their instances."""
@@ -121,8 +139,7 @@ def instance_prompts(records: Sequence[dict[str, Any]], seeds: Sequence[SeedTask
 
 
 def generate_instances(model: Any, tokenizer: Any, prompts: Sequence[str],
-                       cfg: InstanceGenerationParams) -> list[str]:
-    """Raw continuations of instance prompts (sampled, stopped at the next task)."""
-    outputs = generate_batch(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
-                             temperature=cfg.temperature, top_p=cfg.top_p, stop_strings=INSTANCE_STOP_STRINGS)
-    return [o.text for o in outputs]
+                       cfg: InstanceGenerationParams) -> list[Generation]:
+    """Raw continuations of instance prompts (sampled, stopped at the next task), with their truncation flag."""
+    return generate_batch(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
+                          temperature=cfg.temperature, top_p=cfg.top_p, stop_strings=INSTANCE_STOP_STRINGS)

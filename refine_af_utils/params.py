@@ -129,7 +129,7 @@ class InstanceGenerationParams:
     batch_size: int = 16
     max_new_tokens: int = 128
     temperature: float = 0.7
-    top_p: float = 0.9
+    top_p: float = 1.0               # PPO in trl samples with top_p 1; RL rollouts and stage 4 decode alike
     num_demonstrations: int = 2
     max_instances_per_task: int = 5
 
@@ -164,7 +164,9 @@ class RLParams:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    invalid_reward: float = -0.1     # added when a completion yields no instance (see README: parse penalty)
+    # A completion that yields no instance gets the reward (mean - parse_penalty_sd * sd) of stage 2's
+    # parsed candidates' content reward: the penalty is measured in the content signal's own spread.
+    parse_penalty_sd: float = 2.0
     checkpoint_every: int = 4        # updates between checkpoints (a rerun resumes from the last)
 
 
@@ -353,7 +355,7 @@ def _check_values(params: Any, prefix: str, source: str) -> None:
         "num_instructions", "num_prompt_instructions", "batch_size", "max_new_tokens",
         "num_examples", "max_batches", "max_length", "num_demonstrations", "max_instances_per_task",
         "candidates_per_instruction", "num_examples_shown", "num_prompts", "updates", "num_generations",
-        "ppo_epochs", "heldout_instructions", "heldout_samples", "value_learning_rate", "lora_r", "lora_alpha", "checkpoint_every",
+        "ppo_epochs", "heldout_instructions", "heldout_samples", "value_learning_rate", "parse_penalty_sd", "lora_r", "lora_alpha", "checkpoint_every",
         "epochs", "learning_rate", "gradient_accumulation_steps", "save_steps", "max_instances",
         "max_prompt_tokens",
     }

@@ -138,3 +138,45 @@ def grouped_bars(table: pd.DataFrame, title: str, xlabel: str) -> plt.Figure:
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def two_panel_lines(table: pd.DataFrame, x: str, top: Sequence[str], bottom: Sequence[str], title: str) -> plt.Figure:
+    """Two stacked line charts sharing the x axis (e.g. reward terms above, a share below)."""
+    fig, (upper, lower) = plt.subplots(2, 1, figsize=(7, 5), sharex=True, height_ratios=[2, 1])
+    for axis, columns in ((upper, top), (lower, bottom)):
+        for column in columns:
+            axis.plot(table[x], table[column], marker="o", markersize=3, label=column)
+        axis.legend(fontsize=8)
+        axis.grid(alpha=0.3)
+    upper.set_title(title)
+    lower.set_xlabel(x)
+    fig.tight_layout()
+    return fig
+
+
+def difference_chart(summary: pd.DataFrame, title: str) -> plt.Figure:
+    """Mean differences with their confidence intervals: one panel per measure (own scale), a zero line.
+
+    ``summary`` has ``measure``, ``mean_difference``, ``ci_low`` and ``ci_high`` columns, and
+    optionally ``group``: one row per group inside each panel.
+    """
+    measures = list(dict.fromkeys(summary["measure"]))
+    fig, axes = plt.subplots(1, len(measures), figsize=(3.2 * len(measures) + 1, 0.45 * summary.shape[0] + 2),
+                             squeeze=False)
+    for axis, measure in zip(axes[0], measures):
+        rows = summary[summary["measure"] == measure]
+        labels = list(rows["group"]) if "group" in rows else [measure]
+        positions = np.arange(len(rows))[::-1]
+        means = rows["mean_difference"].to_numpy(dtype=float)
+        errors = np.vstack([means - rows["ci_low"].to_numpy(dtype=float),
+                            rows["ci_high"].to_numpy(dtype=float) - means])
+        axis.errorbar(means, positions, xerr=errors, fmt="o", color="#4C72B0", capsize=4)
+        axis.axvline(0, color="#C44E52", linestyle="--", linewidth=1)
+        axis.set_yticks(positions)
+        axis.set_yticklabels(labels if axis is axes[0][0] else [""] * len(labels))
+        axis.set_title(measure, fontsize=9)
+        axis.grid(axis="x", alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.supxlabel("mean paired difference (95% bootstrap CI)", fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -15,12 +15,12 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from refine_af_utils.arms import ARMS, arm_rewards_figure
+from refine_af_utils.arms import ARMS, arm_comparison_figure, arm_rewards_figure
 from refine_af_utils.evaluation import PAPER_TASKS_IMPROVED, evaluation_figure
 from refine_af_utils.instructions import filter_counts_figure, novelty_figure
 from refine_af_utils.jsonl import read_jsonl
 from refine_af_utils.reward import COMPONENTS, component_histograms_figure, correlations_figure
-from refine_af_utils.rl import components_figure, reward_kl_figure
+from refine_af_utils.rl import components_figure, heldout_figure, reward_kl_figure
 from refine_af_utils.run import STAGES
 from refine_af_utils.sft import sft_loss_figure
 
@@ -168,20 +168,38 @@ def build_report(run_dir: str | Path, run_name: str | None = None) -> Report:
     report.text("## Stage 3: RL training of the instance generator")
     rl = _csv(run_dir, "rl/metrics.csv")
     half = max(len(rl) // 2, 1)
-    rl_summary = pd.DataFrame({"first half": rl.iloc[:half][["reward", "kl", "parsed_share"]].mean(),
-                               "second half": rl.iloc[half:][["reward", "kl", "parsed_share"]].mean()}).T
-    report.table("rl_summary", rl_summary, f"mean reward, KL and parsed share over the {len(rl)} updates, by half")
+    measures = ["reward", "parsed_share", "content_reward", "kl_penalty"]
+    rl_summary = pd.DataFrame({"first half": rl.iloc[:half][measures].mean(),
+                               "second half": rl.iloc[half:][measures].mean()}).T
+    report.table("rl_summary", rl_summary,
+                 f"training reward, parsed share, content reward of parsed completions and KL penalty over the "
+                 f"{len(rl)} updates, by half (training prompts; no test, see the held-out table)")
     algorithm = json.loads(_require(run_dir / "metrics" / "03.json").read_text())["algorithm"]
     report.figure("03_reward_kl", lambda p: reward_kl_figure(rl, algorithm, p),
-                  "RL reward and KL to the base model per update")
+                  "RL reward terms, KL penalty and parsed share per update")
     report.figure("03_components", lambda p: components_figure(rl, p),
-                  "reward components of the sampled instances per update")
+                  "reward components of the parsed completions per update")
+    heldout = _csv(run_dir, "rl/heldout_eval.csv")
+    heldout_summary = _csv(run_dir, "rl/heldout_summary.csv")
+    report.table("rl_heldout", heldout_summary.set_index("measure"),
+                 f"held-out instructions (n={len(heldout)}, never RL prompts): trained minus base generator, "
+                 "paired by instruction, mean over K samples each, 95% bootstrap CI")
+    report.figure("03_heldout", lambda p: heldout_figure(
+        heldout_summary, p, f"Held-out instructions (n={len(heldout)}): trained minus base generator, 95% CI"),
+        "held-out gain of the RL-trained generator with 95% CIs")
 
     report.text("## Stage 4: the two instance datasets")
     report.table("dataset_statistics", _csv(run_dir, "data/dataset_statistics.csv", index_col=0),
                  "dataset statistics in the layout of Self-Instruct's Table 1")
+    comparison = _csv(run_dir, "data/arm_comparison.csv")
+    report.table("arm_comparison", comparison.set_index("group"),
+                 "per instruction, REFINE-AF minus Self-Instruct, split by RL-train and held-out instructions, "
+                 "95% bootstrap CI (has_instances: share with a kept instance; reward: over all instructions, "
+                 "none kept counting with the parse penalty; content: over kept instances)")
+    report.figure("04_arm_comparison", lambda p: arm_comparison_figure(comparison, p),
+                  "REFINE-AF minus Self-Instruct per instruction group with 95% CIs")
     report.table("reward_by_arm", _csv(run_dir, "data/reward_by_arm.csv", index_col=0),
-                 "mean reward and components of each arm's instances")
+                 "mean reward and components of each arm's kept instances")
     rewards = {arm: pd.DataFrame(read_jsonl(_require(run_dir / "data" / f"{arm}.jsonl")))["reward"] for arm in ARMS}
     report.figure("04_arm_rewards", lambda p: arm_rewards_figure(rewards, p), "reward distributions of both arms")
 

@@ -81,36 +81,41 @@ def _candidates(params: Params, run_dir: Path, out: Path) -> list[dict[str, Any]
     path = out / "candidates.jsonl"
     truncate_torn_tail(path)
     done = {(r["instruction_id"], r["candidate"]) for r in read_jsonl(path)}
-    todo = [(record, c) for record, c in jobs if (record["id"], c) not in done]
+    # Batches are cut from the full job list and seeded by their first job, so a resumed stage
+    # regenerates a half-written batch whole, with the same noise, and appends only what is missing.
+    batches = [jobs[i:i + cfg.batch_size] for i in range(0, len(jobs), cfg.batch_size)]
+    todo = [batch for batch in batches if any((r["id"], c) not in done for r, c in batch)]
     if todo:
         import torch
 
+        from refine_af_utils.seeding import derive_seed
+
         model, tokenizer = load_causal_lm(params.model)
         seeds = seed_tasks_of_run(run_dir)
-        for start in tqdm(range(0, len(todo), cfg.batch_size), desc="candidate instances"):
-            batch = todo[start:start + cfg.batch_size]
-            torch.manual_seed(params.random_seed + start)
+        for batch in tqdm(todo, desc="candidate instances"):
+            first, candidate = batch[0]
+            torch.manual_seed(derive_seed(params.random_seed, "02", first["instruction"], candidate))
             prompts = instance_prompts([r for r, _ in batch], seeds, cfg, params.random_seed)
-            texts = generate_instances(model, tokenizer, prompts, cfg)
+            generations = generate_instances(model, tokenizer, prompts, cfg)
             append_jsonl(path, [
                 {"instruction_id": r["id"], "instruction": r["instruction"],
-                 "is_classification": r["is_classification"], "candidate": c, "text": text}
-                for (r, c), text in zip(batch, texts)
+                 "is_classification": r["is_classification"], "candidate": c, "text": g.text,
+                 "truncated": g.truncated}
+                for (r, c), g in zip(batch, generations) if (r["id"], c) not in done
             ])
     wanted = {(r["id"], c) for r, c in jobs}
     return [r for r in read_jsonl(path) if (r["instruction_id"], r["candidate"]) in wanted]
 
 
 def _parse_candidates(candidates: Sequence[dict[str, Any]], max_instances: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    from refine_af_utils.instances import filter_instances, parse_instances
+    from refine_af_utils.instances import extract_instances
 
-    rows, totals = [], {"candidates": len(candidates), "parsed": 0, "unparseable": 0}
+    rows, totals = [], {"candidates": len(candidates), "unparseable": 0}
     for candidate in candidates:
-        parsed = parse_instances(candidate["text"], candidate["is_classification"])
-        totals["parsed"] += len(parsed)
-        if not parsed:
+        kept, counts = extract_instances(candidate["text"], candidate["is_classification"],
+                                         candidate["truncated"], max_instances)
+        if not kept:
             totals["unparseable"] += 1
-        kept, counts = filter_instances(parsed, max_instances)
         for reason, count in counts.items():
             totals[reason] = totals.get(reason, 0) + count
         for index, instance in enumerate(kept):
@@ -123,6 +128,36 @@ def _parse_candidates(candidates: Sequence[dict[str, Any]], max_instances: int) 
     totals["kept"] = len(rows)
     counts_table = pd.DataFrame(list(totals.items()), columns=["stage", "count"])
     return pd.DataFrame(rows), counts_table
+
+
+def content_reward_scale(run_dir: str | Path, reward: RewardParams) -> tuple[float, float, int]:
+    """Mean and standard deviation of the content reward per parsed stage 2 candidate, and their count.
+
+    A candidate's content reward is the mean Eq. 1 reward of its kept instances, recomputed
+    from ``scores.csv``'s components with ``reward``'s weights. The RL parse penalty is
+    measured in these units (see :func:`refine_af_utils.rl.unparsed_reward`).
+    """
+    path = Path(run_dir) / REWARD_ANALYSIS_DIR / "scores.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: stage 2's scores are missing; run stage 02 first")
+    scores = pd.read_csv(path)
+    scores["content"] = composite_reward(scores, reward)
+    per_candidate = scores.groupby(["instruction_id", "candidate"])["content"].mean()
+    if len(per_candidate) < 2:
+        raise ValueError(f"{path}: fewer than 2 parsed candidates; the parse penalty needs a spread "
+                         "(raise reward_analysis.num_instructions)")
+    return float(per_candidate.mean()), float(per_candidate.std(ddof=1)), int(len(per_candidate))
+
+
+def unparsed_reward(run_dir: str | Path, params: Params) -> float:
+    """The reward of a completion that yields no instance: stage 2's mean content reward minus k SD.
+
+    k is ``rl.parse_penalty_sd``. Measured in the content reward's own spread, the penalty stays
+    comparable to the signal whatever the weights (the reward-weight ablation changes them).
+    Stage 3 trains with it and stage 4 counts an instruction without instances with it.
+    """
+    mean, sd, _ = content_reward_scale(run_dir, params.reward)
+    return mean - params.rl.parse_penalty_sd * sd
 
 
 def component_histograms_figure(scores: pd.DataFrame, path: Path) -> Path:

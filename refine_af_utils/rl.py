@@ -1,19 +1,26 @@
-"""Stage 3: RL from automated feedback on the instance generator.
+"""Stage 3: RL from automated feedback on the instance generator, with a held-out evaluation.
 
-The policy is the backbone with a LoRA adapter; its prompts are stage 2's instance
-prompts over stage 1 instructions; its completions are parsed into instances and
-scored with stage 2's reward. ``rl.algorithm`` picks the trainer:
+The policy is the backbone with a LoRA adapter; its prompts are stage 2's instance prompts over
+a seeded training subset of stage 1's instructions (the rest is held out); its rollouts decode
+with stage 4's settings (``instance_generation``: temperature, top_p, new tokens, stop strings)
+and are turned into instances by the one extraction rule of stages 2-4
+(:func:`refine_af_utils.instances.extract_instances`), then scored with stage 2's reward.
+``rl.algorithm`` picks the trainer from :data:`TRAINERS`:
 
-* ``ppo`` (the paper's): trl's ``trl.experimental.ppo.PPOTrainer`` with a value model
-  and the adapter-disabled backbone as the KL reference. trl's PPO asks for the reward
-  as a sequence-classification model; :class:`RefineAFRewardModel` is the adapter that
-  gives it that interface and computes the REFINE-AF reward from decoded text inside.
-* ``grpo`` / ``rloo``: trl's ``GRPOTrainer`` / ``RLOOTrainer`` with one reward function
-  per component and the paper's coefficients as ``reward_weights``.
+* ``ppo`` (the paper's): trl's ``trl.experimental.ppo.PPOTrainer`` with a value model and the
+  adapter-disabled backbone as the KL reference. trl's PPO asks for the reward as a
+  sequence-classification model; :class:`RefineAFRewardModel` gives it that interface.
+* ``grpo`` / ``rloo``: trl's ``GRPOTrainer`` / ``RLOOTrainer`` with the same reward as one
+  reward function.
 
-Training runs in segments of ``rl.checkpoint_every`` updates; after each segment the
-adapter, the value model (PPO) and the metrics rows are saved, and a rerun resumes after
-the last saved segment. Each segment starts a fresh optimiser (constant learning rate).
+The reward of a completion is its content reward (the mean Eq. 1 reward of its kept instances)
+or, when it yields no instance, stage 2's mean content reward minus
+``rl.parse_penalty_sd`` of its standard deviations (:func:`refine_af_utils.reward.unparsed_reward`).
+
+Training runs in segments of ``rl.checkpoint_every`` updates; after each segment the adapter,
+the value model (PPO) and the metrics rows are saved, and a rerun resumes after the last saved
+segment. Each segment starts a fresh optimiser (constant learning rates) from a seed derived
+from the run's seed and the segment, so the same seed gives the same adapter.
 """
 
 from __future__ import annotations
@@ -31,11 +38,15 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from refine_af_utils.instances import filter_instances, parse_instances
+from refine_af_utils.generation import Generation, decode_completion
+from refine_af_utils.instances import extract_instances
 from refine_af_utils.params import Params, RewardParams
-from refine_af_utils.reward import COMPONENTS, component_weights, composite_reward
+from refine_af_utils.prompts import INSTANCE_STOP_STRINGS
+from refine_af_utils.reward import COMPONENTS, component_weights, composite_reward, unparsed_reward
 from refine_af_utils.scorers import InstanceText, Scorer
+from refine_af_utils.seeding import derive_seed
 
 # PPO lives in trl.experimental in the pinned trl (1.9.2, the last release that ships it); we
 # use it on purpose, so its "experimental API" warning is silenced.
@@ -43,58 +54,71 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 RL_DIR = "rl"
 METRICS_FILE = "metrics.csv"
+PROMPTS_FILE = "prompts.jsonl"
+HELDOUT_SAMPLES_FILE = "heldout_samples.jsonl"
+HELDOUT_EVAL_FILE = "heldout_eval.csv"
+HELDOUT_SUMMARY_FILE = "heldout_summary.csv"
+GENERATORS = ("base", "trained")
+METRIC_COLUMNS = ["update", "reward", "parsed_share", "content_reward", "unparsed_reward", "kl", "kl_penalty",
+                  "policy_loss", "value_loss", "entropy", *COMPONENTS]
 
 
 @dataclass
 class CompletionReward:
-    """The reward of one completion: the composite, its components and whether it parsed."""
+    """The reward of one completion: the full reward, its content part and components, whether it parsed."""
 
     reward: float
+    content: float          # mean Eq. 1 reward of the kept instances; NaN when none
     components: dict[str, float]
     parsed: bool
 
 
 class CompletionScorer:
-    """Parses completions into instances and scores them with stage 2's reward.
+    """Turns completions into instances (the shared extraction rule) and scores them with stage 2's reward.
 
-    A completion's components are the means over its kept instances. A completion that
-    parses to no instance is scored as one instance whose output is the whole text, and
-    ``invalid_reward`` is added to its composite reward.
+    A completion's content reward and components are the means over its kept instances; a
+    completion that yields none gets ``unparsed_reward`` and NaN components. Every scored
+    completion is appended to :attr:`history`, which the metrics logger reads per update.
     """
 
-    def __init__(self, scorers: dict[str, Scorer], reward: RewardParams, invalid_reward: float,
+    def __init__(self, scorers: dict[str, Scorer], reward: RewardParams, unparsed_reward: float,
                  max_instances: int = 5) -> None:
         self.scorers = scorers
         self.reward = reward
         self.weights = component_weights(reward)
-        self.invalid_reward = invalid_reward
+        self.unparsed_reward = unparsed_reward
         self.max_instances = max_instances
+        self.history: list[CompletionReward] = []
 
-    def instances_of(self, instruction: str, is_classification: bool, completion: str) -> tuple[list[InstanceText], bool]:
-        """The instances a completion yields, and whether it parsed into any."""
-        kept, _ = filter_instances(parse_instances(completion, is_classification), self.max_instances)
-        if kept:
-            return [InstanceText(instruction, i.input, i.output) for i in kept], True
-        fallback = completion.strip() or "(empty)"
-        return [InstanceText(instruction, "", fallback)], False
+    def instances_of(self, instruction: str, is_classification: bool, generation: Generation) -> list[InstanceText]:
+        """The instances a completion yields (none when it does not parse)."""
+        kept, _ = extract_instances(generation.text, is_classification, generation.truncated, self.max_instances)
+        return [InstanceText(instruction, i.input, i.output) for i in kept]
 
-    def score(self, records: Sequence[dict[str, Any]], completions: Sequence[str]) -> list[CompletionReward]:
+    def score(self, records: Sequence[dict[str, Any]], generations: Sequence[Generation],
+              progress: bool = False) -> list[CompletionReward]:
         """One :class:`CompletionReward` per (instruction record, completion)."""
         flat: list[InstanceText] = []
         owners: list[int] = []
-        parsed: list[bool] = []
-        for index, (record, completion) in enumerate(zip(records, completions)):
-            instances, ok = self.instances_of(record["instruction"], record["is_classification"], completion)
+        for index, (record, generation) in enumerate(zip(records, generations)):
+            instances = self.instances_of(record["instruction"], record["is_classification"], generation)
             flat.extend(instances)
             owners.extend([index] * len(instances))
-            parsed.append(ok)
-        columns = {name: scorer.score(flat, progress=False) for name, scorer in self.scorers.items()}
-        owners_array = np.asarray(owners)
-        per_completion = {name: np.array([values[owners_array == index].mean() for index in range(len(completions))])
-                          for name, values in columns.items()}
-        totals = composite_reward(per_completion, self.reward) + np.where(parsed, 0.0, self.invalid_reward)
-        return [CompletionReward(float(totals[index]), {name: float(v[index]) for name, v in per_completion.items()},
-                                 parsed[index]) for index in range(len(completions))]
+        columns = {name: np.asarray(scorer.score(flat, progress=progress)) if flat else np.zeros(0)
+                   for name, scorer in self.scorers.items()}
+        content = composite_reward(columns, self.reward) if flat else np.zeros(0)
+        owners_array = np.asarray(owners, dtype=int)
+        results = []
+        for index in range(len(generations)):
+            mine = owners_array == index
+            if not mine.any():
+                results.append(CompletionReward(self.unparsed_reward, float("nan"),
+                                                {name: float("nan") for name in COMPONENTS}, False))
+                continue
+            results.append(CompletionReward(float(content[mine].mean()), float(content[mine].mean()),
+                                            {name: float(v[mine].mean()) for name, v in columns.items()}, True))
+        self.history.extend(results)
+        return results
 
 
 class _RewardBackbone(nn.Module):
@@ -117,24 +141,25 @@ class RefineAFRewardModel(nn.Module):
     ``getattr(model, model.base_model_prefix)(input_ids=..., attention_mask=..., position_ids=...,
     return_dict=True, output_hidden_states=True, use_cache=False)`` on query + response tokens
     (padding replaced by id 0, mask = tokens != pad), then ``model.score(hidden_states[-1])`` and
-    reads the value at the last response token. Here the backbone decodes each row, finds its
-    registered prompt by token prefix, scores the response text with the stage 2 reward and
-    returns that reward at every position; ``score`` is the identity.
+    reads the value at the last response token. Here the backbone finds each row's registered
+    prompt by token prefix, decodes the response with stage 4's rule
+    (:func:`refine_af_utils.generation.decode_completion`), scores it and returns that reward at
+    every position; ``score`` is the identity.
     """
 
     base_model_prefix = "refine_af_backbone"
 
     def __init__(self, tokenizer: Any, completion_scorer: CompletionScorer,
-                 prompts: Sequence[tuple[Sequence[int], dict[str, Any]]]) -> None:
+                 prompts: Sequence[tuple[Sequence[int], dict[str, Any]]], max_new_tokens: int) -> None:
         super().__init__()
         self.tokenizer = tokenizer
         self.completion_scorer = completion_scorer
+        self.max_new_tokens = max_new_tokens
         self.refine_af_backbone = _RewardBackbone(self)
         self.score = nn.Identity()
         self.config = SimpleNamespace(model_type="refine_af_reward")
         self._prompts = {tuple(ids): record for ids, record in prompts}
         self._prompt_lengths = sorted({len(ids) for ids, _ in prompts}, reverse=True)
-        self.history: list[CompletionReward] = []
 
     def split_row(self, tokens: Sequence[int]) -> tuple[dict[str, Any], list[int]]:
         """The registered prompt record a row starts with, and the response tokens after it."""
@@ -146,14 +171,13 @@ class RefineAFRewardModel(nn.Module):
 
     def rewards_for_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The REFINE-AF reward of each row's response."""
-        records, completions = [], []
+        records, generations = [], []
         for row, mask in zip(input_ids.tolist(), attention_mask.bool().tolist()):
-            tokens = [t for t, keep in zip(row, mask) if keep]
-            record, response = self.split_row(tokens)
+            record, response = self.split_row([t for t, keep in zip(row, mask) if keep])
             records.append(record)
-            completions.append(self.tokenizer.decode(response, skip_special_tokens=True))
-        results = self.completion_scorer.score(records, completions)
-        self.history.extend(results)
+            generations.append(decode_completion(self.tokenizer, response, self.max_new_tokens,
+                                                 INSTANCE_STOP_STRINGS))
+        results = self.completion_scorer.score(records, generations)
         return torch.tensor([r.reward for r in results], device=input_ids.device)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -163,101 +187,85 @@ class RefineAFRewardModel(nn.Module):
         return self.rewards_for_rows(input_ids, attention_mask).view(-1, 1)
 
 
-def grpo_reward_functions(completion_scorer: CompletionScorer) -> tuple[list[Callable], list[float]]:
-    """One trl reward function per component plus a format penalty, and their weights.
+def group_reward_function(completion_scorer: CompletionScorer, tokenizer: Any, max_new_tokens: int) -> Callable:
+    """trl's GRPO/RLOO reward function: the full REFINE-AF reward of each completion.
 
-    trl calls each as ``f(prompts=..., completions=..., **dataset_columns)``; every function
-    reads the same cached scores, so each completion is scored once.
+    trl calls it as ``f(prompts=..., completions=..., completion_ids=..., **dataset_columns)``;
+    the completion's token ids are decoded with stage 4's rule, as for PPO.
     """
-    memo: dict[tuple[str, str], CompletionReward] = {}
+    def refine_af_reward(prompts, completions, completion_ids, instruction, is_classification, **_):
+        generations = [decode_completion(tokenizer, ids, max_new_tokens, INSTANCE_STOP_STRINGS)
+                       for ids in completion_ids]
+        records = [{"instruction": i, "is_classification": k} for i, k in zip(instruction, is_classification)]
+        return [r.reward for r in completion_scorer.score(records, generations)]
 
-    def results(completions: Sequence[str], instruction: Sequence[str], is_classification: Sequence[bool]):
-        todo = [(i, c, k) for i, c, k in zip(instruction, completions, is_classification) if (i, c) not in memo]
-        if todo:
-            scored = completion_scorer.score([{"instruction": i, "is_classification": k} for i, _, k in todo],
-                                             [c for _, c, _ in todo])
-            memo.update({(i, c): r for (i, c, _), r in zip(todo, scored)})
-        return [memo[(i, c)] for i, c in zip(instruction, completions)]
-
-    def component(name: str) -> Callable:
-        def reward_function(prompts, completions, instruction, is_classification, **_):
-            return [r.components[name] for r in results(completions, instruction, is_classification)]
-
-        reward_function.__name__ = name
-        return reward_function
-
-    def parse_penalty(prompts, completions, instruction, is_classification, **_):
-        return [0.0 if r.parsed else completion_scorer.invalid_reward
-                for r in results(completions, instruction, is_classification)]
-
-    functions = [component(name) for name in COMPONENTS] + [parse_penalty]
-    weights = [completion_scorer.weights[name] for name in COMPONENTS] + [1.0]
-    return functions, weights
+    return refine_af_reward
 
 
 class MetricsLogger:
-    """A trl callback that appends one row per logged update to ``metrics.csv``."""
+    """Appends one ``metrics.csv`` row per update: the parse and content terms apart, KL and losses.
 
-    def __init__(self, path: Path, reward_model: Optional[RefineAFRewardModel], offset: int,
-                 invalid_reward: float) -> None:
+    Only the main process writes (under ``accelerate``, each process has its own copy).
+    """
+
+    def __init__(self, path: Path, scorer: CompletionScorer, offset: int, kl_coef: float) -> None:
         self.path = path
-        self.reward_model = reward_model
+        self.scorer = scorer
         self.offset = offset
-        self.invalid_reward = invalid_reward
-        self._seen = 0
+        self.kl_coef = kl_coef
+        self._seen = len(scorer.history)
 
     def row(self, step: int, logs: dict[str, float]) -> dict[str, float]:
-        """One metrics row in our column names from trl's log dict."""
-        keys = {
-            "reward": ("objective/scores", "reward"),
-            "kl": ("objective/kl", "kl"),
-            "policy_loss": ("loss/policy_avg", "loss"),
-            "value_loss": ("loss/value_avg",),
-            "entropy": ("objective/entropy", "entropy"),
-        }
+        """One metrics row from the completions scored since the last row and trl's log dict."""
+        recent = self.scorer.history[self._seen:]
+        self._seen = len(self.scorer.history)
+        parsed = [r for r in recent if r.parsed]
         out: dict[str, float] = {"update": self.offset + step}
-        for ours, theirs in keys.items():
-            out[ours] = next((float(logs[k]) for k in theirs if k in logs), float("nan"))
+        out["reward"] = float(np.mean([r.reward for r in recent])) if recent else float("nan")
+        out["parsed_share"] = len(parsed) / len(recent) if recent else float("nan")
+        out["content_reward"] = float(np.mean([r.content for r in parsed])) if parsed else float("nan")
+        out["unparsed_reward"] = self.scorer.unparsed_reward
+        theirs = {"kl": ("objective/kl", "kl"), "policy_loss": ("loss/policy_avg", "loss"),
+                  "value_loss": ("loss/value_avg",), "entropy": ("objective/entropy", "entropy")}
+        for ours, keys in theirs.items():
+            out[ours] = next((float(logs[k]) for k in keys if k in logs), float("nan"))
+        out["kl_penalty"] = self.kl_coef * out["kl"]
         for name in COMPONENTS:
-            key = f"rewards/{name}/mean"
-            out[name] = float(logs[key]) if key in logs else float("nan")
-        out["parsed_share"] = float("nan")
-        if self.reward_model is not None and len(self.reward_model.history) > self._seen:
-            recent = self.reward_model.history[self._seen:]
-            self._seen = len(self.reward_model.history)
-            for name in COMPONENTS:
-                out[name] = float(np.mean([r.components[name] for r in recent]))
-            out["parsed_share"] = float(np.mean([r.parsed for r in recent]))
-        elif "rewards/parse_penalty/mean" in logs and self.invalid_reward != 0:
-            out["parsed_share"] = 1.0 - float(logs["rewards/parse_penalty/mean"]) / self.invalid_reward
-        return out
+            out[name] = float(np.mean([r.components[name] for r in parsed])) if parsed else float("nan")
+        return {key: out[key] for key in METRIC_COLUMNS}
 
     def append(self, row: dict[str, float]) -> None:
-        """Append a row (header first when the file is new)."""
+        """Append a row (header first when the file is new), flushed to disk."""
         new = not self.path.is_file()
         with open(self.path, "a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(row))
+            writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS)
             if new:
                 writer.writeheader()
             writer.writerow(row)
+            handle.flush()
+            os.fsync(handle.fileno())
 
 
-def _callback(logger: MetricsLogger) -> Any:
+def metrics_callback(logger: MetricsLogger) -> Any:
+    """A transformers callback that logs each update's row, on the main process only."""
     from transformers import TrainerCallback
 
     class _LogToCsv(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: D102 (trl's hook)
+            if not state.is_world_process_zero:
+                return
             if logs and any(k in logs for k in ("objective/scores", "reward", "loss")):
                 logger.append(logger.row(state.global_step, logs))
 
     return _LogToCsv()
 
 
-def _lora_config(cfg: Any) -> Any:
+def _lora_config(params: Params, task_type: str = "CAUSAL_LM") -> Any:
     from peft import LoraConfig
 
+    cfg = params.rl
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM", bias="none")
+                      target_modules=list(cfg.lora_target_modules), task_type=task_type, bias="none")
 
 
 def _common_args(params: Params, output_dir: Path, seed: int, steps_or_episodes: dict[str, int]) -> dict[str, Any]:
@@ -268,31 +276,162 @@ def _common_args(params: Params, output_dir: Path, seed: int, steps_or_episodes:
     return {
         "output_dir": str(output_dir), "learning_rate": cfg.learning_rate, "lr_scheduler_type": "constant",
         "per_device_train_batch_size": cfg.batch_size, "gradient_accumulation_steps": 1,
-        "logging_steps": 1, "save_strategy": "no", "report_to": [], "seed": seed,
+        "logging_steps": 1, "save_strategy": "no", "report_to": [], "seed": seed, "data_seed": seed,
         "use_cpu": params.model.device == "cpu", "bf16": dtype == torch.bfloat16,
         "fp16": dtype == torch.float16, "disable_tqdm": False, **steps_or_episodes,
     }
 
 
 @dataclass
-class RLTrainingResult:
-    """What stage 3 made: the metrics table, the adapter folder and the figures."""
+class Segment:
+    """What one training segment needs: the policy, its prompts, the scorer and where to log."""
 
-    metrics: pd.DataFrame
-    adapter_dir: Path
-    figures: dict[str, Path]
+    params: Params
+    policy: Any
+    tokenizer: Any
+    rows: list[dict[str, Any]]
+    scorer: CompletionScorer
+    logger: MetricsLogger
+    output_dir: Path
+    seed: int
+    updates: int
+    last_checkpoint: Optional[Path]
 
 
-def training_prompts(params: Params, run_dir: Path) -> list[dict[str, Any]]:
-    """Stage 1 instructions with their instance prompts (stage 2's), ``rl.num_prompts`` of them."""
+@dataclass
+class SegmentResult:
+    """The trained policy, the value model (PPO only) and the trainer's accelerator-aware save guard."""
+
+    policy: Any
+    value_model: Any
+    is_main_process: bool
+
+
+def train_ppo_segment(segment: Segment) -> SegmentResult:
+    """PPO (trl experimental) for ``segment.updates`` updates; the critic has its own learning rate."""
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    from refine_af_utils.models import resolve_model_path, torch_dtype
+
+    params, cfg, tokenizer = segment.params, segment.params.rl, segment.tokenizer
+    decoding = params.instance_generation
+    dtype = torch_dtype(params.model.dtype, params.model.device)
+    fresh = segment.last_checkpoint is None
+    value_source = resolve_model_path(params.model.name_or_path) if fresh else segment.last_checkpoint / "value_model"
+    value_model = AutoModelForSequenceClassification.from_pretrained(
+        value_source, num_labels=1, dtype=dtype, trust_remote_code=params.model.trust_remote_code)
+    value_model.config.pad_token_id = tokenizer.pad_token_id
+    head = getattr(value_model, "score", None)
+    if fresh and isinstance(head, nn.Linear):
+        nn.init.zeros_(head.weight)  # a random head gives random values; zero predicts "no advantage" at first
+    encoded = [{"input_ids": tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]} for r in segment.rows]
+    reward_model = RefineAFRewardModel(tokenizer, segment.scorer, [(e["input_ids"], r) for e, r in zip(encoded, segment.rows)],
+                                       decoding.max_new_tokens)
+    policy_parameters = [p for p in segment.policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([
+        {"params": policy_parameters, "lr": cfg.learning_rate},
+        {"params": [p for p in value_model.parameters() if p.requires_grad], "lr": cfg.value_learning_rate},
+    ])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    args = PPOConfig(**_common_args(params, segment.output_dir, segment.seed,
+                                    {"total_episodes": segment.updates * cfg.batch_size}),
+                     num_ppo_epochs=cfg.ppo_epochs, num_mini_batches=1, kl_coef=cfg.kl_coef,
+                     response_length=decoding.max_new_tokens, temperature=decoding.temperature, stop_token="eos",
+                     missing_eos_penalty=cfg.missing_eos_penalty, whiten_rewards=cfg.batch_size >= 8,
+                     local_rollout_forward_batch_size=cfg.batch_size, num_sample_generations=0,
+                     per_device_eval_batch_size=cfg.batch_size)
+    trainer = PPOTrainer(args=args, processing_class=tokenizer, model=segment.policy, ref_model=None,
+                         reward_model=reward_model, train_dataset=Dataset.from_list(encoded),
+                         eval_dataset=Dataset.from_list(encoded[: cfg.batch_size]), value_model=value_model,
+                         peft_config=None, optimizers=(optimizer, scheduler),
+                         callbacks=[metrics_callback(segment.logger)])
+    trainer.train()
+    return SegmentResult(trainer.model.policy, trainer.model.value_model, trainer.accelerator.is_main_process)
+
+
+def _train_group_segment(segment: Segment, algorithm: str) -> SegmentResult:
+    from datasets import Dataset
+
+    if algorithm == "grpo":
+        from trl import GRPOConfig as Config, GRPOTrainer as Trainer
+    else:
+        from trl import RLOOConfig as Config, RLOOTrainer as Trainer
+
+    params, cfg = segment.params, segment.params.rl
+    decoding = params.instance_generation
+    common = _common_args(params, segment.output_dir, segment.seed, {"max_steps": segment.updates})
+    common["per_device_train_batch_size"] = cfg.batch_size * cfg.num_generations
+    config = Config(**common, num_generations=cfg.num_generations, max_completion_length=decoding.max_new_tokens,
+                    temperature=decoding.temperature, top_p=decoding.top_p, beta=cfg.kl_coef)
+    reward = group_reward_function(segment.scorer, segment.tokenizer, decoding.max_new_tokens)
+    trainer = Trainer(model=segment.policy, reward_funcs=[reward], args=config,
+                      train_dataset=Dataset.from_list(segment.rows), processing_class=segment.tokenizer,
+                      callbacks=[metrics_callback(segment.logger)])
+    trainer.train()
+    return SegmentResult(trainer.model, None, trainer.accelerator.is_main_process)
+
+
+def train_grpo_segment(segment: Segment) -> SegmentResult:
+    """trl's GRPO: ``rl.num_generations`` completions per prompt, group-relative advantages."""
+    return _train_group_segment(segment, "grpo")
+
+
+def train_rloo_segment(segment: Segment) -> SegmentResult:
+    """trl's RLOO: ``rl.num_generations`` completions per prompt, leave-one-out baselines."""
+    return _train_group_segment(segment, "rloo")
+
+
+TRAINERS: dict[str, Callable[[Segment], SegmentResult]] = {
+    "ppo": train_ppo_segment, "grpo": train_grpo_segment, "rloo": train_rloo_segment,
+}
+
+
+def split_instructions(records: Sequence[dict[str, Any]], heldout: int, num_prompts: int,
+                       random_seed: int) -> list[dict[str, Any]]:
+    """Each stage 1 record with ``split``: ``heldout``, ``train`` or ``unused``; a seeded, content-keyed split.
+
+    Instructions are ordered by a seed derived from their text, so the split does not depend on
+    their order in the file: the first ``heldout`` are held out, the next ``num_prompts`` train.
+    """
+    if heldout >= len(records):
+        raise ValueError(f"rl.heldout_instructions ({heldout}) leaves no training prompt: "
+                         f"stage 1 made {len(records)} instructions")
+    ordered = sorted(records, key=lambda r: (derive_seed(random_seed, "03", "split", r["instruction"]), r["instruction"]))
+    splits = {r["instruction"]: ("heldout" if n < heldout else "train" if n < heldout + num_prompts else "unused")
+              for n, r in enumerate(ordered)}
+    return [{**r, "split": splits[r["instruction"]]} for r in records]
+
+
+def rl_prompts(params: Params, run_dir: Path) -> list[dict[str, Any]]:
+    """Stage 1 instructions with their split and instance prompt (stage 2's); written to ``rl/prompts.jsonl``."""
     from refine_af_utils.instances import instance_prompts
     from refine_af_utils.instructions import instructions_of_run
     from refine_af_utils.seeds import seed_tasks_of_run
 
-    records = instructions_of_run(run_dir)[: params.rl.num_prompts]
+    records = split_instructions(instructions_of_run(run_dir), params.rl.heldout_instructions,
+                                 params.rl.num_prompts, params.random_seed)
     prompts = instance_prompts(records, seed_tasks_of_run(run_dir), params.instance_generation, params.random_seed)
-    return [{"prompt": p, "instruction": r["instruction"], "is_classification": r["is_classification"]}
-            for p, r in zip(prompts, records)]
+    rows = [{"instruction_id": r["id"], "instruction": r["instruction"], "is_classification": r["is_classification"],
+             "split": r["split"], "prompt": p} for p, r in zip(prompts, records)]
+    path = run_dir / RL_DIR / PROMPTS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("".join(json.dumps({k: r[k] for k in ("instruction", "is_classification", "split")},
+                                          ensure_ascii=False) + "\n" for r in rows))
+    partial.replace(path)
+    return rows
+
+
+def rl_split_of_run(run_dir: str | Path) -> dict[str, str]:
+    """Stage 3's split: instruction text -> ``train``, ``heldout`` or ``unused`` (from ``rl/prompts.jsonl``)."""
+    from refine_af_utils.jsonl import read_jsonl
+
+    path = Path(run_dir) / RL_DIR / PROMPTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: stage 3's prompt split is missing; run stage 03 first")
+    return {r["instruction"]: r["split"] for r in read_jsonl(path)}
 
 
 def _last_checkpoint(checkpoints: Path) -> tuple[int, Optional[Path]]:
@@ -300,20 +439,75 @@ def _last_checkpoint(checkpoints: Path) -> tuple[int, Optional[Path]]:
     return done[-1] if done else (0, None)
 
 
-def train_generator(params: Params, run_dir: str | Path, scorers: Optional[dict[str, Scorer]] = None) -> RLTrainingResult:
-    """Stage 3: train the LoRA instance generator with ``rl.algorithm``, resuming from checkpoints."""
-    from datasets import Dataset
-    from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
+def truncate_metrics(path: Path, updates_done: int) -> None:
+    """Keep only whole ``metrics.csv`` rows of updates up to the last checkpoint.
 
-    from refine_af_utils.models import load_causal_lm, resolve_model_path, torch_dtype
+    A row torn by a crash (no final newline, or a wrong number of fields) is cut off, and rows
+    of updates after the last checkpoint go: those updates are trained again.
+    """
+    if not path.is_file():
+        return
+    text = path.read_text()
+    lines = text.split("\n")
+    complete = lines[:-1]  # the part after the last newline is torn (or empty)
+    if not complete:
+        path.unlink()
+        return
+    header, rows = complete[0], complete[1:]
+    width = len(header.split(","))
+    kept = [line for line in rows if len(line.split(",")) == width and float(line.split(",")[0]) <= updates_done]
+    if not kept:
+        path.unlink()
+    elif len(kept) != len(rows) or text != "\n".join(complete) + "\n":
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text("\n".join([header, *kept]) + "\n")
+        partial.replace(path)
+
+
+@dataclass
+class HeldoutResult:
+    """The held-out evaluation: one row per instruction, the paired differences with CIs, the figure."""
+
+    per_instruction: pd.DataFrame
+    summary: pd.DataFrame
+    figure: Path
+
+
+@dataclass
+class RLTrainingResult:
+    """What stage 3 made: the metrics table, the adapter folder, the held-out evaluation and the figures."""
+
+    metrics: pd.DataFrame
+    adapter_dir: Path
+    heldout: Optional[HeldoutResult]
+    figures: dict[str, Path]
+
+
+def _stage_scorer(params: Params, run_dir: Path, scorers: Optional[dict[str, Scorer]]) -> CompletionScorer:
     from refine_af_utils.reward import build_scorers
+
+    scorers = scorers or build_scorers(params.reward, run_dir / "reward_analysis" / "cache")
+    return CompletionScorer(scorers, params.reward, unparsed_reward(run_dir, params),
+                            params.instance_generation.max_instances_per_task)
+
+
+def train_generator(params: Params, run_dir: str | Path, scorers: Optional[dict[str, Scorer]] = None,
+                    scorer: Optional[CompletionScorer] = None) -> tuple[pd.DataFrame, Path]:
+    """Train the LoRA instance generator with ``rl.algorithm``, resuming from checkpoints.
+
+    Returns the metrics table and the final adapter folder.
+    """
+    from peft import PeftModel, get_peft_model
+    from transformers import set_seed
+
+    from refine_af_utils.models import load_causal_lm
     from refine_af_utils.results import check_stage_config, stage_dir
 
     cfg = params.rl
     run_dir = Path(run_dir)
     out = stage_dir(run_dir, RL_DIR)
     checkpoints = out / "checkpoints"
+    scorer = scorer or _stage_scorer(params, run_dir, scorers)  # checks stage 2's outputs before writing
     settings = params.to_dict()
     check_stage_config(out, {
         "model": settings["model"], "reward": settings["reward"], "random_seed": params.random_seed,
@@ -321,127 +515,185 @@ def train_generator(params: Params, run_dir: str | Path, scorers: Optional[dict[
         # more updates may be asked for later: the run then resumes
         "rl": {k: v for k, v in settings["rl"].items() if k not in ("updates", "checkpoint_every")},
     })
-    scorers = scorers or build_scorers(params.reward, run_dir / "reward_analysis" / "cache")
-    completion_scorer = CompletionScorer(scorers, params.reward, cfg.invalid_reward,
-                                         params.instance_generation.max_instances_per_task)
-    rows = training_prompts(params, run_dir)
+    rows = [r for r in rl_prompts(params, run_dir) if r["split"] == "train"]
     done, last = _last_checkpoint(checkpoints)
-    _truncate_metrics(out / METRICS_FILE, done)
-    base_path = resolve_model_path(params.model.name_or_path)
-    dtype = torch_dtype(params.model.dtype, params.model.device)
+    truncate_metrics(out / METRICS_FILE, done)
     while done < cfg.updates:
-        segment = min(cfg.checkpoint_every, cfg.updates - done)
+        updates = min(cfg.checkpoint_every, cfg.updates - done)
+        seed = derive_seed(params.random_seed, "03", "segment", done)
+        set_seed(seed)  # LoRA and value-head initialisation, dropout and sampling: the same on every run
         base, tokenizer = load_causal_lm(params.model)  # left padding, pad token distinct from eos
-        policy = PeftModel.from_pretrained(base, last / "adapter", is_trainable=True) if last else base
-        peft_config = None if last else _lora_config(cfg)
-        dataset = Dataset.from_list(rows)
-        segment_dir = checkpoints / f"update-{done + segment}"
-        shutil.rmtree(segment_dir, ignore_errors=True)
-        if cfg.algorithm == "ppo":
-            from trl.experimental.ppo import PPOConfig, PPOTrainer
-
-            value_source = last / "value_model" if last else base_path
-            value_model = AutoModelForSequenceClassification.from_pretrained(
-                value_source, num_labels=1, dtype=dtype, trust_remote_code=params.model.trust_remote_code)
-            value_model.config.pad_token_id = tokenizer.pad_token_id
-            encoded = [{"input_ids": tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]} for r in rows]
-            reward_model = RefineAFRewardModel(tokenizer, completion_scorer,
-                                               [(e["input_ids"], r) for e, r in zip(encoded, rows)])
-            logger = MetricsLogger(out / METRICS_FILE, reward_model, done, cfg.invalid_reward)
-            args = PPOConfig(**_common_args(params, segment_dir, params.random_seed + done, {"total_episodes": segment * cfg.batch_size}),
-                             num_ppo_epochs=cfg.ppo_epochs, num_mini_batches=1, kl_coef=cfg.kl_coef,
-                             response_length=cfg.response_length, temperature=cfg.temperature, stop_token="eos",
-                             local_rollout_forward_batch_size=cfg.batch_size, num_sample_generations=0,
-                             per_device_eval_batch_size=cfg.batch_size)
-            trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=None,
-                                 reward_model=reward_model, train_dataset=Dataset.from_list(encoded),
-                                 eval_dataset=Dataset.from_list(encoded[: cfg.batch_size]),
-                                 value_model=value_model, peft_config=peft_config, callbacks=[_callback(logger)])
-            trainer.train()
-            trained_policy, trained_value = trainer.model.policy, trainer.model.value_model
-        else:
-            functions, weights = grpo_reward_functions(completion_scorer)
-            logger = MetricsLogger(out / METRICS_FILE, None, done, cfg.invalid_reward)
-            common = _common_args(params, segment_dir, params.random_seed + done, {"max_steps": segment})
-            common["per_device_train_batch_size"] = cfg.batch_size * cfg.num_generations
-            shared = {"num_generations": cfg.num_generations, "max_completion_length": cfg.response_length,
-                      "temperature": cfg.temperature, "beta": cfg.kl_coef, "reward_weights": weights}
-            if cfg.algorithm == "grpo":
-                from trl import GRPOConfig as Config, GRPOTrainer as Trainer
-            else:
-                from trl import RLOOConfig as Config, RLOOTrainer as Trainer
-            trainer = Trainer(model=policy, reward_funcs=functions, args=Config(**common, **shared),
-                              train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
-                              callbacks=[_callback(logger)])
-            trainer.train()
-            trained_policy, trained_value = trainer.model, None
-        segment_dir.mkdir(parents=True, exist_ok=True)
-        trained_policy.save_pretrained(segment_dir / "adapter")
-        if trained_value is not None:
-            trained_value.save_pretrained(segment_dir / "value_model")
-        (segment_dir / "complete").write_text(json.dumps({"updates": done + segment}) + "\n")
         if last is not None:
-            shutil.rmtree(last, ignore_errors=True)  # keep only the newest checkpoint
-        done, last = done + segment, segment_dir
+            policy = PeftModel.from_pretrained(base, last / "adapter", is_trainable=True)
+        else:
+            policy = get_peft_model(base, _lora_config(params))
+        segment_dir = checkpoints / f"update-{done + updates}"
+        shutil.rmtree(segment_dir, ignore_errors=True)
+        segment = Segment(params, policy, tokenizer, rows, scorer,
+                          MetricsLogger(out / METRICS_FILE, scorer, done, cfg.kl_coef),
+                          segment_dir, seed, updates, last)
+        result = TRAINERS[cfg.algorithm](segment)
+        if result.is_main_process:  # under accelerate, one process writes the checkpoint
+            segment_dir.mkdir(parents=True, exist_ok=True)
+            result.policy.save_pretrained(segment_dir / "adapter")
+            if result.value_model is not None:
+                result.value_model.save_pretrained(segment_dir / "value_model")
+            (segment_dir / "complete").write_text(json.dumps({"updates": done + updates}) + "\n")
+            if last is not None:
+                shutil.rmtree(last, ignore_errors=True)  # keep only the newest checkpoint
+        done, last = done + updates, segment_dir
     adapter_dir = out / "adapter"
-    shutil.rmtree(adapter_dir, ignore_errors=True)
-    shutil.copytree(last / "adapter", adapter_dir)
-    metrics = pd.read_csv(out / METRICS_FILE)
-    figures = {"reward_kl": reward_kl_figure(metrics, cfg.algorithm, out / "reward_kl.png"),
-               "components": components_figure(metrics, out / "components.png")}
-    return RLTrainingResult(metrics, adapter_dir, figures)
+    if last is not None and (last / "complete").is_file():
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+        shutil.copytree(last / "adapter", adapter_dir)
+    return pd.read_csv(out / METRICS_FILE), adapter_dir
+
+
+def heldout_samples(params: Params, run_dir: Path, adapter_dir: Path) -> list[dict[str, Any]]:
+    """K completions per held-out instruction from the base and the trained generator, resumable.
+
+    Both generators decode with stage 4's settings and draw the same noise: each batch is seeded
+    by (sample number, its first instruction), the same for both. Rows are appended batch by
+    batch to ``rl/heldout_samples.jsonl``; a rerun regenerates a half-written batch whole and
+    appends only the missing rows.
+    """
+    from peft import PeftModel
+
+    from refine_af_utils.instances import generate_instances
+    from refine_af_utils.jsonl import append_jsonl, read_jsonl, truncate_torn_tail
+    from refine_af_utils.models import load_causal_lm
+
+    cfg, decoding = params.rl, params.instance_generation
+    path = run_dir / RL_DIR / HELDOUT_SAMPLES_FILE
+    truncate_torn_tail(path)
+    done = {(r["generator"], r["instruction"], r["sample"]) for r in read_jsonl(path)}
+    records = [r for r in rl_prompts(params, run_dir) if r["split"] == "heldout"]
+    batches = [records[i:i + decoding.batch_size] for i in range(0, len(records), decoding.batch_size)]
+    jobs = [(generator, sample, batch) for generator in GENERATORS for sample in range(cfg.heldout_samples)
+            for batch in batches]
+    todo = [job for job in jobs if any((job[0], r["instruction"], job[1]) not in done for r in job[2])]
+    if todo:
+        base, tokenizer = load_causal_lm(params.model)
+        model = PeftModel.from_pretrained(base, adapter_dir)
+        for generator, sample, batch in tqdm(todo, desc="held-out samples"):
+            torch.manual_seed(derive_seed(params.random_seed, "03", "heldout", sample, batch[0]["instruction"]))
+            prompts = [r["prompt"] for r in batch]
+            if generator == "base":
+                with model.disable_adapter():
+                    generations = generate_instances(model, tokenizer, prompts, decoding)
+            else:
+                generations = generate_instances(model, tokenizer, prompts, decoding)
+            append_jsonl(path, [
+                {"generator": generator, "instruction": r["instruction"], "is_classification": r["is_classification"],
+                 "sample": sample, "text": g.text, "truncated": g.truncated}
+                for r, g in zip(batch, generations) if (generator, r["instruction"], sample) not in done])
+    wanted = {(g, r["instruction"], s) for g, s, batch in jobs for r in batch}
+    return [r for r in read_jsonl(path) if (r["generator"], r["instruction"], r["sample"]) in wanted]
+
+
+def heldout_table(samples: Sequence[dict[str, Any]], scorer: CompletionScorer) -> pd.DataFrame:
+    """One row per held-out instruction: each generator's mean reward, parsed share and content reward.
+
+    ``*_reward`` is the mean full reward over the K samples (the parse penalty included),
+    ``*_parsed`` the share of samples that yielded an instance, ``*_content`` the mean content
+    reward over those (empty when none did).
+    """
+    results = scorer.score(samples, [Generation(s["text"], s["truncated"], 0) for s in samples], progress=True)
+    table = pd.DataFrame([{"generator": s["generator"], "instruction": s["instruction"], "reward": r.reward,
+                           "parsed": float(r.parsed), "content": r.content} for s, r in zip(samples, results)])
+    per = table.groupby(["instruction", "generator"], sort=False).agg(
+        reward=("reward", "mean"), parsed=("parsed", "mean"), content=("content", "mean")).unstack("generator")
+    per.columns = [f"{generator}_{measure}" for measure, generator in per.columns]
+    order = [f"{g}_{m}" for m in ("reward", "parsed", "content") for g in GENERATORS]
+    return per[order].reset_index()
+
+
+def paired_summary(table: pd.DataFrame, pairs: dict[str, tuple[str, str]], seed: int) -> pd.DataFrame:
+    """Mean paired difference (second - first column) with a 95% bootstrap CI for each named measure."""
+    from refine_af_utils.stats import paired_bootstrap_ci
+
+    rows = []
+    for name, (before, after) in pairs.items():
+        ci = paired_bootstrap_ci(table[before], table[after], seed=derive_seed(seed, "ci", name))
+        rows.append({**ci.as_row(name), "mean_before": float(table[before].mean()),
+                     "mean_after": float(table[after].mean())})
+    return pd.DataFrame(rows)
+
+
+def heldout_figure(summary: pd.DataFrame, path: Path, title: str) -> Path:
+    """Each measure's paired difference with its 95% CI (stage 3 and the report draw the same figure)."""
+    from refine_af_utils.plots import difference_chart, save_figure
+
+    return save_figure(difference_chart(summary, title), path)
+
+
+def evaluate_heldout(params: Params, run_dir: str | Path, adapter_dir: Path,
+                     scorer: CompletionScorer) -> HeldoutResult:
+    """Stage 3's held-out evaluation: base vs trained generator on instructions RL never saw."""
+    run_dir = Path(run_dir)
+    out = run_dir / RL_DIR
+    table = heldout_table(heldout_samples(params, run_dir, adapter_dir), scorer)
+    table.to_csv(out / HELDOUT_EVAL_FILE, index=False)
+    summary = paired_summary(table, {m: (f"base_{m}", f"trained_{m}") for m in ("reward", "parsed", "content")},
+                             derive_seed(params.random_seed, "03", "heldout-ci"))
+    summary.to_csv(out / HELDOUT_SUMMARY_FILE, index=False)
+    figure = heldout_figure(summary, out / "heldout_gain.png",
+                            f"Held-out instructions (n={len(table)}): trained minus base generator, 95% CI")
+    return HeldoutResult(table, summary, figure)
 
 
 def reward_kl_figure(metrics: pd.DataFrame, algorithm: str, path: Path) -> Path:
-    """Reward and KL per update (stage 3 and the report draw the same figure)."""
-    from refine_af_utils.plots import line_chart, save_figure
+    """The reward's parse and content terms, the KL penalty and the parsed share per update."""
+    from refine_af_utils.plots import save_figure, two_panel_lines
 
-    return save_figure(line_chart(metrics, "update", ["reward", "kl"],
-                                  f"{algorithm.upper()}: reward and KL to the base model per update"), path)
+    return save_figure(two_panel_lines(
+        metrics, "update", ["reward", "content_reward", "unparsed_reward", "kl_penalty"], ["parsed_share"],
+        f"{algorithm.upper()}: reward terms and KL penalty per update"), path)
 
 
 def components_figure(metrics: pd.DataFrame, path: Path) -> Path:
-    """Each reward component's mean over the sampled instances, per update."""
+    """Each reward component's mean over the parsed completions, per update."""
     from refine_af_utils.plots import line_chart, save_figure
 
     return save_figure(line_chart(metrics, "update", list(COMPONENTS),
-                                  "Mean reward components of the sampled instances per update"), path)
+                                  "Mean reward components of the parsed completions per update"), path)
 
 
 def run_rl_stage(params: Params, run_dir: str | Path) -> RLTrainingResult:
-    """Stage 3 for the notebook: train (or resume) and record the headline metrics."""
-    from refine_af_utils.results import record_metrics
+    """Stage 3 for the notebook: train (or resume), evaluate on held-out instructions, record headlines."""
+    from refine_af_utils.results import record_metrics, stage_dir
 
-    result = train_generator(params, run_dir)
-    first, last = result.metrics.iloc[0], result.metrics.iloc[-1]
+    run_dir = Path(run_dir)
+    out = stage_dir(run_dir, RL_DIR)
+    scorer = _stage_scorer(params, run_dir, None)
+    metrics, adapter_dir = train_generator(params, run_dir, scorer=scorer)
+    heldout = evaluate_heldout(params, run_dir, adapter_dir, scorer)
+    figures = {"reward_kl": reward_kl_figure(metrics, params.rl.algorithm, out / "reward_kl.png"),
+               "components": components_figure(metrics, out / "components.png"),
+               "heldout": heldout.figure}
+    gain = heldout.summary.set_index("measure")
+    half = max(1, len(metrics) // 2)
     record_metrics(run_dir, "03", {
-        "algorithm": params.rl.algorithm, "updates": int(len(result.metrics)),
-        "first_reward": float(first["reward"]), "last_reward": float(last["reward"]),
-        "last_kl": float(last["kl"]),
+        "algorithm": params.rl.algorithm, "updates": int(len(metrics)),
+        "unparsed_reward": scorer.unparsed_reward,
+        "first_half_reward": float(metrics["reward"].iloc[:half].mean()),
+        "second_half_reward": float(metrics["reward"].iloc[half:].mean()) if len(metrics) > 1 else None,
+        "last_kl": float(metrics["kl"].iloc[-1]),
+        "heldout_instructions": int(len(heldout.per_instruction)),
+        **{f"heldout_{m}_gain": float(gain.loc[m, "mean_difference"]) for m in gain.index},
+        **{f"heldout_{m}_gain_ci_low": float(gain.loc[m, "ci_low"]) for m in gain.index},
+        **{f"heldout_{m}_gain_ci_high": float(gain.loc[m, "ci_high"]) for m in gain.index},
     })
-    return result
-
-
-def _truncate_metrics(path: Path, updates_done: int) -> None:
-    """Drop metrics rows of updates after the last checkpoint (they will be trained again)."""
-    if not path.is_file():
-        return
-    table = pd.read_csv(path)
-    kept = table[table["update"] <= updates_done]
-    if len(kept) != len(table):
-        if kept.empty:
-            path.unlink()
-        else:
-            kept.to_csv(path, index=False)
+    return RLTrainingResult(metrics, adapter_dir, heldout, figures)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    """``python -m refine_af_utils.rl PARAMS`` (or under ``accelerate launch``): stage 3 alone."""
+    """``python -m refine_af_utils.rl PARAMS`` (or under ``accelerate launch``): stage 3's training alone."""
     from refine_af_utils.results import stage_command_line
 
     params, run_dir = stage_command_line(main.__doc__, argv)
-    result = train_generator(params, run_dir)
-    print(result.metrics.to_string())
+    metrics, _ = train_generator(params, run_dir)
+    print(metrics.to_string())
 
 
 if __name__ == "__main__":

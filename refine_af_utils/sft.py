@@ -126,13 +126,39 @@ def model_dir(run_dir: str | Path, arm: str) -> Path:
     return Path(run_dir) / SFT_DIR / arm / "model"
 
 
+def training_sets(params: Params, run_dir: str | Path) -> dict[str, list[dict[str, Any]]]:
+    """Each arm's SFT examples: its stage 4 instances, equalised in number, plus the seed tasks if asked.
+
+    With ``sft.equal_examples`` the larger arm is subsampled (seeded, order kept) to the smaller
+    arm's size, so both arms train on as many examples and steps and data quantity is not
+    confounded with quality. ``sft.include_seed_tasks`` adds every seed task's instances to both
+    arms, as Self-Instruct's fine-tuning data did.
+    """
+    import random
+
+    from refine_af_utils.seeding import derive_seed
+    from refine_af_utils.seeds import seed_tasks_of_run
+
+    data = {arm: arm_instances_of_run(run_dir, arm) for arm in ARMS}
+    if params.sft.equal_examples:
+        size = min(len(records) for records in data.values())
+        for arm, records in data.items():
+            rng = random.Random(derive_seed(params.random_seed, "05", "equal-examples", arm))
+            data[arm] = [records[i] for i in sorted(rng.sample(range(len(records)), size))]
+    if params.sft.include_seed_tasks:
+        seeds = [{"instruction": t.instruction, "input": i.input, "output": i.output}
+                 for t in seed_tasks_of_run(run_dir) for i in t.instances]
+        data = {arm: records + seeds for arm, records in data.items()}
+    return data
+
+
 def train_arms(params: Params, run_dir: str | Path) -> dict[str, pd.DataFrame]:
-    """Fine-tune the base backbone on each arm's dataset (resuming); the loss table per arm."""
+    """Fine-tune the base backbone on each arm's training set (resuming); the loss table per arm."""
     from refine_af_utils.results import check_stage_config, stage_dir
 
     run_dir = Path(run_dir)
+    data = training_sets(params, run_dir)
     out = stage_dir(run_dir, SFT_DIR)
-    data = {arm: arm_instances_of_run(run_dir, arm) for arm in ARMS}
     settings = params.to_dict()
     check_stage_config(out, {
         "model": settings["model"], "sft": settings["sft"], "random_seed": params.random_seed,
@@ -168,8 +194,10 @@ def run_sft_stage(params: Params, run_dir: str | Path) -> SFTStageResult:
     losses = pd.concat([table.assign(arm=arm) for arm, table in per_arm.items()], ignore_index=True)
     out = run_dir / SFT_DIR
     losses.to_csv(out / "loss.csv", index=False)
+    sets = training_sets(params, run_dir)
     summary = pd.DataFrame({arm: {
-        "training instances": len(arm_instances_of_run(run_dir, arm)),
+        "stage 4 instances": len(arm_instances_of_run(run_dir, arm)),
+        "training examples": len(sets[arm]),
         "steps": int(table["step"].max()),
         "first loss": round(float(table["loss"].iloc[0]), 4),
         "last loss": round(float(table["loss"].iloc[-1]), 4),
