@@ -1,4 +1,5 @@
-"""Stage 3 on a tiny Llama with real scorers on tiny models: PPO, GRPO, RLOO, resume, trl's reward contract."""
+"""Stage 3 on a tiny Llama with real scorers on tiny models: the shared extraction rule, trl's reward
+contract, the held-out split and evaluation, PPO/GRPO/RLOO, resume, determinism, main-process writes."""
 
 import json
 from pathlib import Path
@@ -7,18 +8,34 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from transformers import TrainerControl, TrainerState, TrainingArguments
 from trl.experimental.utils import get_reward
 
-from refine_af_utils.instances import instance_prompts
+from refine_af_utils.arms import arm_instances
+from refine_af_utils.generation import decode_completion
+from refine_af_utils.instances import Instance, extract_instances, instance_prompts
 from refine_af_utils.jsonl import append_jsonl
 from refine_af_utils.models import load_causal_lm
 from refine_af_utils.params import params_from_dict
-from refine_af_utils.reward import COMPONENTS, build_scorers, composite_reward, score_instances
-from refine_af_utils.rl import CompletionScorer, RefineAFRewardModel, grpo_reward_functions, train_generator
+from refine_af_utils.prompts import INSTANCE_STOP_STRINGS
+from refine_af_utils.reward import COMPONENTS, build_scorers, content_reward_scale, score_instances, unparsed_reward
+from refine_af_utils.rl import (
+    CompletionScorer,
+    MetricsLogger,
+    RefineAFRewardModel,
+    evaluate_heldout,
+    metrics_callback,
+    split_instructions,
+    train_generator,
+    truncate_metrics,
+)
 from refine_af_utils.scorers import InstanceText
 from refine_af_utils.seeds import load_seed_tasks, write_seed_tasks
 
 YES_NO = "Question: Is this a good response?\nResponse: {output}\nAnswer (Yes or No):"
+INSTRUCTIONS = [("Classify the tone as formal or informal.", True), ("Suggest a title for a short story.", False),
+                ("Summarise the sentence in five words.", False), ("Decide whether the claim is true or false.", True),
+                ("Name a colour that matches the mood.", False), ("Translate the greeting into French.", False)]
 
 
 def tiny_rl_params(tiny_llama_dir: Path, **rl) -> dict:
@@ -35,108 +52,214 @@ def tiny_rl_params(tiny_llama_dir: Path, **rl) -> dict:
                           "pair_template": "{output}", "weight": 0.1520, "max_length": 256},
             "intercept": 0.1,
         },
-        "rl": {"num_prompts": 4, "updates": 2, "batch_size": 2, "num_generations": 2, "ppo_epochs": 1,
-               "response_length": 8, "checkpoint_every": 2, "lora_r": 4, "lora_alpha": 8} | rl,
+        "rl": {"num_prompts": 4, "heldout_instructions": 2, "heldout_samples": 2, "updates": 2, "batch_size": 2,
+               "num_generations": 2, "ppo_epochs": 1, "checkpoint_every": 2, "lora_r": 4, "lora_alpha": 8,
+               "learning_rate": 1e-3} | rl,
     }
 
 
 @pytest.fixture
 def tiny_run(tmp_path, tiny_llama_dir):
+    """A run folder with stage 0, 1 and 2 outputs (stage 2's scores written by hand)."""
     run_dir = tmp_path / "run"
     write_seed_tasks(load_seed_tasks("bundled"), run_dir / "seeds" / "seed_tasks.jsonl")
     append_jsonl(run_dir / "instructions" / "instructions.jsonl", [
         {"id": f"machine_{i}", "instruction": text, "is_classification": clf}
-        for i, (text, clf) in enumerate([("Classify the tone as formal or informal.", True),
-                                         ("Suggest a title for a short story.", False),
-                                         ("Summarise the sentence in five words.", False),
-                                         ("Decide whether the claim is true or false.", True)])
-    ])
+        for i, (text, clf) in enumerate(INSTRUCTIONS)])
+    scores = pd.DataFrame({"instruction_id": ["machine_0", "machine_0", "machine_1"], "candidate": [0, 1, 0],
+                           **{name: [0.2, 0.6, 0.4] for name in COMPONENTS}})
+    (run_dir / "reward_analysis").mkdir(parents=True)
+    scores.to_csv(run_dir / "reward_analysis" / "scores.csv", index=False)
     return run_dir
+
+
+def test_the_parse_penalty_is_measured_in_stage_2_content_sds(tiny_llama_dir, tiny_run):
+    params = params_from_dict(tiny_rl_params(tiny_llama_dir, parse_penalty_sd=2.0))
+    weight_sum = sum(getattr(params.reward, name).weight for name in COMPONENTS)
+    contents = np.array([0.2, 0.6, 0.4]) * weight_sum + params.reward.intercept  # per instance
+    per_candidate = np.array([contents[0], contents[1], contents[2]])  # one instance per candidate here
+    mean, sd, count = content_reward_scale(tiny_run, params.reward)
+    assert count == 3
+    assert mean == pytest.approx(per_candidate.mean())
+    assert sd == pytest.approx(per_candidate.std(ddof=1))
+    assert unparsed_reward(tiny_run, params) == pytest.approx(per_candidate.mean() - 2.0 * per_candidate.std(ddof=1))
+
+
+def test_rl_and_stage_4_extract_identical_instances_from_the_same_completion(tiny_llama_dir):
+    """The RL reward (trl's rows continue past the stop string) and stage 4 (generation stopped there)."""
+    _, tokenizer = load_causal_lm(params_from_dict(tiny_rl_params(tiny_llama_dir)).model)
+    kept_text = "\nInput: 4\nOutput: 8\nExample 2\nInput: 10\nOutput: 20"
+    cases = {
+        "stopped": (kept_text + "\nTask: Next task\nExample 1\nOutput: 1", kept_text + "\nTask:", 64),
+        "truncated": (kept_text + "\nExample 3\nInput: 7\nOutput: 1", None, None),
+    }
+    for name, (rl_text, stage4_text, limit) in cases.items():
+        rl_tokens = tokenizer(rl_text, add_special_tokens=False)["input_ids"]
+        stage4_tokens = tokenizer(stage4_text, add_special_tokens=False)["input_ids"] if stage4_text else rl_tokens
+        limit = limit or len(rl_tokens)  # "truncated": the completion ends exactly at the token limit
+        rl_generation = decode_completion(tokenizer, rl_tokens + [tokenizer.pad_token_id] * 3, limit,
+                                          INSTANCE_STOP_STRINGS)
+        stage4_generation = decode_completion(tokenizer, stage4_tokens, limit, INSTANCE_STOP_STRINGS)
+        record = {"id": "m0", "instruction": "Double the number.", "is_classification": False}
+        rl_instances, _ = extract_instances(rl_generation.text, False, rl_generation.truncated)
+        stage4 = arm_instances([{**record, "text": stage4_generation.text, "truncated": stage4_generation.truncated}], 5)
+        assert [Instance(r.input, r.output) for r in stage4.itertuples()] == rl_instances, name
+        assert rl_instances == [Instance("4", "8"), Instance("10", "20")], name  # the cut-off third is dropped
+        assert rl_generation.truncated == (name == "truncated")
+
+
+def test_a_truncated_completion_loses_only_its_last_instance():
+    text = "\nInput: 4\nOutput: 8\nExample 2\nInput: 10\nOutput: 2"
+    kept, counts = extract_instances(text, False, truncated=True)
+    assert kept == [Instance("4", "8")] and counts["cut_by_token_limit"] == 1
+    assert extract_instances(text, False, truncated=False)[0] == [Instance("4", "8"), Instance("10", "2")]
+    assert extract_instances("no markers", False, truncated=True)[0] == []
 
 
 def test_reward_adapter_matches_the_stage2_reward_through_trls_get_reward(tiny_llama_dir, tiny_run):
     params = params_from_dict(tiny_rl_params(tiny_llama_dir))
     scorers = build_scorers(params.reward)
-    completion_scorer = CompletionScorer(scorers, params.reward, invalid_reward=-1.0)
+    completion_scorer = CompletionScorer(scorers, params.reward, unparsed_reward=-0.5)
     _, tokenizer = load_causal_lm(params.model)
     records = [{"instruction": "Suggest a title for a short story.", "is_classification": False},
-               {"instruction": "Classify the tone as formal or informal.", "is_classification": True}]
+               {"instruction": "Classify the tone as formal or informal.", "is_classification": True},
+               {"instruction": "Suggest a title for a short story.", "is_classification": False}]
     prompts = instance_prompts(records, load_seed_tasks("bundled"), params.instance_generation, 42)
-    responses = ["\nOutput: The Last Lighthouse", " Formal\nInput: Dear Sir, I write to you."]
+    responses = ["\nOutput: The Last Lighthouse", " Formal\nInput: Dear Sir, I write to you.", " no markers"]
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    model = RefineAFRewardModel(tokenizer, completion_scorer, list(zip(prompt_ids, records)))
+    model = RefineAFRewardModel(tokenizer, completion_scorer, list(zip(prompt_ids, records)), max_new_tokens=64)
 
     pad = tokenizer.pad_token_id
     context = max(len(p) for p in prompt_ids)
     response_ids = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in responses]
     width = max(len(r) for r in response_ids) + 2
     rows = [[pad] * (context - len(p)) + p + r + [pad] * (width - len(r)) for p, r in zip(prompt_ids, response_ids)]
-    query_responses = torch.tensor(rows)
-    _, scores, _ = get_reward(model, query_responses, pad, context)  # exactly what trl's PPO calls
+    _, scores, _ = get_reward(model, torch.tensor(rows), pad, context)  # exactly what trl's PPO calls
 
     expected_instances = [InstanceText(records[0]["instruction"], "", "The Last Lighthouse"),
                           InstanceText(records[1]["instruction"], "Dear Sir, I write to you.", "Formal")]
     expected = score_instances(scorers, expected_instances, reward=params.reward)["reward"].to_numpy()
-    np.testing.assert_allclose(scores.numpy(), expected, rtol=1e-5, atol=1e-6)
-    assert all(r.parsed for r in model.history)
-
-    unparseable = completion_scorer.score([records[0]], ["no markers here"])[0]
-    raw = score_instances(scorers, [InstanceText(records[0]["instruction"], "", "no markers here")])
-    assert not unparseable.parsed
-    assert unparseable.reward == pytest.approx(float(composite_reward(raw, params.reward)[0]) - 1.0)
+    np.testing.assert_allclose(scores.numpy()[:2], expected, rtol=1e-5, atol=1e-6)
+    assert scores.numpy()[2] == pytest.approx(-0.5)  # no instance: the unparsed reward, nothing else
+    assert [r.parsed for r in completion_scorer.history] == [True, True, False]
+    assert np.isnan(completion_scorer.history[2].content)
 
 
-def test_grpo_reward_functions_weight_to_the_composite(tiny_llama_dir):
+def test_the_heldout_split_is_seeded_disjoint_and_independent_of_file_order():
+    records = [{"id": f"m{i}", "instruction": f"Instruction number {i}.", "is_classification": False}
+               for i in range(30)]
+    split = split_instructions(records, heldout=8, num_prompts=16, random_seed=42)
+    by_name = {r["instruction"]: r["split"] for r in split}
+    assert sum(v == "heldout" for v in by_name.values()) == 8
+    assert sum(v == "train" for v in by_name.values()) == 16
+    assert sum(v == "unused" for v in by_name.values()) == 6
+    reversed_split = split_instructions(records[::-1], heldout=8, num_prompts=16, random_seed=42)
+    assert {r["instruction"]: r["split"] for r in reversed_split} == by_name
+    other_seed = split_instructions(records, heldout=8, num_prompts=16, random_seed=7)
+    assert {r["instruction"]: r["split"] for r in other_seed} != by_name
+    with pytest.raises(ValueError, match="leaves no training prompt"):
+        split_instructions(records, heldout=30, num_prompts=4, random_seed=42)
+
+
+def test_truncate_metrics_cuts_a_torn_row_and_later_updates(tmp_path):
+    path = tmp_path / "metrics.csv"
+    path.write_text("update,reward\n1,0.5\n2,0.6\n3,0.7\n4,0.")
+    truncate_metrics(path, 3)
+    assert path.read_text() == "update,reward\n1,0.5\n2,0.6\n3,0.7\n"
+    truncate_metrics(path, 2)
+    assert path.read_text() == "update,reward\n1,0.5\n2,0.6\n"
+    path.write_text("update,re")
+    truncate_metrics(path, 2)
+    assert not path.exists()
+
+
+def test_only_the_main_process_writes_metrics_rows(tmp_path, tiny_llama_dir):
     params = params_from_dict(tiny_rl_params(tiny_llama_dir))
-    completion_scorer = CompletionScorer(build_scorers(params.reward), params.reward, invalid_reward=-1.0)
-    functions, weights = grpo_reward_functions(completion_scorer)
-    assert [f.__name__ for f in functions] == [*COMPONENTS, "parse_penalty"]
-    completions = ["\nOutput: A quiet harbour", "nothing to parse"]
-    columns = dict(instruction=["Suggest a title.", "Suggest a title."], is_classification=[False, False])
-    values = np.array([f(prompts=["p", "p"], completions=completions, **columns) for f in functions])
-    total = params.reward.intercept + weights @ values
-    expected = [r.reward for r in completion_scorer.score(
-        [{"instruction": "Suggest a title.", "is_classification": False}] * 2, completions)]
-    np.testing.assert_allclose(total, expected, rtol=1e-6)
+    scorer = CompletionScorer({}, params.reward, unparsed_reward=-0.5)
+    logger = MetricsLogger(tmp_path / "metrics.csv", scorer, offset=0, kl_coef=0.1)
+    callback = metrics_callback(logger)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to=[])
+    for is_main in (False, True):
+        state = TrainerState(is_world_process_zero=is_main, global_step=1)
+        callback.on_log(args, state, TrainerControl(), logs={"objective/scores": 0.1, "objective/kl": 2.0})
+        assert (tmp_path / "metrics.csv").is_file() == is_main
+    rows = pd.read_csv(tmp_path / "metrics.csv")
+    assert len(rows) == 1 and rows.loc[0, "kl_penalty"] == pytest.approx(0.2)
 
 
 def _metrics(run_dir: Path) -> pd.DataFrame:
     return pd.read_csv(run_dir / "rl" / "metrics.csv")
 
 
+@pytest.mark.slow
 def test_ppo_two_updates_then_resume_from_the_checkpoint(tiny_llama_dir, tiny_run):
     params = params_from_dict(tiny_rl_params(tiny_llama_dir))
-    result = train_generator(params, tiny_run)
-    metrics = _metrics(tiny_run)
+    metrics, adapter_dir = train_generator(params, tiny_run)
     assert list(metrics["update"]) == [1, 2]
-    assert metrics[["reward", "kl", "policy_loss", "value_loss", *COMPONENTS]].notna().all().all()
-    assert (result.adapter_dir / "adapter_config.json").is_file()
+    assert metrics[["reward", "parsed_share", "kl", "policy_loss", "value_loss"]].notna().all().all()
+    assert (adapter_dir / "adapter_config.json").is_file()
     assert json.loads((tiny_run / "rl" / "checkpoints" / "update-2" / "complete").read_text()) == {"updates": 2}
     assert (tiny_run / "rl" / "checkpoints" / "update-2" / "value_model").is_dir()
-    after_two = (result.adapter_dir / "adapter_model.safetensors").read_bytes()
+    prompts = pd.read_json(tiny_run / "rl" / "prompts.jsonl", lines=True)
+    assert sorted(prompts["split"].value_counts().items()) == [("heldout", 2), ("train", 4)]
+    after_two = (adapter_dir / "adapter_model.safetensors").read_bytes()
 
     # A run asked for more updates continues after the last checkpoint instead of starting over.
     more = params_from_dict(tiny_rl_params(tiny_llama_dir, updates=3))
-    train_generator(more, tiny_run)
-    resumed = _metrics(tiny_run)
+    resumed, _ = train_generator(more, tiny_run)
     assert list(resumed["update"]) == [1, 2, 3]
     pd.testing.assert_frame_equal(resumed.iloc[:2], metrics)
     assert not (tiny_run / "rl" / "checkpoints" / "update-2").exists()  # only the newest checkpoint is kept
-    after_three = (result.adapter_dir / "adapter_model.safetensors").read_bytes()
+    after_three = (adapter_dir / "adapter_model.safetensors").read_bytes()
     assert after_three != after_two  # the third update trained the adapter further
     train_generator(more, tiny_run)  # complete: nothing is trained again
     assert list(_metrics(tiny_run)["update"]) == [1, 2, 3]
-    assert (result.adapter_dir / "adapter_model.safetensors").read_bytes() == after_three
-    other = params_from_dict(tiny_rl_params(tiny_llama_dir, updates=3, learning_rate=1e-3))
+    assert (adapter_dir / "adapter_model.safetensors").read_bytes() == after_three
+    other = params_from_dict(tiny_rl_params(tiny_llama_dir, updates=3, learning_rate=1e-2))
     with pytest.raises(RuntimeError, match=r"other settings \(rl differ\)"):
         train_generator(other, tiny_run)  # checkpoints of other settings are never resumed silently
 
 
+@pytest.mark.slow
+def test_ppo_with_the_same_seed_gives_the_same_metrics_and_adapter(tmp_path, tiny_llama_dir, tiny_run):
+    import shutil
+
+    twin = tmp_path / "twin"
+    shutil.copytree(tiny_run, twin)
+    params = params_from_dict(tiny_rl_params(tiny_llama_dir))
+    first, first_adapter = train_generator(params, tiny_run)
+    second, second_adapter = train_generator(params, twin)
+    pd.testing.assert_frame_equal(first, second)
+    assert (first_adapter / "adapter_model.safetensors").read_bytes() == (
+        second_adapter / "adapter_model.safetensors").read_bytes()
+
+
+@pytest.mark.slow
+def test_heldout_evaluation_pairs_base_and_trained_on_unseen_instructions(tiny_llama_dir, tiny_run):
+    params = params_from_dict(tiny_rl_params(tiny_llama_dir, updates=1, checkpoint_every=1))
+    _, adapter_dir = train_generator(params, tiny_run)
+    scorer = CompletionScorer(build_scorers(params.reward), params.reward, unparsed_reward(tiny_run, params))
+    result = evaluate_heldout(params, tiny_run, adapter_dir, scorer)
+    table = pd.read_csv(tiny_run / "rl" / "heldout_eval.csv")
+    assert list(table.columns) == ["instruction", "base_reward", "trained_reward", "base_parsed", "trained_parsed",
+                                   "base_content", "trained_content"]
+    split = pd.read_json(tiny_run / "rl" / "prompts.jsonl", lines=True).set_index("instruction")["split"]
+    assert set(table["instruction"]) == set(split[split == "heldout"].index)  # never a training prompt
+    samples = pd.read_json(tiny_run / "rl" / "heldout_samples.jsonl", lines=True)
+    assert len(samples) == 2 * 2 * 2  # generators x instructions x samples
+    assert list(result.summary["measure"]) == ["reward", "parsed", "content"]
+    expected = (table["trained_reward"] - table["base_reward"]).mean()
+    assert result.summary.loc[0, "mean_difference"] == pytest.approx(expected)
+    before = (tiny_run / "rl" / "heldout_samples.jsonl").read_text()
+    evaluate_heldout(params, tiny_run, adapter_dir, scorer)  # complete: nothing is sampled again
+    assert (tiny_run / "rl" / "heldout_samples.jsonl").read_text() == before
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
 def test_grpo_and_rloo_run_one_step(tiny_llama_dir, tiny_run, algorithm):
     params = params_from_dict(tiny_rl_params(tiny_llama_dir, algorithm=algorithm, updates=1))
-    result = train_generator(params, tiny_run)
-    metrics = _metrics(tiny_run)
+    metrics, adapter_dir = train_generator(params, tiny_run)
     assert list(metrics["update"]) == [1]
-    assert np.isfinite(metrics.loc[0, ["reward", *COMPONENTS, "parsed_share"]].astype(float)).all()
-    assert (result.adapter_dir / "adapter_config.json").is_file()
+    assert np.isfinite(metrics.loc[0, ["reward", "parsed_share", "unparsed_reward"]].astype(float)).all()
+    assert (adapter_dir / "adapter_config.json").is_file()
