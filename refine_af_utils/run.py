@@ -45,18 +45,31 @@ class Stage:
     notebook: str
     output_dir: Optional[str]  # None: the stage rewrites its files in place (the report)
     title: str
+    sections: tuple[str, ...] = ()  # the params keys it reads beyond those of the stages before it
 
 
 STAGES = [
-    Stage("00", "00_seed_tasks.ipynb", "seeds", "seed tasks"),
-    Stage("01", "01_instruction_generation.ipynb", "instructions", "instruction generation"),
-    Stage("02", "02_reward_analysis.ipynb", "reward_analysis", "reward analysis"),
-    Stage("03", "03_ppo_training.ipynb", "rl", "RL training"),
+    Stage("00", "00_seed_tasks.ipynb", "seeds", "seed tasks", ("seed_tasks",)),
+    Stage("01", "01_instruction_generation.ipynb", "instructions", "instruction generation",
+          ("model", "random_seed", "num_instructions", "instruction_generation", "classification")),
+    Stage("02", "02_reward_analysis.ipynb", "reward_analysis", "reward analysis",
+          ("instance_generation", "reward", "reward_analysis")),
+    Stage("03", "03_ppo_training.ipynb", "rl", "RL training", ("rl",)),
     Stage("04", "04_instance_generation.ipynb", "data", "instance generation (both arms)"),
-    Stage("05", "05_sft.ipynb", "sft", "SFT (both arms)"),
-    Stage("06", "06_superni_evaluation.ipynb", "eval", "Super-NI evaluation"),
+    Stage("05", "05_sft.ipynb", "sft", "SFT (both arms)", ("sft",)),
+    Stage("06", "06_superni_evaluation.ipynb", "eval", "Super-NI evaluation", ("evaluation",)),
     Stage("07", "07_paper_tables.ipynb", None, "report"),
 ]
+
+
+def stage_fingerprint(stage: Stage, params: Params) -> str:
+    """A hash of the params a stage depends on: its own sections and every earlier stage's.
+
+    The pipeline is a chain, so a change to one stage's keys reruns it and the stages after
+    it, never the ones before (an evaluation-only change reruns stage 6 and the report).
+    """
+    upto = STAGES[: STAGES.index(stage) + 1]
+    return params.fingerprint(*[section for s in upto for section in s.sections])
 
 
 def select_stages(only: Optional[str] = None, start: Optional[str] = None) -> list[Stage]:
@@ -81,7 +94,7 @@ def stage_is_complete(run_dir: Path, stage: Stage, params: Params) -> bool:
     marker = _marker(run_dir, stage)
     if not marker.is_file():
         return False
-    return json.loads(marker.read_text()).get("params_fingerprint") == params.fingerprint()
+    return json.loads(marker.read_text()).get("params_fingerprint") == stage_fingerprint(stage, params)
 
 
 class StageError(RefineAFError, RuntimeError):
@@ -175,7 +188,7 @@ def run_stage(stage: Stage, params_path: Path, run_dir: Path, params: Params, fo
     marker.write_text(json.dumps({
         "stage": stage.id,
         "notebook": stage.notebook,
-        "params_fingerprint": params.fingerprint(),
+        "params_fingerprint": stage_fingerprint(stage, params),
         "seconds": seconds,
     }, indent=2) + "\n")
     return seconds
