@@ -85,11 +85,19 @@ def test_smoke_pipeline_through_papermill(tmp_path, capsys):
 
     rl = pd.read_csv(run_dir / "rl" / "metrics.csv")
     assert list(rl["update"]) == list(range(1, params.rl.updates + 1))
-    assert rl[["reward", "kl", "policy_loss", "value_loss"]].notna().all().all()
-    assert read_metrics(run_dir, "03")["updates"] == params.rl.updates
+    assert rl[["reward", "parsed_share", "unparsed_reward", "kl", "kl_penalty", "policy_loss", "value_loss"]
+              ].notna().all().all()
+    stage3 = read_metrics(run_dir, "03")
+    assert stage3["updates"] == params.rl.updates
     assert (run_dir / "rl" / "adapter" / "adapter_config.json").is_file()
-    for name in ("reward_kl.png", "components.png"):
+    for name in ("reward_kl.png", "components.png", "heldout_gain.png"):
         assert (run_dir / "rl" / name).stat().st_size > 0
+    split = pd.read_json(run_dir / "rl" / "prompts.jsonl", lines=True)
+    heldout = pd.read_csv(run_dir / "rl" / "heldout_eval.csv")
+    assert sorted(heldout["instruction"]) == sorted(split.loc[split["split"] == "heldout", "instruction"])
+    assert len(heldout) == params.rl.heldout_instructions == stage3["heldout_instructions"]
+    assert stage3["heldout_reward_gain"] == pytest.approx((heldout["trained_reward"] - heldout["base_reward"]).mean())
+    assert stage3["heldout_reward_gain_ci_low"] <= stage3["heldout_reward_gain"] <= stage3["heldout_reward_gain_ci_high"]
 
     from datasets import load_dataset
 
@@ -104,6 +112,13 @@ def test_smoke_pipeline_through_papermill(tmp_path, capsys):
     assert list(statistics.columns) == ["self_instruct", "refine_af"]
     assert statistics.loc["instructions (stage 1)"].tolist() == [params.num_instructions] * 2
     assert (run_dir / "data" / "reward_by_arm.png").stat().st_size > 0
+    comparison = pd.read_csv(run_dir / "data" / "arm_comparison.csv")
+    assert set(comparison["group"]) == {"all", "rl-train", "held-out"}
+    assert set(comparison["measure"]) == {"has_instances", "reward", "content"}
+    per_instruction = pd.read_csv(run_dir / "data" / "per_instruction.csv")
+    assert len(per_instruction) == params.num_instructions
+    for arm in ("self_instruct", "refine_af"):
+        assert per_instruction[f"{arm}_has_instances"].sum() == len(set(arms[arm]["instruction"]))
 
     sft = pd.read_csv(run_dir / "sft" / "loss.csv")
     assert set(sft["arm"]) == {"self_instruct", "refine_af"} and sft["loss"].notna().all()
@@ -112,6 +127,9 @@ def test_smoke_pipeline_through_papermill(tmp_path, capsys):
         assert (run_dir / "sft" / arm / "complete").is_file()
     assert read_metrics(run_dir, "05")["refine_af_steps"] == sft[sft["arm"] == "refine_af"]["step"].max()
     assert (run_dir / "sft" / "loss.png").stat().st_size > 0
+    summary = pd.read_csv(run_dir / "sft" / "summary.csv", index_col=0)
+    assert summary.loc["training examples", "self_instruct"] == summary.loc["training examples", "refine_af"] == min(
+        len(arms["self_instruct"]), len(arms["refine_af"]))  # sft.equal_examples
 
     evaluation = read_metrics(run_dir, "06")
     tasks = 12  # the bundled set: one task per Super-NI test category
@@ -130,10 +148,11 @@ def test_smoke_pipeline_through_papermill(tmp_path, capsys):
     report = (run_dir / "report.md").read_text()
     stage7 = read_metrics(run_dir, "07")
     expected_tables = {"main", "tasks_improved", "per_category", "seeds", "filter_counts", "reward_components",
-                       "reward_correlations", "rl_summary", "dataset_statistics", "reward_by_arm", "sft_summary",
-                       "wall_time"}
+                       "reward_correlations", "rl_summary", "rl_heldout", "dataset_statistics", "arm_comparison",
+                       "reward_by_arm", "sft_summary", "wall_time"}
     expected_figures = {"06_per_category", "06_task_deltas", "01_filter_counts", "01_novelty", "02_components",
-                        "02_correlations", "03_reward_kl", "03_components", "04_arm_rewards", "05_sft_loss",
+                        "02_correlations", "03_reward_kl", "03_components", "03_heldout", "04_arm_comparison",
+                        "04_arm_rewards", "05_sft_loss",
                         "wall_time"}
     assert set(stage7["tables"]) == expected_tables and set(stage7["figures"]) == expected_figures
     for name in expected_tables:
