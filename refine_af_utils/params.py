@@ -7,6 +7,7 @@ load with a :class:`ParamsError` that names the file and the dotted key.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -16,7 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Sequence, Union
 
 import yaml
 
@@ -47,14 +48,14 @@ class InstructionGenerationParams:
     num_prompt_instructions: int = 8
     num_machine_in_prompt: int = 2
     batch_size: int = 32
-    max_new_tokens: int = 256
+    max_new_tokens: int = 160
     temperature: float = 0.7
     top_p: float = 0.5
     # Self-Instruct used OpenAI's additive presence penalty of 2; see the README's deviations table.
     presence_penalty: float = 2.0
     novelty_threshold: float = 0.7
     drop_truncated_responses: bool = True
-    max_batches: Optional[int] = None
+    max_batches: Optional[int] = 40  # safety stop; null: none
 
 
 @dataclass
@@ -138,7 +139,7 @@ class InstanceGenerationParams:
 class RewardAnalysisParams:
     """Stage 2's analysis: how many instructions to sample and candidates per instruction."""
 
-    num_instructions: int = 24
+    num_instructions: int = 16
     candidates_per_instruction: int = 2
     num_examples_shown: int = 5
 
@@ -198,7 +199,7 @@ class EvaluationParams:
     # "bundled" (our 12-task offline set, not Super-NI numbers) or a natural-instructions checkout
     superni_dir: str = "bundled"
     max_instances: int = 100         # the first instances of each test task
-    max_new_tokens: int = 128        # greedy decoding, stops at the end token
+    max_new_tokens: int = 32         # greedy decoding, stops at the end token
     batch_size: int = 16
     max_prompt_tokens: int = 1024    # longer prompts keep their end (the input and "Output:")
 
@@ -209,7 +210,7 @@ class Params:
 
     run_name: str
     seed_tasks: str = "bundled"
-    num_instructions: int = 100
+    num_instructions: int = 80
     random_seed: int = 42
     model: ModelParams = field(default_factory=ModelParams)
     instruction_generation: InstructionGenerationParams = field(
@@ -436,13 +437,8 @@ def _yaml_error_line(path: Path, error: yaml.YAMLError) -> str:
     return f"{where}: not valid YAML ({' '.join(problem.split())})"
 
 
-def load_params(path: str | Path, overrides: Optional[dict[str, Any]] = None) -> Params:
-    """Load and validate a params YAML file; ``overrides`` are dotted keys applied on top.
-
-    Raises :class:`ParamsError` with one line naming the file and the line (bad YAML, a duplicate
-    key, a byte that is not UTF-8) or the dotted key (unknown, missing, wrong type or out of range).
-    """
-    path = Path(path)
+def _read_params_yaml(path: Path) -> dict[str, Any]:
+    """One params file's own mapping (its ``extends`` not yet followed)."""
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found")
     text = decode_utf8(path.read_bytes(), str(path), ParamsError)
@@ -450,12 +446,124 @@ def load_params(path: str | Path, overrides: Optional[dict[str, Any]] = None) ->
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as error:
         raise ParamsError(_yaml_error_line(path, error)) from error
-    data = data or {}
-    for dotted, value in (overrides or {}).items():
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
+    """``delta`` over ``base``: mappings are merged key by key, any other value (lists too) replaces."""
+    merged = copy.deepcopy(base)
+    for key, value in delta.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def resolve_extends(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A params file's mapping with its ``extends:`` chain applied (not yet validated).
+
+    ``extends: other.yaml`` names a params file relative to this one; this file's keys are merged
+    over it (:func:`deep_merge`). A chain that comes back to a file it already passed is refused.
+    """
+    path = Path(path)
+    here = path.resolve()
+    if here in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain[_chain.index(here):], here))
+        raise ParamsError(f"{path}: 'extends' makes a cycle ({cycle})")
+    data = _read_params_yaml(path)
+    if "extends" not in data:
+        return data
+    parent = data.pop("extends")
+    if not isinstance(parent, str) or not parent:
+        raise ParamsError(f"{path}: key 'extends' must be the path of a params file (relative to this one), "
+                          f"got {parent!r}")
+    parent_path = path.parent / parent
+    if not parent_path.is_file():
+        raise ParamsError(f"{path}: key 'extends': {parent_path}: params file not found")
+    return deep_merge(resolve_extends(parent_path, (*_chain, here)), data)
+
+
+def parse_overrides(items: Sequence[str], source: str = "--set") -> dict[str, Any]:
+    """``["key.sub=value", ...]`` (the command line's ``--set``) as dotted keys; values parsed by YAML.
+
+    ``--set evaluation.max_new_tokens=64`` gives the int 64, ``--set model.device=cuda`` the string,
+    ``--set rl.lora_target_modules=[q_proj,v_proj]`` a list; the schema types and checks them later.
+    """
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ParamsError(f"{source} {item!r}: expected KEY=VALUE with a dotted key, e.g. "
+                              "evaluation.max_new_tokens=64")
+        try:
+            overrides[key] = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            problem = " ".join(str(getattr(error, "problem", None) or error).split())
+            raise ParamsError(f"{source} {item!r}: the value is not valid YAML ({problem})") from error
+    return overrides
+
+
+def _check_override_key(dotted: str, source: str) -> None:
+    """Refuse an override whose dotted key the schema does not have, naming the whole key."""
+    cls: Any = Params
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        here = ".".join(parts[: i + 1])
+        if not dataclasses.is_dataclass(cls):
+            raise ParamsError(f"{source}: key '{'.'.join(parts[:i])}' is a value, not a section: "
+                              f"cannot set '{dotted}'")
+        known = {f.name for f in dataclasses.fields(cls)}
+        if part not in known:
+            raise ParamsError(f"{source}: unknown key '{here}' (known keys here: {', '.join(sorted(known))})")
+        cls = typing.get_type_hints(cls)[part]
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any], source: str) -> dict[str, Any]:
+    """``data`` with each dotted key of ``overrides`` set (sections created as needed); checked by name."""
+    data = copy.deepcopy(data)
+    for dotted, value in overrides.items():
+        _check_override_key(dotted, source)
         node = data
         *parents, last = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
+        for i, part in enumerate(parents):
+            if node.get(part) is None:
+                node[part] = {}
+            elif not isinstance(node[part], dict):
+                raise ParamsError(f"{source}: key '{'.'.join(parents[: i + 1])}' must be a section to set "
+                                  f"'{dotted}', got {node[part]!r}")
+            node = node[part]
         node[last] = value
-    return params_from_dict(data, str(path))
+    return data
 
+
+def resolve_params_data(path: str | Path, overrides: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The mapping :func:`load_params` validates: the file, its ``extends`` chain, then ``overrides``."""
+    data = resolve_extends(path)
+    return apply_overrides(data, overrides or {}, str(path))
+
+
+def load_params(path: str | Path, overrides: Optional[dict[str, Any]] = None) -> Params:
+    """Load and validate a params YAML file; ``overrides`` are dotted keys applied on top.
+
+    The file may name a parent with ``extends:`` (a path relative to it); its keys are deep-merged
+    over the parent's (:func:`resolve_extends`). ``overrides`` (e.g. from ``--set``, see
+    :func:`parse_overrides`) go on last and are typed and checked by the schema like the file's keys.
+
+    Raises :class:`ParamsError` with one line naming the file and the line (bad YAML, a duplicate
+    key, a byte that is not UTF-8) or the dotted key (unknown, missing, wrong type or out of range).
+    """
+    path = Path(path)
+    return params_from_dict(resolve_params_data(path, overrides), str(path))
+
+
+def params_yaml(params: Params, header: str = "") -> str:
+    """``params`` as a complete YAML file (no ``extends``) that :func:`load_params` reads back equal."""
+    lines = "".join(f"# {line}\n" for line in header.splitlines())
+    body = yaml.safe_dump(params.to_dict(), sort_keys=False, allow_unicode=True, width=1_000_000,
+                          default_flow_style=False)
+    return lines + body

@@ -1,8 +1,12 @@
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
+import yaml
 
-from refine_af_utils.params import ParamsError, load_params
+from refine_af_utils.params import (Params, ParamsError, deep_merge, load_params, params_from_dict, params_yaml,
+                                    parse_overrides)
 
 from conftest import REPO_ROOT
 
@@ -84,3 +88,119 @@ def test_fingerprint_changes_with_any_value(tmp_path):
     b = load_params(_write(tmp_path, "run_name: x\nnum_instructions: 101\n"))
     assert a.fingerprint() != b.fingerprint()
     assert a.fingerprint("model") == b.fingerprint("model")
+
+
+# --- recipes as deltas: extends, --set, defaults (issue 11 item 4) --------------------------------
+
+RESOLVED = json.loads((REPO_ROOT / "tests" / "fixtures" / "recipes_resolved.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(RESOLVED))
+def test_recipes_resolve_to_what_they_were_before_they_became_deltas(name):
+    """The fixture holds each recipe's params as they were when every recipe was a complete file."""
+    assert load_params(REPO_ROOT / "params" / f"{name}.yaml").to_dict() == RESOLVED[name]
+
+
+@pytest.mark.parametrize("name", ["smoke", "paper_llama2_7b", "paper_llama2_13b", "paper_mistral_7b"])
+def test_recipes_are_short_deltas(name):
+    path = REPO_ROOT / "params" / f"{name}.yaml"
+    assert len(path.read_text().splitlines()) < 40
+    assert "extends" in yaml.safe_load(path.read_text())
+
+
+@pytest.mark.parametrize("name", sorted(RESOLVED) + ["default"])
+def test_resolved_params_yaml_reads_back_equal(tmp_path, name):
+    params = load_params(REPO_ROOT / "params" / f"{name}.yaml")
+    path = tmp_path / "params.yaml"
+    path.write_text(params_yaml(params, "resolved\nfrom a test"))
+    assert load_params(path) == params
+    assert "extends" not in yaml.safe_load(path.read_text())
+
+
+# Sections whose dataclass defaults belong to another change (RL, SFT, instance generation) and the reward,
+# whose schema defaults are the paper's scorers (tests/test_scorers.py pins them); default.yaml uses
+# offline stand-ins, and every shipped recipe spells its reward section out or inherits default.yaml's.
+DEFAULTS_DIFFER = {"rl", "sft", "instance_generation", "reward"}
+
+
+@pytest.mark.parametrize("section", [f.name for f in dataclasses.fields(Params) if f.name != "run_name"])
+def test_the_schema_has_no_silent_defaults_that_differ_from_default_yaml(section):
+    if section in DEFAULTS_DIFFER:
+        pytest.xfail(f"{section}: dataclass defaults still differ from default.yaml")
+    schema = params_from_dict({"run_name": "default"}).to_dict()
+    assert schema[section] == load_params(REPO_ROOT / "params" / "default.yaml").to_dict()[section]
+
+
+def test_extends_merges_mappings_and_replaces_other_values(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "parent.yaml").write_text(
+        "run_name: parent\nnum_instructions: 5\nmodel:\n  device: cuda\n  dtype: bfloat16\n"
+        "rl:\n  lora_target_modules: [q_proj, k_proj, v_proj]\n  kl_coef: 0.2\n")
+    child = _write(tmp_path, "extends: base/parent.yaml\nrun_name: child\nmodel:\n  device: cpu\n"
+                             "rl:\n  lora_target_modules: [o_proj]\n")
+    params = load_params(child)
+    assert params.run_name == "child" and params.num_instructions == 5
+    assert (params.model.device, params.model.dtype) == ("cpu", "bfloat16")
+    assert params.rl.lora_target_modules == ["o_proj"] and params.rl.kl_coef == 0.2
+    grandchild = tmp_path / "g.yaml"
+    grandchild.write_text("extends: p.yaml\nnum_instructions: 9\n")  # a chain, each path relative to its file
+    assert (load_params(grandchild).run_name, load_params(grandchild).num_instructions) == ("child", 9)
+
+
+def test_deep_merge_does_not_modify_its_inputs():
+    base, delta = {"a": {"b": 1, "c": [1]}}, {"a": {"c": [2]}}
+    assert deep_merge(base, delta) == {"a": {"b": 1, "c": [2]}}
+    assert base == {"a": {"b": 1, "c": [1]}} and delta == {"a": {"c": [2]}}
+
+
+def test_extends_cycles_and_bad_parents_are_refused_in_one_line(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\nrun_name: a\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\nrun_name: b\n")
+    with pytest.raises(ParamsError, match=r"'extends' makes a cycle \(.*a\.yaml -> .*b\.yaml -> .*a\.yaml\)") as error:
+        load_params(tmp_path / "a.yaml")
+    assert "\n" not in str(error.value)
+    (tmp_path / "self.yaml").write_text("extends: self.yaml\nrun_name: s\n")
+    with pytest.raises(ParamsError, match="cycle"):
+        load_params(tmp_path / "self.yaml")
+    with pytest.raises(ParamsError, match=r"key 'extends': .*missing\.yaml: params file not found"):
+        load_params(_write(tmp_path, "extends: missing.yaml\nrun_name: x\n"))
+    with pytest.raises(ParamsError, match="key 'extends' must be the path of a params file"):
+        load_params(_write(tmp_path, "extends: [a.yaml]\nrun_name: x\n"))
+    (tmp_path / "bad.yaml").write_text("run_name: [unclosed\n")
+    with pytest.raises(ParamsError, match=r"bad\.yaml:2: not valid YAML \(while parsing a flow sequence \(line 1\)"):  # the parent's own file and line
+        load_params(_write(tmp_path, "extends: bad.yaml\n"))
+
+
+def test_set_values_are_parsed_by_yaml_and_typed_by_the_schema(tmp_path):
+    overrides = parse_overrides(["evaluation.max_new_tokens=64", "model.device=cuda", "rl.kl_coef=1",
+                                 "rl.lora_target_modules=[q_proj, v_proj]", "instruction_generation.max_batches=null",
+                                 "seed_tasks=a=b"])
+    assert overrides == {"evaluation.max_new_tokens": 64, "model.device": "cuda", "rl.kl_coef": 1,
+                         "rl.lora_target_modules": ["q_proj", "v_proj"], "instruction_generation.max_batches": None,
+                         "seed_tasks": "a=b"}
+    params = load_params(REPO_ROOT / "params" / "smoke.yaml", overrides=overrides)
+    assert params.evaluation.max_new_tokens == 64 and params.rl.kl_coef == 1.0 and isinstance(params.rl.kl_coef, float)
+    assert params.instruction_generation.max_batches is None and params.seed_tasks == "a=b"
+    assert params.rl.lora_target_modules == ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("item, message", [
+    ("evaluation.max_new_tokes=3", "unknown key 'evaluation.max_new_tokes'"),
+    ("evaluatio.max_new_tokens=3", "unknown key 'evaluatio'"),
+    ("run_name.x=3", "key 'run_name' is a value, not a section: cannot set 'run_name.x'"),
+    ("evaluation.max_new_tokens=many", "key 'evaluation.max_new_tokens' must be int, got 'many'"),
+    ("evaluation.max_new_tokens=0", "key 'evaluation.max_new_tokens' must be positive"),
+    ("rl.kl_coef=.nan", "key 'rl.kl_coef' must be a finite number"),
+    ("rl.kl_coef=-1", "key 'rl.kl_coef' must be at least 0"),
+])
+def test_bad_set_keys_and_values_get_the_schema_messages(item, message):
+    path = REPO_ROOT / "params" / "smoke.yaml"
+    with pytest.raises(ParamsError) as error:
+        load_params(path, overrides=parse_overrides([item]))
+    assert message in str(error.value) and str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("item", ["evaluation.max_new_tokens", "=3", "a..b=3", "x=[unclosed"])
+def test_malformed_set_items_are_refused(item):
+    with pytest.raises(ParamsError, match="--set"):
+        parse_overrides([item])
