@@ -21,6 +21,8 @@ from tqdm.auto import tqdm
 
 from refine_af_utils.arms import ARMS
 from refine_af_utils.params import ModelParams, Params
+from refine_af_utils.seeding import derive_seed
+from refine_af_utils.stats import BOOTSTRAP_RESAMPLES, ClusterBootstrap, tasks_improved_tests
 from refine_af_utils.superni import BUNDLED_SUPERNI, SuperNITask, evaluation_prompt, load_tasks, score
 
 EVAL_DIR = "eval"
@@ -129,10 +131,19 @@ def grouped_scores(predictions: dict[str, pd.DataFrame], by: str | None) -> pd.D
     return pd.DataFrame(rows).round(2)
 
 
-def compare_arms(per_task: pd.DataFrame, metric: str = "rougeL", atol: float = 1e-9) -> pd.DataFrame:
+TIE_TOLERANCE = 1e-9  # a task is a tie when the two arms' mean scores differ by at most this (i.e. are equal)
+
+
+def task_outcomes(delta: Any, atol: float = TIE_TOLERANCE) -> np.ndarray:
+    """``win``, ``tie`` or ``loss`` per difference (REFINE-AF minus Self-Instruct); a tie is ``|delta| <= atol``."""
+    delta = np.asarray(delta, dtype=np.float64)
+    return np.where(np.isclose(delta, 0.0, atol=atol), "tie", np.where(delta > 0, "win", "loss"))
+
+
+def compare_arms(per_task: pd.DataFrame, metric: str = "rougeL", atol: float = TIE_TOLERANCE) -> pd.DataFrame:
     """Per task: REFINE-AF's score minus Self-Instruct's, and the outcome (win, tie, loss)."""
     delta = per_task[f"{metric}_refine_af"] - per_task[f"{metric}_self_instruct"]
-    outcome = np.where(np.isclose(delta, 0.0, atol=atol), "tie", np.where(delta > 0, "win", "loss"))
+    outcome = task_outcomes(delta, atol)
     return pd.DataFrame({"task": per_task["task"], "category": per_task["category"],
                          "self_instruct": per_task[f"{metric}_self_instruct"],
                          "refine_af": per_task[f"{metric}_refine_af"], "delta": delta, "outcome": outcome})
@@ -157,6 +168,128 @@ def category_winners(per_category: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+DIFFERENCE = "refine_af - self_instruct"  # the paired difference's name in the statistics tables
+
+
+def paired_predictions(predictions: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """One row per instance answered by every model (same task and id): ``<metric>_<model>`` columns.
+
+    ``references`` (as a tuple) comes along when the predictions carry it, for the constant-label flag.
+    """
+    keys = ["task", "category", "id"]
+    table = None
+    for name, frame in predictions.items():
+        part = frame[keys + list(METRICS)].rename(columns={m: f"{m}_{name}" for m in METRICS})
+        table = part if table is None else table.merge(part, on=keys, how="inner", validate="one_to_one")
+    first = next(iter(predictions.values()))
+    if "references" in first.columns:
+        refs = first[["task", "id"]].assign(references=[tuple(str(r).strip() for r in refs)
+                                                        for refs in first["references"]])
+        table = table.merge(refs, on=["task", "id"], how="left")
+    return table.sort_values(["task", "id"], kind="stable").reset_index(drop=True)
+
+
+@dataclass
+class EvaluationStatistics:
+    """Stage 6's statistics: overall and per-category means with cluster bootstrap CIs, per-task paired
+    differences with instance bootstrap CIs and flags, and the tests over tasks."""
+
+    overall: pd.DataFrame       # model (and the paired difference), metric, mean, ci_low, ci_high, tasks, instances
+    tasks: pd.DataFrame         # per task: ROUGE-L per model, difference with CI, outcome, significance, flags
+    per_category: pd.DataFrame  # category, model (and the difference), metric, mean, ci_low, ci_high, tasks, instances
+    improvement: dict[str, Any]  # wins/ties/losses, significant ones, exact interval, p-values, power
+
+
+def evaluation_statistics(predictions: dict[str, pd.DataFrame], seed: int,
+                          resamples: int = BOOTSTRAP_RESAMPLES, level: float = 0.95) -> EvaluationStatistics:
+    """Every statistic of stage 6 from the scored predictions (see :class:`EvaluationStatistics`).
+
+    One :class:`~refine_af_utils.stats.ClusterBootstrap` (tasks, then instances) serves all of them,
+    so the models and their paired difference share the same draws. Per task, REFINE-AF minus
+    Self-Instruct on ROUGE-L with an instance bootstrap CI; a task is a significant win or loss only
+    when that CI excludes 0. Ties follow :func:`task_outcomes`.
+    """
+    paired = paired_predictions(predictions)
+    models = list(predictions)
+    columns = [(name, metric) for metric in METRICS for name in models]
+    columns += [(DIFFERENCE, metric) for metric in METRICS]
+    values = np.column_stack(
+        [paired[f"{m}_{name}"] for name, m in columns if name != DIFFERENCE]
+        + [paired[f"{m}_refine_af"] - paired[f"{m}_self_instruct"] for name, m in columns if name == DIFFERENCE])
+    boot = ClusterBootstrap(values, paired["task"], seed, resamples)
+
+    def rows(intervals: list[Any], **extra: Any) -> list[dict[str, Any]]:
+        return [{**extra, "model": name, "metric": metric, "mean": iv.mean, "ci_low": iv.low, "ci_high": iv.high,
+                 "tasks": iv.clusters, "instances": iv.instances} for (name, metric), iv in zip(columns, intervals)]
+
+    overall = pd.DataFrame(rows(boot.interval(level=level)))
+    category_of = paired.groupby("task")["category"].first()
+    per_category = pd.DataFrame([row for category, names in category_of.groupby(category_of).groups.items()
+                                 for row in rows(boot.interval(list(names), key=f"category:{category}", level=level),
+                                                 category=category)])
+    means, low, high = boot.cluster_intervals(level)
+    diff = columns.index((DIFFERENCE, "rougeL"))
+    tasks = pd.DataFrame({"task": list(boot.names), "category": category_of.loc[list(boot.names)].to_numpy(),
+                          "instances": boot.sizes})
+    for j, (name, metric) in enumerate(columns):
+        if metric == "rougeL" and name != DIFFERENCE:
+            tasks[name] = means[:, j]
+    tasks["delta"], tasks["ci_low"], tasks["ci_high"] = means[:, diff], low[:, diff], high[:, diff]
+    tasks["outcome"] = task_outcomes(tasks["delta"])
+    tasks["significant"] = np.where(tasks["ci_low"] > 0, "win", np.where(tasks["ci_high"] < 0, "loss", "no"))
+    tasks["floor"] = (tasks[models] == 0).all(axis=1)
+    if "references" in paired.columns:
+        tasks["constant_label"] = (paired.groupby("task")["references"].nunique() == 1).loc[tasks["task"]].to_numpy()
+    else:
+        tasks["constant_label"] = pd.NA
+
+    counts = tasks["outcome"].value_counts()
+    wins, ties, losses = (int(counts.get(k, 0)) for k in ("win", "tie", "loss"))
+    tests = tasks_improved_tests(wins, ties, losses, tasks["delta"].where(tasks["outcome"] != "tie", 0.0),
+                                 level=level)
+    improvement = {"significant_wins": int((tasks["significant"] == "win").sum()),
+                   "significant_losses": int((tasks["significant"] == "loss").sum()),
+                   "floor_tasks": int(tasks["floor"].sum()),
+                   "constant_label_tasks": int(tasks["constant_label"].eq(True).sum()),
+                   "tie_tolerance": TIE_TOLERANCE, "confidence_level": level, "bootstrap_resamples": resamples,
+                   "bootstrap_seed": int(seed), **tests}
+    return EvaluationStatistics(overall, tasks, per_category, improvement)
+
+
+STATISTICS_FILES = {"overall": "overall_ci.csv", "tasks": "task_stats.csv", "per_category": "per_category_ci.csv"}
+
+
+def write_statistics(out: Path, statistics: EvaluationStatistics, improvement: dict[str, Any]) -> None:
+    """Write ``overall_ci.csv``, ``task_stats.csv``, ``per_category_ci.csv`` and ``tasks_improved.csv`` to ``out``.
+
+    ``improvement`` is :func:`tasks_improved`'s counts; the statistics' rows follow them in
+    ``tasks_improved.csv`` (one ``measure,value`` table).
+    """
+    statistics.overall.to_csv(out / STATISTICS_FILES["overall"], index=False)
+    statistics.tasks.to_csv(out / STATISTICS_FILES["tasks"], index=False)
+    statistics.per_category.to_csv(out / STATISTICS_FILES["per_category"], index=False)
+    pd.Series({**improvement, **statistics.improvement}, dtype=object).to_csv(
+        out / "tasks_improved.csv", header=["value"], index_label="measure")
+
+
+def bootstrap_seed(random_seed: int) -> int:
+    """The seed of stage 6's bootstrap, from the run's seed (the one seed rule)."""
+    return derive_seed(random_seed, "06", "bootstrap")
+
+
+def statistics_from_run(run_dir: str | Path, random_seed: int) -> EvaluationStatistics:
+    """Stage 6's statistics again from ``eval/predictions_<model>.jsonl`` (same seed rule, same numbers)."""
+    from refine_af_utils.jsonl import read_jsonl
+
+    predictions = {}
+    for name in MODELS:
+        path = Path(run_dir) / EVAL_DIR / f"predictions_{name}.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing; run the stage that writes it before stage 7")
+        predictions[name] = pd.DataFrame(read_jsonl(path))
+    return evaluation_statistics(predictions, bootstrap_seed(random_seed))
+
+
 @dataclass
 class EvaluationResult:
     """Stage 6's tables and figures."""
@@ -168,6 +301,7 @@ class EvaluationResult:
     comparison: pd.DataFrame
     improvement: dict[str, Any]
     figures: dict[str, Path]
+    statistics: EvaluationStatistics | None = None
 
 
 def evaluation_figure(name: str, per_category: pd.DataFrame, comparison: pd.DataFrame, path: Path) -> Path:
@@ -211,17 +345,21 @@ def run_evaluation_stage(params: Params, run_dir: str | Path) -> EvaluationResul
     overall["instances"] = [len(predictions[name]) for name in overall.index]
     comparison = compare_arms(per_task)
     improvement = tasks_improved(comparison)
+    statistics = evaluation_statistics(predictions, bootstrap_seed(params.random_seed))
     winners = category_winners(per_category)
     per_task.round(4).to_csv(out / "per_task.csv", index=False)
     winners.to_csv(out / "per_category.csv", index_label="category")
     overall.to_csv(out / "overall.csv", index_label="model")
     comparison.round(4).to_csv(out / "task_comparison.csv", index=False)
-    pd.Series(improvement).to_csv(out / "tasks_improved.csv", header=["value"], index_label="measure")
+    write_statistics(out, statistics, improvement)
     figures = {name: evaluation_figure(name, per_category, comparison, out / f"{name}.png")
                for name in EVALUATION_FIGURES}
     record_metrics(run_dir, "06", {
         **{f"{name}_rougeL": float(overall.loc[name, "rougeL"]) for name in MODELS},
         **{f"{name}_exact_match": float(overall.loc[name, "exact_match"]) for name in MODELS},
         **improvement, "superni_dir": params.evaluation.superni_dir,
+        **{k: None if isinstance(v, float) and not np.isfinite(v) else v for k, v in statistics.improvement.items()},
+        **{f"{row.model.replace(' - ', '_minus_')}_{row.metric}_ci": [row.ci_low, row.ci_high]
+           for row in statistics.overall.itertuples()},
     })
-    return EvaluationResult(predictions, per_task, winners, overall, comparison, improvement, figures)
+    return EvaluationResult(predictions, per_task, winners, overall, comparison, improvement, figures, statistics)
