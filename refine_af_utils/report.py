@@ -104,8 +104,173 @@ def wall_times(run_dir: Path) -> pd.DataFrame:
     return table
 
 
-def build_report(run_dir: str | Path, run_name: str | None = None) -> Report:
-    """Regenerate every table and figure of the run into ``report.md`` (see the module docstring)."""
+def evaluation_statistics_tables(run_dir: Path, improvement: pd.Series, random_seed: int | None
+                                 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """Stage 6's statistics (overall CIs, per-task, per-category CIs, tests over tasks) for the report.
+
+    Read from ``eval/`` when stage 6 wrote them; a run evaluated before they existed gets them
+    computed from its predictions with the run's seed (``random_seed``), in memory, the same numbers
+    stage 6 would write.
+    """
+    from refine_af_utils.evaluation import STATISTICS_FILES, statistics_from_run
+
+    paths = {key: run_dir / "eval" / name for key, name in STATISTICS_FILES.items()}
+    missing = [path for path in paths.values() if not path.is_file()]
+    if not missing and "sign_test_p" in improvement.index:
+        tests = {str(key): value for key, value in improvement.items()}
+        return (pd.read_csv(paths["overall"]), pd.read_csv(paths["tasks"]), pd.read_csv(paths["per_category"]), tests)
+    if random_seed is None:
+        where = missing[0] if missing else run_dir / "eval" / "tasks_improved.csv"
+        raise FileNotFoundError(f"{where}: missing stage 6 statistics; run the stage that writes them before stage 7 "
+                                "(or give the run's random_seed to compute them from the predictions)")
+    statistics = statistics_from_run(run_dir, int(random_seed))
+    return statistics.overall, statistics.tasks, statistics.per_category, dict(statistics.improvement)
+
+
+def _num(value: Any) -> float:
+    """A float from a CSV cell (NaN for empty or None)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _level(tests: dict[str, Any]) -> str:
+    return f"{100 * _num(tests['confidence_level']):.0f}%"
+
+
+def _p(value: Any) -> str:
+    p = _num(value)
+    return "n/a (no non-tied tasks)" if np.isnan(p) else (f"{p:.3g}" if p >= 0.001 else "< 0.001")
+
+
+def chance_sentence(overall_ci: pd.DataFrame, tests: dict[str, Any], metric: str = "rougeL") -> str:
+    """One plain sentence: is REFINE-AF vs Self-Instruct distinguishable from chance (CI and p-values)."""
+    from refine_af_utils.evaluation import DIFFERENCE
+
+    row = overall_ci[(overall_ci["model"] == DIFFERENCE) & (overall_ci["metric"] == metric)].iloc[0]
+    alpha = _num(tests["alpha"])
+    sign_p, wilcoxon = _num(tests["sign_test_p"]), _num(tests["wilcoxon_p"])
+    excludes = row["ci_low"] > 0 or row["ci_high"] < 0
+    significant = [p < alpha for p in (sign_p, wilcoxon) if not np.isnan(p)]
+    side = "excludes" if excludes else "includes"
+    difference = (f"the overall ROUGE-L difference (REFINE-AF minus Self-Instruct) is {row['mean']:+.2f} with a "
+                  f"{_level(tests)} CI of [{row['ci_low']:.2f}, {row['ci_high']:.2f}], which {side} 0, and over "
+                  f"tasks the sign test gives p = {_p(sign_p)} and the Wilcoxon signed-rank test "
+                  f"p = {_p(wilcoxon)} (alpha {alpha:g})")
+    if excludes and significant and all(significant):
+        leader = "REFINE-AF" if row["mean"] > 0 else "Self-Instruct"
+        return f"**The difference is distinguishable from chance, in favour of {leader}:** {difference}."
+    if not excludes and not any(significant):
+        return f"**The REFINE-AF vs Self-Instruct difference is not distinguishable from chance:** {difference}."
+    return f"**The evidence is mixed (some of the checks below tell the arms apart from chance, some do not):** " \
+           f"{difference}."
+
+
+def main_table(overall_ci: pd.DataFrame) -> pd.DataFrame:
+    """``table_main``: per model and for the paired difference, ROUGE-L and exact match with CI bounds."""
+    from refine_af_utils.evaluation import DIFFERENCE, MODELS
+
+    names = {"rougeL": "ROUGE-L", "exact_match": "exact match"}
+    table = pd.DataFrame(index=pd.Index([*MODELS, DIFFERENCE], name="model"))
+    for metric, label in names.items():
+        rows = overall_ci[overall_ci["metric"] == metric].set_index("model")
+        table[label] = rows["mean"].round(2)
+        table[f"{label} CI low"] = rows["ci_low"].round(2)
+        table[f"{label} CI high"] = rows["ci_high"].round(2)
+    counts = overall_ci.drop_duplicates("model").set_index("model")
+    table["tasks"], table["instances"] = counts["tasks"].astype(int), counts["instances"].astype(int)
+    return table
+
+
+def tasks_improved_table(wins: int, ties: int, losses: int, tests: dict[str, Any]) -> pd.DataFrame:
+    """``table_tasks_improved``: wins, ties, losses, significant ones, the exact interval, tests and power."""
+    from refine_af_utils.stats import critical_wins, sign_test_power
+
+    tasks = wins + ties + losses
+    alpha, power = _num(tests["alpha"]), _num(tests["power"])
+    low, high = _num(tests["win_share_ci_low"]), _num(tests["win_share_ci_high"])
+    detectable = _num(tests["min_detectable_win_share"])
+    needed = critical_wins(tasks, alpha) if tasks else None
+    paper = tuple(share / 100 for share in PAPER_TASKS_IMPROVED)
+    paper_power = [sign_test_power(tasks, share, alpha) for share in paper] if tasks else [float("nan")] * 2
+    share = f"{100.0 * wins / tasks:.1f}% ({wins}/{tasks})" if tasks else "n/a"
+    rows = {
+        "REFINE-AF better": (share, f"{100 * low:.1f}-{100 * high:.1f}% (exact, Clopper-Pearson)",
+                             f"{PAPER_TASKS_IMPROVED[0]:.0f}-{PAPER_TASKS_IMPROVED[1]:.0f}%"),
+        "tie": (f"{ties}/{tasks}", "", "not reported"),
+        "Self-Instruct better": (f"{losses}/{tasks}", "", "not reported"),
+        "REFINE-AF significantly better (task CI excludes 0)":
+            (f"{int(_num(tests['significant_wins']))}/{tasks}", "", "not reported"),
+        "Self-Instruct significantly better (task CI excludes 0)":
+            (f"{int(_num(tests['significant_losses']))}/{tasks}", "", "not reported"),
+        "sign test, wins among wins and losses (two-sided p)": (_p(tests["sign_test_p"]), "", "not reported"),
+        "Wilcoxon signed-rank test on per-task differences (two-sided p)":
+            (_p(tests["wilcoxon_p"]), "", "not reported"),
+        f"wins needed for a two-sided sign test at {alpha:g}":
+            (f"{needed}/{tasks}" if needed is not None else "none suffice", "", ""),
+        f"smallest win share detectable with {power:.0%} power":
+            (f"{100 * detectable:.1f}%" if not np.isnan(detectable) else "none", "",
+             f"sign test power at {PAPER_TASKS_IMPROVED[0]:.0f}-{PAPER_TASKS_IMPROVED[1]:.0f}%: "
+             f"{100 * paper_power[0]:.0f}-{100 * paper_power[1]:.0f}% with {tasks} tasks"),
+    }
+    table = pd.DataFrame.from_dict(rows, orient="index", columns=["this run", f"{_level(tests)} CI", "paper"])
+    return table.rename_axis("tasks where")
+
+
+def power_line(tasks: int, tests: dict[str, Any]) -> str:
+    """The power line: below which true win share ``tasks`` tasks cannot tell a result from chance."""
+    alpha, power = _num(tests["alpha"]), _num(tests["power"])
+    detectable = _num(tests["min_detectable_win_share"])
+    paper = f"{PAPER_TASKS_IMPROVED[0]:.0f}-{PAPER_TASKS_IMPROVED[1]:.0f}%"
+    if np.isnan(detectable):
+        return (f"**Power:** with {tasks} tasks, no win share can be told from chance at {power:.0%} power "
+                f"(two-sided sign test, alpha {alpha:g}); the paper reports {paper}.")
+    low, high = PAPER_TASKS_IMPROVED
+    if 100 * detectable > high:
+        verdict = "an effect of the paper's size would likely go undetected with this many tasks"
+    elif 100 * detectable <= low:
+        verdict = f"an effect of the paper's size would be detected with at least {power:.0%} power"
+    else:
+        verdict = "the paper's range straddles that bound"
+    return (f"**Power:** with {tasks} tasks, a win share below {100 * detectable:.1f}% cannot be told from chance "
+            f"at {power:.0%} power (two-sided sign test, alpha {alpha:g}); the paper reports {paper}, so {verdict}.")
+
+
+def per_category_table(per_category_ci: pd.DataFrame, metric: str = "rougeL") -> pd.DataFrame:
+    """``table_per_category``: each model's mean [CI] per category, the paired difference, the winner."""
+    from refine_af_utils.evaluation import DIFFERENCE, MODELS
+
+    rows = per_category_ci[per_category_ci["metric"] == metric]
+    cell = rows.assign(text=[f"{m:.2f} [{lo:.2f}, {hi:.2f}]" for m, lo, hi in
+                             zip(rows["mean"], rows["ci_low"], rows["ci_high"])])
+    table = cell.pivot(index="category", columns="model", values="text")[[*MODELS, DIFFERENCE]]
+    diff = rows[rows["model"] == DIFFERENCE].set_index("category")
+    table["winner"] = np.where(diff["ci_low"] > 0, "refine_af",
+                               np.where(diff["ci_high"] < 0, "self_instruct", "neither (CI includes 0)"))
+    table["tasks"] = diff["tasks"].astype(int)
+    return table.rename_axis(None, axis=1)
+
+
+def task_table(task_stats: pd.DataFrame) -> pd.DataFrame:
+    """``table_task_stats``: the per-task paired differences with CIs, outcomes and floor/constant-label flags."""
+    from refine_af_utils.evaluation import MODELS
+
+    table = task_stats.set_index("task")[["category", "instances", *MODELS, "delta", "ci_low", "ci_high",
+                                          "outcome", "significant"]].round(2)
+    floor = task_stats["floor"].astype(str).str.lower().eq("true").to_numpy()
+    constant = task_stats["constant_label"].astype(str).str.lower().eq("true").to_numpy()
+    table["flags"] = [", ".join(name for name, on in (("floor", f), ("constant label", c)) if on)
+                      for f, c in zip(floor, constant)]
+    return table
+
+
+def build_report(run_dir: str | Path, run_name: str | None = None, random_seed: int | None = None) -> Report:
+    """Regenerate every table and figure of the run into ``report.md`` (see the module docstring).
+
+    ``random_seed`` (the run's) lets a run evaluated before stage 6 wrote its statistics get them
+    from its predictions; without it those files must exist.
+    """
     from refine_af_utils.plots import bar_chart, save_figure
 
     run_dir = Path(run_dir)
@@ -116,26 +281,43 @@ def build_report(run_dir: str | Path, run_name: str | None = None) -> Report:
                 "results only. Every number below comes from this run.")
 
     metrics06 = json.loads(_require(run_dir / "metrics" / "06.json").read_text())
-    overall = _csv(run_dir, "eval/overall.csv", index_col="model")
+    _require(run_dir / "eval" / "overall.csv")
     improvement = _csv(run_dir, "eval/tasks_improved.csv", index_col="measure")["value"]
+    overall_ci, task_stats, per_category_ci, tests = evaluation_statistics_tables(run_dir, improvement,
+                                                                                  random_seed)
     bundled = metrics06.get("superni_dir") == "bundled"
     report.text("## Main result: zero-shot evaluation")
     if bundled:
         report.text("Evaluated on the **bundled offline set** (12 tasks written for this project in "
                     "Super-NaturalInstructions' format, one per test category). These are **not** "
                     "Super-NI numbers; set `evaluation.superni_dir` to a natural-instructions checkout for those.")
-    main = overall[["rougeL", "exact_match", "tasks", "instances"]].rename(
-        columns={"rougeL": "ROUGE-L", "exact_match": "exact match"})
-    report.table("main", main, "overall ROUGE-L and exact match (x100, means over instances) per model")
     wins, ties, losses, tasks = (int(float(improvement[k])) for k in ("wins", "ties", "losses", "tasks"))
-    share = pd.DataFrame({
-        "this run": [f"{100.0 * wins / tasks:.1f}% ({wins}/{tasks})", f"{ties}/{tasks}", f"{losses}/{tasks}"],
-        "paper": [f"{PAPER_TASKS_IMPROVED[0]:.0f}-{PAPER_TASKS_IMPROVED[1]:.0f}%", "not reported", "not reported"],
-    }, index=pd.Index(["REFINE-AF better", "tie", "Self-Instruct better"], name="tasks where"))
-    report.table("tasks_improved", share, "tasks on which REFINE-AF beats the Self-Instruct baseline (ROUGE-L)")
+    level = _level(tests)
+    report.text(f"Intervals are {level} percentile bootstrap intervals "
+                f"({int(float(tests['bootstrap_resamples'])):,} resamples, seeded from the run's seed): overall and "
+                "per category, tasks are resampled, then instances within each drawn task (a cluster bootstrap; "
+                "the statistic is the mean over instances, as Tk-Instruct's score); per task, its instances. "
+                "The REFINE-AF minus Self-Instruct difference is paired by instance (same task and id).")
+    report.text(chance_sentence(overall_ci, tests))
+    report.table("main", main_table(overall_ci),
+                 "overall ROUGE-L and exact match (x100, means over instances) per model and the paired "
+                 f"REFINE-AF minus Self-Instruct difference, with {level} cluster bootstrap CIs")
+    report.text(f"A task is a tie when the two arms' mean ROUGE-L differ by at most {float(tests['tie_tolerance']):g} "
+                "(that is, are equal); ties count as not won in the share and are left out of the sign test and the "
+                f"Wilcoxon test. A task is a significant win or loss only when its own {level} CI excludes 0.")
+    report.table("tasks_improved", tasks_improved_table(wins, ties, losses, tests),
+                 "tasks on which REFINE-AF beats the Self-Instruct baseline (ROUGE-L), with the exact "
+                 "(Clopper-Pearson) interval of the share, the tests over tasks and their power")
+    report.text(power_line(tasks, tests))
 
     per_category = _csv(run_dir, "eval/per_category.csv", index_col="category")
-    report.table("per_category", per_category, "ROUGE-L per category (means over instances) and the winning arm")
+    report.table("per_category", per_category_table(per_category_ci),
+                 f"ROUGE-L per category (means over instances) with {level} cluster bootstrap CIs, and the winning arm "
+                 "(only where the CI of the paired difference excludes 0)")
+    report.table("task_stats", task_table(task_stats),
+                 f"per task: ROUGE-L per model, REFINE-AF minus Self-Instruct with its {level} CI over the task's "
+                 "instances, the outcome, whether it is significant, and flags (floor: every model scores 0; "
+                 "constant label: every instance has the same reference answer)")
     comparison = _csv(run_dir, "eval/task_comparison.csv")
     report.figure("06_per_category", lambda p: evaluation_figure("per_category", per_category, comparison, p),
                   "ROUGE-L per category and model")
@@ -222,7 +404,7 @@ def run_report_stage(params: Any, run_dir: str | Path) -> Report:
     """Stage 7 for the notebook: build the report and record what it contains."""
     from refine_af_utils.results import record_metrics
 
-    report = build_report(run_dir, params.run_name)
+    report = build_report(run_dir, params.run_name, params.random_seed)
     record_metrics(run_dir, "07", {"tables": sorted(report.tables), "figures": sorted(report.figures)})
     return report
 
