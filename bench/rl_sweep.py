@@ -37,19 +37,23 @@ from refine_af_utils.rl import (  # noqa: E402
     HELDOUT_SAMPLES_FILE, RL_DIR, CompletionScorer, evaluate_heldout, train_generator,
 )
 
-# name -> dotted overrides of the base params. The first block varies the algorithm at about the
-# same wall time; the rest vary one knob of the best one (see the README's RL section).
+# name -> dotted overrides of the base params (64 new tokens unless the name says t96). The first three
+# compare the algorithms at about the same number of sampled tokens; the rest vary one knob at a time.
+# The parse penalty's unit (stage 2's content SD) comes from the base run's stage 2.
+SHORT = {"instance_generation.max_new_tokens": 64}
 SETTINGS: dict[str, dict[str, Any]] = {
-    "ppo_b4_u10": {"rl.algorithm": "ppo", "rl.batch_size": 4, "rl.updates": 10},
-    "grpo_b4g4_u5": {"rl.algorithm": "grpo", "rl.batch_size": 4, "rl.num_generations": 4, "rl.updates": 5},
-    "rloo_b4g4_u5": {"rl.algorithm": "rloo", "rl.batch_size": 4, "rl.num_generations": 4, "rl.updates": 5},
-    "ppo_b8_u8_whiten": {"rl.algorithm": "ppo", "rl.batch_size": 8, "rl.updates": 8},
-    "ppo_b4_u10_lr1e-3": {"rl.algorithm": "ppo", "rl.batch_size": 4, "rl.updates": 10, "rl.learning_rate": 1e-3},
-    "ppo_b4_u10_kl0.2": {"rl.algorithm": "ppo", "rl.batch_size": 4, "rl.updates": 10, "rl.kl_coef": 0.2},
-    "ppo_b4_u10_penalty0.5": {"rl.algorithm": "ppo", "rl.batch_size": 4, "rl.updates": 10, "rl.parse_penalty_sd": 0.5},
-    "ppo_b4_u10_penalty6": {"rl.algorithm": "ppo", "rl.batch_size": 4, "rl.updates": 10, "rl.parse_penalty_sd": 6.0},
-    "ppo_b4_u16_tokens64": {"rl.algorithm": "ppo", "rl.batch_size": 4, "rl.updates": 16,
-                            "instance_generation.max_new_tokens": 64},
+    "ppo_b4_u8_t64": {**SHORT, "rl.algorithm": "ppo", "rl.batch_size": 4, "rl.updates": 8},
+    "grpo_b4g4_u4_t64": {**SHORT, "rl.algorithm": "grpo", "rl.batch_size": 4, "rl.num_generations": 4, "rl.updates": 4},
+    "rloo_b4g4_u4_t64": {**SHORT, "rl.algorithm": "rloo", "rl.batch_size": 4, "rl.num_generations": 4, "rl.updates": 4},
+    "ppo_b4_u8_t64_lr1e-3": {**SHORT, "rl.algorithm": "ppo", "rl.batch_size": 4, "rl.updates": 8,
+                             "rl.learning_rate": 1e-3},
+    "ppo_b8_u4_t64_whiten": {**SHORT, "rl.algorithm": "ppo", "rl.batch_size": 8, "rl.updates": 4},
+    "ppo_b4_u8_t64_kl0.2": {**SHORT, "rl.algorithm": "ppo", "rl.batch_size": 4, "rl.updates": 8, "rl.kl_coef": 0.2},
+    "ppo_b4_u8_t64_penalty0.5": {**SHORT, "rl.algorithm": "ppo", "rl.batch_size": 4, "rl.updates": 8,
+                                 "rl.parse_penalty_sd": 0.5},
+    "ppo_b4_u8_t64_penalty6": {**SHORT, "rl.algorithm": "ppo", "rl.batch_size": 4, "rl.updates": 8,
+                               "rl.parse_penalty_sd": 6.0},
+    "ppo_b4_u6_t96": {"rl.algorithm": "ppo", "rl.batch_size": 4, "rl.updates": 6},
 }
 UPSTREAM = ("seeds", "instructions", "reward_analysis")
 
