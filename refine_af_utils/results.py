@@ -78,15 +78,49 @@ def check_stage_config(out_dir: str | Path, config: dict[str, Any]) -> None:
         partial.replace(path)
 
 
+RESOLVED_PARAMS = "params.yaml"
+
+
+def write_resolved_params(run_dir: str | Path, params: Any, header: str = "") -> Path:
+    """Write the run's resolved params (no ``extends``, every key) to ``<run_dir>/params.yaml``; return it.
+
+    Written then renamed, so a reader (a notebook, another process under accelerate) never sees half a file.
+    """
+    from refine_af_utils.params import params_yaml
+
+    path = Path(run_dir) / RESOLVED_PARAMS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    partial.write_text(params_yaml(params, header))
+    partial.replace(path)
+    return path
+
+
 def stage_command_line(description: str, argv: Optional[Sequence[str]] = None) -> tuple[Any, Path]:
-    """Parse ``PARAMS [--results-root DIR]`` for a stage's own entry point; return (params, run_dir)."""
+    """Parse ``PARAMS [--set KEY=VALUE ...] [--results-root DIR]`` for a stage's own entry point.
+
+    Returns (params, run_dir). ``--set`` works as on the runner (dotted keys, YAML values, checked by
+    the schema); the resolved params are written to ``<run_dir>/params.yaml``.
+    """
     import argparse
 
-    from refine_af_utils.params import load_params
+    from refine_af_utils.errors import RefineAFError
+    from refine_af_utils.params import load_params, parse_overrides
 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("params", help="params YAML file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a params key (dotted, e.g. rl.updates=800; the value is read as YAML); "
+                             "repeatable")
     parser.add_argument("--results-root", default="results", help="where run folders go")
     args = parser.parse_args(argv)
-    params = load_params(args.params)
-    return params, run_folder(args.results_root, params.run_name)
+    try:
+        overrides = parse_overrides(args.overrides)
+        params = load_params(args.params, overrides=overrides)
+        run_dir = run_folder(args.results_root, params.run_name)
+    except RefineAFError as error:
+        parser.exit(2, f"error: {error}\n")
+    sets = "".join(f" --set {key}={json.dumps(value)}" for key, value in overrides.items())
+    write_resolved_params(run_dir, params, f"Resolved params of run '{params.run_name}', written by a stage "
+                                           f"entry point: {args.params}{sets}")
+    return params, run_dir

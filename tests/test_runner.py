@@ -1,0 +1,199 @@
+"""The runner: content-keyed completion markers, --dry-run, --set and the resolved params file (issues 11, 12)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from refine_af_utils.params import load_params
+from refine_af_utils.results import stage_command_line
+from refine_af_utils.run import (STAGES, hash_outputs, main, run_pipeline, stage_outputs, stage_status,
+                                 write_marker)
+
+from conftest import REPO_ROOT
+
+SMOKE = REPO_ROOT / "params" / "smoke.yaml"
+
+
+def _fake_stage(run_dir: Path, stage, text: str = "v1") -> None:
+    """Stand-in outputs of one stage: a file in its folder (the report: report.md) and its metrics."""
+    target = run_dir / (stage.output_dir or "") / ("report.md" if stage.output_dir is None else "out.txt")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(f"{stage.id} {text}\n")
+    (run_dir / "metrics").mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics" / f"{stage.id}.json").write_text(json.dumps({"stage": stage.id}))
+
+
+@pytest.fixture
+def finished_run(tmp_path):
+    """A run folder where every stage 'ran' (fake outputs) with the smoke params and left its marker."""
+    params = load_params(SMOKE)
+    run_dir = tmp_path / "results" / params.run_name
+    for stage in STAGES:
+        _fake_stage(run_dir, stage)
+        write_marker(run_dir, stage, params, seconds=1.0)
+    return params, run_dir
+
+
+def _statuses(run_dir, params):
+    return {s.id: stage_status(run_dir, s, params) for s in STAGES}
+
+
+def test_a_finished_run_is_complete_and_outputs_follow_the_rule(finished_run):
+    params, run_dir = finished_run
+    assert not any(status.run for status in _statuses(run_dir, params).values())
+    assert stage_outputs(run_dir, STAGES[1]) == ["instructions/out.txt", "metrics/01.json"]
+    assert stage_outputs(run_dir, STAGES[-1]) == ["metrics/07.json", "report.md"]
+    marker = json.loads((run_dir / "stages" / "02.json").read_text())
+    assert set(marker["inputs"]) == {"00", "01"}
+    assert set(marker["inputs"]["01"]) == {"instructions/out.txt", "metrics/01.json"}
+    assert marker["params"]["reward_analysis"] == params.to_dict()["reward_analysis"]
+    assert "evaluation" not in marker["params"] and "evaluation" in json.loads(
+        (run_dir / "stages" / "06.json").read_text())["params"]
+
+
+def test_caches_checkpoints_hidden_and_partial_files_are_not_outputs(finished_run):
+    params, run_dir = finished_run
+    for extra in ("reward_analysis/cache/scores.jsonl", "rl/checkpoints/update-2/adapter.bin",
+                  "sft/self_instruct/checkpoint-4/model.bin", "data/.raw.swp", "data/raw.jsonl.123.partial",
+                  "params.yaml", ".lock"):
+        (run_dir / extra).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / extra).write_text("anything")
+    assert not any(status.run for status in _statuses(run_dir, params).values())
+
+
+def test_an_edited_output_reruns_its_stage_and_the_later_ones_from_scratch(finished_run):
+    params, run_dir = finished_run
+    (run_dir / "instructions" / "out.txt").write_text("edited by hand\n")
+    statuses = _statuses(run_dir, params)
+    assert [s for s, status in statuses.items() if status.run] == ["01", "02", "03", "04", "05", "06", "07"]
+    assert statuses["01"].from_scratch and "its outputs changed since it ran: instructions/out.txt changed" \
+        in statuses["01"].reason
+    assert statuses["02"].from_scratch
+    assert statuses["02"].reason == "stage 01's outputs changed since it ran: instructions/out.txt changed"
+
+
+def test_a_deleted_output_folder_or_metrics_file_is_named(finished_run):
+    params, run_dir = finished_run
+    for path in (run_dir / "data").iterdir():
+        path.unlink()
+    (run_dir / "data").rmdir()
+    status = stage_status(run_dir, STAGES[4], params)
+    assert status.run and status.from_scratch and "data/out.txt deleted" in status.reason
+    (run_dir / "metrics" / "02.json").unlink()
+    assert stage_status(run_dir, STAGES[2], params).reason == "its outputs changed since it ran: metrics/02.json deleted"
+
+
+def test_same_content_rewritten_stays_complete_and_sizes_and_times_spare_rehashing(finished_run, monkeypatch):
+    params, run_dir = finished_run
+    path = run_dir / "seeds" / "out.txt"
+    path.write_text(path.read_text())  # new modification time, same bytes: rehashed, equal
+    os.utime(path, ns=(1, 1))
+    assert not any(status.run for status in _statuses(run_dir, params).values())
+    recorded = json.loads((run_dir / "stages" / "00.json").read_text())["outputs"]
+    assert set(recorded["seeds/out.txt"]) == {"sha256", "size", "mtime_ns"}
+
+    import refine_af_utils.run as run_module
+
+    write_marker(run_dir, STAGES[0], params, 1.0, inputs={})  # records the current sizes and times
+    monkeypatch.setattr(run_module, "file_sha256", lambda p: pytest.fail(f"{p} was rehashed"))
+    hash_outputs(run_dir, STAGES[0], json.loads((run_dir / "stages" / "00.json").read_text())["outputs"])
+
+
+def test_a_params_change_reruns_in_place_and_names_the_keys(finished_run):
+    params, run_dir = finished_run
+    changed = load_params(SMOKE, overrides={"rl.kl_coef": 0.2, "rl.updates": 3})
+    statuses = _statuses(run_dir, changed)
+    assert [s for s, status in statuses.items() if status.run] == ["03", "04", "05", "06", "07"]
+    assert statuses["03"].reason == "params changed: rl.kl_coef, rl.updates" and not statuses["03"].from_scratch
+
+
+def test_old_torn_and_missing_markers_mean_run(finished_run):
+    params, run_dir = finished_run
+    (run_dir / "stages" / "00.json").write_text(json.dumps({"stage": "00", "params_fingerprint": "x", "seconds": 1}))
+    (run_dir / "stages" / "01.json").write_text('{"stage": "01", "par')
+    (run_dir / "stages" / "02.json").unlink()
+    statuses = _statuses(run_dir, params)
+    assert "predates output hashes" in statuses["00"].reason
+    assert statuses["01"].reason == statuses["02"].reason == "not run yet (no marker)"
+
+
+def test_dry_run_after_an_evaluation_change_skips_stages_0_to_5_and_names_the_key(finished_run, capsys):
+    params, run_dir = finished_run
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    assert main([str(SMOKE), "--results-root", str(run_dir.parent), "--set", "evaluation.max_new_tokens=64",
+                 "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(": ")[1].split(" ")[0] for line in lines] == ["skip"] * 6 + ["run"] * 2
+    assert [line[1:3] for line in lines] == [s.id for s in STAGES]
+    assert "params changed: evaluation.max_new_tokens" in lines[6] and "params changed: evaluation.max_new_tokens" \
+        in lines[7]
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before  # nothing written, no lock
+
+
+def test_dry_run_names_an_upstream_change_and_what_it_implies_later(finished_run, capsys):
+    params, run_dir = finished_run
+    (run_dir / "rl" / "out.txt").unlink()
+    assert main([str(SMOKE), "--results-root", str(run_dir.parent), "--from", "02", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("[02] 02_reward_analysis.ipynb: skip (complete, skipped")
+    assert lines[1] == ("[03] 03_ppo_training.ipynb: run (its outputs changed since it ran: rl/out.txt deleted; "
+                        "from scratch)")
+    assert lines[2].startswith("[04] 04_instance_generation.ipynb: run (stage 03's outputs changed")
+
+
+def test_a_bad_set_key_is_rejected_by_its_dotted_name_before_anything_is_written(tmp_path, capsys):
+    root = tmp_path / "results"
+    root.mkdir()
+    assert main([str(SMOKE), "--results-root", str(root), "--set", "evaluation.max_new_tokes=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{SMOKE}: unknown key 'evaluation.max_new_tokes'" in err
+    assert main([str(SMOKE), "--results-root", str(root), "--set", "evaluation.max_new_tokens"]) == 2
+    assert "expected KEY=VALUE" in capsys.readouterr().err
+    assert main([str(SMOKE), "--results-root", str(root), "--set", "rl.kl_coef=-1"]) == 2
+    assert "key 'rl.kl_coef' must be at least 0" in capsys.readouterr().err
+    assert not any(root.iterdir())
+
+
+def test_stage_entry_points_take_set_and_record_the_resolved_params(tmp_path, capsys):
+    root = tmp_path / "results"
+    params, run_dir = stage_command_line("test", [str(SMOKE), "--results-root", str(root),
+                                                  "--set", "rl.updates=5", "--set", "model.device=cuda"])
+    assert params.rl.updates == 5 and params.model.device == "cuda" and run_dir == root / "smoke"
+    assert load_params(run_dir / "params.yaml") == params
+    assert "--set rl.updates=5 --set model.device=\"cuda\"" in (run_dir / "params.yaml").read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        stage_command_line("test", [str(SMOKE), "--results-root", str(root), "--set", "rl.update=5"])
+    assert exit_info.value.code == 2 and "unknown key 'rl.update'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_runner_reruns_stage_0_from_scratch_after_its_output_is_edited(tmp_path, capsys):
+    """Through papermill, stage 0 only (no model): resolved params injected, hashes recorded, edits caught."""
+    root = tmp_path / "results"
+    run_dir = run_pipeline(SMOKE, only="00", results_root=root, overrides={"num_instructions": 7})
+    resolved = run_dir / "params.yaml"
+    assert load_params(resolved) == load_params(SMOKE, overrides={"num_instructions": 7})
+    assert "extends" not in yaml.safe_load(resolved.read_text())
+    executed = json.loads((run_dir / "notebooks" / STAGES[0].notebook).read_text())
+    injected = "".join(next(c for c in executed["cells"] if "injected-parameters" in c["metadata"].get("tags", []))
+                       ["source"])
+    assert f"params_path = {str(resolved.resolve())!r}" in injected.replace('"', "'")
+    marker = json.loads((run_dir / "stages" / "00.json").read_text())
+    assert {"seeds/seed_tasks.jsonl", "seeds/seed_summary.csv", "metrics/00.json"} <= set(marker["outputs"])
+    original = (run_dir / "seeds" / "seed_tasks.jsonl").read_bytes()
+
+    (run_dir / "seeds" / "seed_tasks.jsonl").write_bytes(original[: len(original) // 2])
+    capsys.readouterr()
+    run_pipeline(SMOKE, only="00", results_root=root, overrides={"num_instructions": 7})
+    out = capsys.readouterr().out
+    assert ("[00] 00_seed_tasks.ipynb: rerunning from scratch: its outputs changed since it ran: "
+            "seeds/seed_tasks.jsonl changed") in out.splitlines()
+    assert (run_dir / "seeds" / "seed_tasks.jsonl").read_bytes() == original
+
+    run_pipeline(SMOKE, only="00", results_root=root, overrides={"num_instructions": 7})
+    assert "[00] 00_seed_tasks.ipynb: complete, skipped" in capsys.readouterr().out
