@@ -141,7 +141,7 @@ def _level(tests: dict[str, Any]) -> str:
 
 def _p(value: Any) -> str:
     p = _num(value)
-    return "n/a (no non-tied tasks)" if np.isnan(p) else (f"{p:.3g}" if p >= 0.001 else "< 0.001")
+    return "n/a (no non-tied tasks)" if np.isnan(p) else f"{p:.3g}"
 
 
 def chance_sentence(overall_ci: pd.DataFrame, tests: dict[str, Any], metric: str = "rougeL") -> str:

@@ -107,3 +107,61 @@ def test_the_report_names_a_missing_result(tmp_path):
     (tmp_path / "metrics" / "06.json").write_text('{"superni_dir": "bundled"}')
     with pytest.raises(FileNotFoundError, match=r"eval/overall.csv: missing; run the stage that writes it"):
         build_report(tmp_path)
+
+
+def _with_references(table, constant_tasks):
+    refs = [["yes"] if row.task in constant_tasks else [row.id] for row in table.itertuples()]
+    return table.assign(references=refs)
+
+
+def test_statistics_by_hand():
+    from refine_af_utils.evaluation import DIFFERENCE, evaluation_statistics
+
+    stats = evaluation_statistics(PREDICTIONS, seed=5)
+    overall = stats.overall.set_index(["model", "metric"])
+    assert overall.loc[("refine_af", "rougeL"), "mean"] == pytest.approx(220 / 8)
+    assert overall.loc[(DIFFERENCE, "rougeL"), "mean"] == pytest.approx(20 / 8)  # paired by instance
+    assert overall.loc[(DIFFERENCE, "rougeL"), "instances"] == 8 and overall.loc[(DIFFERENCE, "rougeL"), "tasks"] == 3
+    for row in stats.overall.itertuples():
+        assert row.ci_low <= row.mean <= row.ci_high
+    tasks = stats.tasks.set_index("task")
+    # t1: both instances differ by exactly 10, so its CI is the point 10: a significant win
+    assert (tasks.loc["t1", "delta"], tasks.loc["t1", "ci_low"], tasks.loc["t1", "ci_high"]) == (10, 10, 10)
+    assert tasks["outcome"].to_dict() == {"t1": "win", "t2": "tie", "t3": "tie"}
+    assert tasks["significant"].to_dict() == {"t1": "win", "t2": "no", "t3": "no"}
+    # t3's instance differences are -10, -10, +10, +10: resampled means run from -10 to 10
+    assert (tasks.loc["t3", "ci_low"], tasks.loc["t3", "ci_high"]) == (-10, 10)
+    assert stats.improvement["significant_wins"] == 1 and stats.improvement["sign_test_p"] == 1.0
+    category = stats.per_category.set_index(["category", "model", "metric"])
+    assert category.loc[("B", "self_instruct", "rougeL"), ["mean", "ci_low", "ci_high"]].tolist() == [10, 10, 10]
+    assert category.loc[("A", "refine_af", "rougeL"), "tasks"] == 2
+    again = evaluation_statistics(PREDICTIONS, seed=5)
+    pd.testing.assert_frame_equal(stats.overall, again.overall)
+    pd.testing.assert_frame_equal(stats.tasks, again.tasks)
+
+
+def test_floor_and_constant_label_tasks_are_flagged():
+    from refine_af_utils.evaluation import evaluation_statistics
+
+    predictions = {name: _with_references(table, {"t3"}) for name, table in PREDICTIONS.items()}
+    predictions["refine_af"] = predictions["refine_af"].assign(
+        rougeL=lambda t: t["rougeL"].where(t["task"] != "t3", 0.0))
+    predictions["self_instruct"] = predictions["self_instruct"].assign(
+        rougeL=lambda t: t["rougeL"].where(t["task"] != "t3", 0.0))
+    stats = evaluation_statistics(predictions, seed=1)
+    tasks = stats.tasks.set_index("task")
+    assert tasks["floor"].to_dict() == {"t1": False, "t2": False, "t3": True}
+    assert tasks["constant_label"].to_dict() == {"t1": False, "t2": False, "t3": True}
+    assert stats.improvement["floor_tasks"] == 1 and stats.improvement["constant_label_tasks"] == 1
+
+
+def test_statistics_files_extend_tasks_improved(tmp_path):
+    from refine_af_utils.evaluation import evaluation_statistics, write_statistics
+
+    improvement = tasks_improved(compare_arms(per_task_scores(PREDICTIONS)))
+    write_statistics(tmp_path, evaluation_statistics(PREDICTIONS, seed=2), improvement)
+    for name in ("overall_ci.csv", "task_stats.csv", "per_category_ci.csv"):
+        assert len(pd.read_csv(tmp_path / name)) > 0
+    values = pd.read_csv(tmp_path / "tasks_improved.csv", index_col="measure")["value"]
+    assert int(float(values["wins"])) == 1 and int(float(values["ties"])) == 2
+    assert float(values["sign_test_p"]) == 1.0 and float(values["win_share_ci_high"]) > 0.9
