@@ -149,7 +149,7 @@ def test_smoke_pipeline_through_papermill(tmp_path, capsys):
     stage7 = read_metrics(run_dir, "07")
     expected_tables = {"main", "tasks_improved", "per_category", "seeds", "filter_counts", "reward_components",
                        "reward_correlations", "rl_summary", "rl_heldout", "dataset_statistics", "arm_comparison",
-                       "reward_by_arm", "sft_summary", "wall_time"}
+                       "reward_by_arm", "sft_summary", "wall_time", "task_stats"}
     expected_figures = {"06_per_category", "06_task_deltas", "01_filter_counts", "01_novelty", "02_components",
                         "02_correlations", "03_reward_kl", "03_components", "03_heldout", "04_arm_comparison",
                         "04_arm_rewards", "05_sft_loss",
