@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PARAMS ?= params/default.yaml
 STAMP := $(VENV)/.refine-af-installed
 
-.PHONY: install reproduce test bench lab check clean-venv
+.PHONY: install reproduce test test-fast bench lab check clean-venv
 
 $(STAMP): requirements-lock.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ reproduce: install
 test: install
 	$(PY) -m pytest
 
+# The tests that run no model and no notebook (well under a minute); `make test` runs everything.
+test-fast: install
+	$(PY) -m pytest -m "not slow"
+
 bench: install
 	$(PY) bench/bench_stage1.py
 
@@ -34,7 +38,8 @@ bench: install
 LAB_PORT ?= 8888
 lab: install
 	$(PY) -m ipykernel install --sys-prefix --name refine-af --display-name "Python (refine-af)"
-	$(VENV)/bin/jupyter lab --ServerApp.ip=127.0.0.1 --ServerApp.port=$(LAB_PORT) --ServerApp.root_dir="$(CURDIR)"
+	$(VENV)/bin/jupyter lab --ServerApp.ip=127.0.0.1 --ServerApp.port=$(LAB_PORT) --ServerApp.root_dir="$(CURDIR)" \
+		$(if $(filter 0,$(shell id -u)),--allow-root)
 
 # Notebook hygiene and lint, the same checks as .pre-commit-config.yaml (nothing is modified).
 check: $(STAMP)

@@ -1,0 +1,161 @@
+"""A real browser: JupyterLab on a free localhost port, headless Chromium through chromedriver (selenium).
+
+The test opens ``notebooks/00_seed_tasks.ipynb`` from the repository, runs all cells from the Run menu and
+finds the seed summary table in the page. The notebook writes into a temporary run folder
+(``REFINE_AF_RUN_DIR``); autosave is off and the committed notebook is checked to be unchanged afterwards.
+
+Without Debian's ``chromium`` and ``chromium-driver`` the test is skipped with that reason, or fails when
+``REFINE_AF_REQUIRE_BROWSER=1`` (set by ``.ci/run``). ``REFINE_AF_UPDATE_SCREENSHOT=1`` also saves the
+screenshot as ``docs/jupyterlab.png`` (the README's).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT
+
+NOTEBOOK = "notebooks/00_seed_tasks.ipynb"
+SCREENSHOT = REPO_ROOT / "docs" / "jupyterlab.png"
+# Chromium as root in a container: no sandbox, no GPU, nothing fetched in the background.
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage", "--window-size=1400,1000"]
+
+
+def _browser() -> tuple[str, str]:
+    """Paths of chromium and chromedriver, or skip (fail under REFINE_AF_REQUIRE_BROWSER=1) saying what is missing."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        missing = "the selenium package (make install)"
+    else:
+        missing = ", ".join(name for name, path in (("chromium", chromium), ("chromium-driver", driver)) if not path)
+    if missing:
+        reason = (f"no browser: {missing} not installed (Debian: apt-get install chromium chromium-driver; "
+                  ".ci/run installs them)")
+        if os.environ.get("REFINE_AF_REQUIRE_BROWSER") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return chromium, driver
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_server(url: str, process: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"jupyter lab exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"jupyter lab did not answer {url} within {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture
+def jupyter_lab(tmp_path: Path):
+    """``jupyter lab`` from the venv, on 127.0.0.1, in the repository, with a token; stopped afterwards."""
+    port, token = _free_port(), "refine-af-browser-test"
+    settings = tmp_path / "lab-settings" / "@jupyterlab"
+    for plugin, values in (("docmanager-extension/plugin", {"autosave": False}),
+                           ("apputils-extension/notification", {"fetchNews": "false", "checkForUpdates": False})):
+        (settings / f"{plugin}.jupyterlab-settings").parent.mkdir(parents=True, exist_ok=True)
+        (settings / f"{plugin}.jupyterlab-settings").write_text(json.dumps(values))
+    env = {**os.environ, "REFINE_AF_PARAMS": "params/smoke.yaml", "REFINE_AF_RUN_DIR": str(tmp_path / "run"),
+           "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"), "JUPYTER_CONFIG_DIR": str(tmp_path / "config")}
+    log = tmp_path / "jupyter-lab.log"
+    command = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1",
+               f"--ServerApp.port={port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
+               f"--ServerApp.root_dir={REPO_ROOT}", f"--LabApp.user_settings_dir={tmp_path / 'lab-settings'}",
+               f"--LabApp.workspaces_dir={tmp_path / 'workspaces'}",
+               # nothing leaves the machine: no extension index, update check or news feed
+               "--LabApp.extension_manager=readonly", "--LabApp.news_url=None",
+               "--LabApp.check_for_updates_class=jupyterlab.handlers.announcements.NeverCheckForUpdate"]
+    if os.geteuid() == 0:
+        command.append("--allow-root")  # CI runs as root
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+    try:
+        _wait_for_server(f"http://127.0.0.1:{port}/api/status?token={token}", process, log)
+        yield f"http://127.0.0.1:{port}", token, tmp_path / "run"
+    finally:
+        process.terminate()  # the server shuts its kernels down
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
+@pytest.fixture
+def browser() -> tuple[str, str]:
+    """chromium and chromedriver (checked before JupyterLab starts)."""
+    return _browser()
+
+
+def test_notebook_00_runs_in_jupyterlab_in_headless_chromium(browser, jupyter_lab, tmp_path):
+    chromium, chromedriver = browser
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, token, run_dir = jupyter_lab
+    committed = (REPO_ROOT / NOTEBOOK).read_bytes()
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={tmp_path / 'chromium-profile'}"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=chromedriver), options=options)
+    try:
+        wait = WebDriverWait(driver, 120)
+        driver.get(f"{url}/lab/tree/{NOTEBOOK}?token={token}")
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, ".jp-Notebook .jp-Cell")))
+        wait.until(ec.presence_of_element_located(  # the kernel has started
+            (By.CSS_SELECTOR, ".jp-Notebook-ExecutionIndicator[data-status='idle']")))
+        run_menu = "//div[contains(@class,'lm-MenuBar-itemLabel') and normalize-space(text())='Run']"
+        wait.until(ec.element_to_be_clickable((By.XPATH, run_menu))).click()
+        wait.until(ec.element_to_be_clickable(
+            (By.CSS_SELECTOR, "li.lm-Menu-item[data-command='runmenu:run-all']"))).click()
+        table = wait.until(ec.presence_of_element_located(
+            (By.XPATH, "//div[contains(@class,'jp-OutputArea-output')]//table[.//td[normalize-space()="
+                       "'classification tasks']]")))
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", table)
+        rows = {r.find_element(By.XPATH, "./td[1]").text: r.find_element(By.XPATH, "./td[2]").text
+                for r in table.find_elements(By.XPATH, ".//tbody/tr")}
+        assert float(rows["tasks"]) == 36 and float(rows["classification tasks"]) == 10  # the 36 bundled seeds
+        errors = driver.find_elements(By.CSS_SELECTOR, ".jp-OutputArea-output[data-mime-type*='error']")
+        assert not errors, errors[0].text
+        time.sleep(1)  # let the layout settle for the screenshot
+        shot = tmp_path / "jupyterlab.png"
+        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+        if os.environ.get("REFINE_AF_UPDATE_SCREENSHOT") == "1":
+            SCREENSHOT.parent.mkdir(exist_ok=True)
+            shutil.copy(shot, SCREENSHOT)
+    finally:
+        driver.quit()
+        if (REPO_ROOT / NOTEBOOK).read_bytes() != committed:  # never leave outputs in the committed notebook
+            (REPO_ROOT / NOTEBOOK).write_bytes(committed)
+            pytest.fail(f"{NOTEBOOK} was saved by JupyterLab during the test (restored)")
+    assert (run_dir / "seeds" / "seed_summary.csv").is_file()  # written where REFINE_AF_RUN_DIR says
