@@ -57,6 +57,7 @@ def test_superni_dir_resolution(tmp_path):
         resolve_superni_dir(str(tmp_path / "missing"))
 
 
+@pytest.mark.slow
 def test_predictions_resume_after_a_torn_write(tmp_path, tiny_llama_dir):
     params = params_from_dict({"run_name": "t", "model": {"name_or_path": str(tiny_llama_dir), "dtype": "float32"},
                                "evaluation": {"max_instances": 2, "max_new_tokens": 4, "batch_size": 5,
@@ -86,6 +87,7 @@ def test_evaluating_before_stage_5_says_so(tmp_path):
         _model_files_sha256(tmp_path / "sft" / "refine_af" / "model")
 
 
+@pytest.mark.slow
 def test_a_fully_fine_tuned_arm_loads_as_its_own_model(tmp_path, tiny_llama_dir):
     import shutil
 

@@ -111,6 +111,7 @@ def tiny_params(tiny_llama_dir: Path, **generation) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_bootstrap_on_a_tiny_model(tmp_path, tiny_llama_dir):
     params = params_from_dict(tiny_params(tiny_llama_dir))
     model, tokenizer = load_causal_lm(params.model)
@@ -149,6 +150,7 @@ def _run_stage1(params_file: Path, out_dir: Path) -> subprocess.Popen:
 
 
 @pytest.mark.parametrize("kill_after_batches", [1, 3])
+@pytest.mark.slow
 def test_resume_after_sigkill_loses_and_duplicates_nothing(tmp_path, tiny_llama_dir, kill_after_batches):
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(tiny_params(tiny_llama_dir, batch_size=2) | {"num_instructions": 16}))

@@ -23,6 +23,7 @@ def test_missing_local_model_path_is_a_clear_error(tmp_path):
     assert resolve_model_path("meta-llama/Llama-2-7b-hf") == "meta-llama/Llama-2-7b-hf"  # hub ids pass through
 
 
+@pytest.mark.slow
 def test_tiny_model_gets_a_pad_token_distinct_from_eos(tiny_llama_dir):
     raw = AutoTokenizer.from_pretrained(tiny_llama_dir)
     assert raw.pad_token_id is None or raw.pad_token_id == raw.eos_token_id
@@ -34,6 +35,7 @@ def test_tiny_model_gets_a_pad_token_distinct_from_eos(tiny_llama_dir):
     assert not model.training
 
 
+@pytest.mark.slow
 def test_pad_token_is_added_when_the_vocabulary_has_no_endoftext(tiny_llama_dir):
     model, tokenizer = load_causal_lm(ModelParams(name_or_path=str(tiny_llama_dir), dtype="float32"))
     tokenizer.pad_token = tokenizer.eos_token
@@ -47,6 +49,7 @@ def test_pad_token_is_added_when_the_vocabulary_has_no_endoftext(tiny_llama_dir)
     assert model.get_input_embeddings().num_embeddings >= len(tokenizer)
 
 
+@pytest.mark.slow
 def test_embedded_models_are_prepared_offline():
     folder = prepare_embedded_models()
     assert folder == embedded_llm_dir() and (folder / "model.safetensors").is_file()
@@ -70,6 +73,7 @@ def test_cut_at_stop():
     assert cut_at_stop("abc", ["\n\n"]) == ("abc", False)
 
 
+@pytest.mark.slow
 def test_generate_batch_marks_truncation_and_is_greedy_deterministic(tiny_llama_dir):
     model, tokenizer = load_causal_lm(ModelParams(name_or_path=str(tiny_llama_dir), dtype="float32"))
     prompts = ["Come up with a series of tasks:\n1.", "Classify"]

@@ -47,6 +47,7 @@ def test_runner_reports_bad_params_without_a_traceback(tmp_path, capsys):
     assert f"{bad}: unknown key 'num_instrucions'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_smoke_pipeline_through_papermill(tmp_path, capsys):
     params_path = REPO_ROOT / "params" / "smoke.yaml"
     params = load_params(params_path)

@@ -61,6 +61,7 @@ def test_defaults_resolve_against_the_repository(monkeypatch, tmp_path):
     assert default_run_dir(default_params_path()) == str(REPO_ROOT / "results" / "smoke")
 
 
+@pytest.mark.slow
 def test_a_stage_opened_too_early_names_the_command_instead_of_a_traceback(smoke_env):
     nb = execute(STAGES[2].notebook, stops=True)  # stage 02, on an empty run folder
     first = outputs(nb)[0]
@@ -73,6 +74,7 @@ def test_a_stage_opened_too_early_names_the_command_instead_of_a_traceback(smoke
     assert len(outputs(nb)) == 1  # Run All stops at the message
 
 
+@pytest.mark.slow
 def test_a_missing_params_file_is_named(monkeypatch, tmp_path):
     monkeypatch.setenv("REFINE_AF_PARAMS", str(tmp_path / "nope.yaml"))
     monkeypatch.setenv("REFINE_AF_RUN_DIR", str(tmp_path / "run"))
@@ -81,6 +83,7 @@ def test_a_missing_params_file_is_named(monkeypatch, tmp_path):
     assert first["traceback"][0].startswith(f"{tmp_path / 'nope.yaml'}: params file not found")
 
 
+@pytest.mark.slow
 def test_stage_00_runs_from_the_notebooks_folder(smoke_env):
     nb = execute(STAGES[0].notebook)
     assert not [o for o in outputs(nb) if o["output_type"] == "error"]

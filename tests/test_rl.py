@@ -85,6 +85,7 @@ def test_the_parse_penalty_is_measured_in_stage_2_content_sds(tiny_llama_dir, ti
     assert unparsed_reward(tiny_run, params) == pytest.approx(per_candidate.mean() - 2.0 * per_candidate.std(ddof=1))
 
 
+@pytest.mark.slow
 def test_rl_and_stage_4_extract_identical_instances_from_the_same_completion(tiny_llama_dir):
     """The RL reward (trl's rows continue past the stop string) and stage 4 (generation stopped there)."""
     _, tokenizer = load_causal_lm(params_from_dict(tiny_rl_params(tiny_llama_dir)).model)
@@ -116,6 +117,7 @@ def test_a_truncated_completion_loses_only_its_last_instance():
     assert extract_instances("no markers", False, truncated=True)[0] == []
 
 
+@pytest.mark.slow
 def test_reward_adapter_matches_the_stage2_reward_through_trls_get_reward(tiny_llama_dir, tiny_run):
     params = params_from_dict(tiny_rl_params(tiny_llama_dir))
     scorers = build_scorers(params.reward)

@@ -125,6 +125,7 @@ def every_scorer(oasst_layout_dir, hf_classifier_dir, t5_dir, sentence_encoder_d
 
 
 @pytest.mark.parametrize("name", ["oasst_layout", "hf_classifier", "t5_yes_no", "causal_yes_no", "embedding", "fluency"])
+@pytest.mark.slow
 def test_scorer_shape_range_determinism_and_batch_invariance(every_scorer, name):
     scorer = every_scorer[name]
     scores = scorer.score(INSTANCES, progress=False)
@@ -140,6 +141,7 @@ def test_scorer_shape_range_determinism_and_batch_invariance(every_scorer, name)
     assert len(set(np.round(scores, 6))) > 1  # the texts do not all score alike
 
 
+@pytest.mark.slow
 def test_oasst_layout_loader_pools_the_last_attended_token(oasst_layout_dir):
     model = load_gpt_neox_reward_model(oasst_layout_dir)
     assert model.pooling == "last" and model.out_proj.bias.item() == 0.5
@@ -151,6 +153,7 @@ def test_oasst_layout_loader_pools_the_last_attended_token(oasst_layout_dir):
     torch.testing.assert_close(batched[0], alone, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_oasst_loader_rejects_another_layout(tmp_path, oasst_layout_dir):
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         (tmp_path / name).write_bytes((oasst_layout_dir / name).read_bytes())
@@ -159,6 +162,7 @@ def test_oasst_loader_rejects_another_layout(tmp_path, oasst_layout_dir):
         load_gpt_neox_reward_model(tmp_path)
 
 
+@pytest.mark.slow
 def test_yes_no_is_p_yes_over_p_yes_plus_p_no(every_scorer):
     scorer = every_scorer["t5_yes_no"]
     text = scorer.format(INSTANCES[0])
@@ -197,6 +201,7 @@ def test_composite_reward_is_the_weighted_sum():
     np.testing.assert_allclose(composite_reward(parts, reward), expected, rtol=0, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_score_instances_keeps_every_component(every_scorer):
     scorers = dict(zip(COMPONENTS, [every_scorer[k] for k in ("oasst_layout", "causal_yes_no", "t5_yes_no", "embedding")]))
     table = score_instances(scorers, INSTANCES, reward=RewardParams())
@@ -204,6 +209,7 @@ def test_score_instances_keeps_every_component(every_scorer):
     np.testing.assert_allclose(table["reward"], composite_reward(table, RewardParams()))
 
 
+@pytest.mark.slow
 def test_cache_makes_a_rerun_recompute_nothing(tmp_path, tiny_llama_dir, monkeypatch):
     spec = _spec("lm_fluency", tiny_llama_dir, "{prompt}\n", pair_template="{output}")
     first = build_scorer("flu", spec, tmp_path).score(INSTANCES, progress=False)
@@ -216,6 +222,7 @@ def test_cache_makes_a_rerun_recompute_nothing(tmp_path, tiny_llama_dir, monkeyp
     assert np.array_equal(again.score(INSTANCES, progress=False), first)
 
 
+@pytest.mark.slow
 def test_bad_input_never_enters_the_reward(tiny_llama_dir, monkeypatch):
     scorer = build_scorer("und", _spec("yes_no", tiny_llama_dir, CAUSAL_YES_NO, max_length=12))
     with pytest.raises(ScoringError, match="scorer 'und': instance i-2 has an empty output"):

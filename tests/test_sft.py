@@ -24,6 +24,7 @@ def test_prompt_layout():
     assert sft_records(INSTANCES[:1], "</s>") == [{"prompt": "Name a colour.\n\nOutput:", "completion": " Blue</s>"}]
 
 
+@pytest.mark.slow
 def test_lora_sft_trains_and_the_loss_falls(tmp_path, tiny_llama_dir):
     cfg = SFTParams(epochs=6, learning_rate=5e-3, batch_size=8, lora_r=8, lora_alpha=16, save_steps=100)
     losses = fine_tune(_spec(tiny_llama_dir), INSTANCES, tmp_path / "sft", cfg)
@@ -36,6 +37,7 @@ def test_lora_sft_trains_and_the_loss_falls(tmp_path, tiny_llama_dir):
     assert fine_tune(_spec(tiny_llama_dir), [], tmp_path / "sft", cfg).equals(pd.read_csv(tmp_path / "sft" / "loss.csv"))
 
 
+@pytest.mark.slow
 def test_full_fine_tuning_saves_a_whole_model(tmp_path, tiny_llama_dir):
     cfg = SFTParams(full_fine_tuning=True, epochs=1, learning_rate=1e-3, batch_size=4)
     fine_tune(_spec(tiny_llama_dir), INSTANCES, tmp_path / "full", cfg)
@@ -49,6 +51,7 @@ class _Crash(TrainerCallback):
             raise KeyboardInterrupt("simulated crash after step 3")
 
 
+@pytest.mark.slow
 def test_a_crashed_run_resumes_from_its_last_checkpoint(tmp_path, tiny_llama_dir):
     cfg = SFTParams(epochs=3, learning_rate=5e-3, batch_size=2, lora_r=8, lora_alpha=16, save_steps=2)
     reference = fine_tune(_spec(tiny_llama_dir), INSTANCES, tmp_path / "uninterrupted", cfg)
@@ -62,6 +65,7 @@ def test_a_crashed_run_resumes_from_its_last_checkpoint(tmp_path, tiny_llama_dir
     assert resumed["loss"].to_numpy() == pytest.approx(reference["loss"].to_numpy(), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_only_the_output_is_in_the_loss(tmp_path, tiny_llama_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     tokenizer.pad_token = "<|endoftext|>"
