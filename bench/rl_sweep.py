@@ -86,17 +86,18 @@ def run_setting(name: str, overrides: dict[str, Any], params_path: Path, base: P
     params = load_params(params_path, overrides={"run_name": name, **overrides})
     scorer = CompletionScorer(build_scorers(params.reward, run_dir / "reward_analysis" / "cache"), params.reward,
                               unparsed_reward(run_dir, params), params.instance_generation.max_instances_per_task)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     metrics, adapter_dir = train_generator(params, run_dir, scorer=scorer)
-    train_seconds = time.perf_counter() - started
+    train_seconds, train_cpu = time.perf_counter() - started, time.process_time() - cpu_started
 
     shared = out / "_base_heldout" / f"{decoding_signature(params)}.jsonl"
     samples = run_dir / RL_DIR / HELDOUT_SAMPLES_FILE
-    if shared.is_file() and not samples.is_file():
+    reused = shared.is_file() and not samples.is_file()
+    if reused:
         append_jsonl(samples, read_jsonl(shared))
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     heldout = evaluate_heldout(params, run_dir, adapter_dir, scorer)
-    heldout_seconds = time.perf_counter() - started
+    heldout_seconds, heldout_cpu = time.perf_counter() - started, time.process_time() - cpu_started
     if not shared.is_file():
         append_jsonl(shared, [r for r in read_jsonl(samples) if r["generator"] == "base"])
     gain = heldout.summary.set_index("measure")
@@ -114,6 +115,10 @@ def run_setting(name: str, overrides: dict[str, Any], params_path: Path, base: P
            for c, col in (("gain", "mean_difference"), ("ci_low", "ci_low"), ("ci_high", "ci_high"))},
         "heldout_base_reward": float(gain.loc["reward", "mean_before"]),
         "train_seconds": round(train_seconds, 1), "heldout_seconds": round(heldout_seconds, 1),
+        # CPU seconds of this process (all its threads): other work on the machine inflates the wall
+        # times above but hardly these; on 2 idle cores the wall time is about half of them
+        "train_cpu_seconds": round(train_cpu, 1), "heldout_cpu_seconds": round(heldout_cpu, 1),
+        "base_samples_reused": reused,
     }
     done.write_text(json.dumps(row, indent=2) + "\n")
     del scorer, metrics, heldout
