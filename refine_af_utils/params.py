@@ -128,10 +128,10 @@ class InstanceGenerationParams:
     """Self-Instruct's instance generation prompts and decoding (stage 2 samples, stage 3 trains, stage 4 writes)."""
 
     batch_size: int = 16
-    max_new_tokens: int = 128
+    max_new_tokens: int = 96
     temperature: float = 0.7
     top_p: float = 1.0               # PPO in trl samples with top_p 1; RL rollouts and stage 4 decode alike
-    num_demonstrations: int = 2
+    num_demonstrations: int = 1
     max_instances_per_task: int = 5
 
 
@@ -176,17 +176,17 @@ class SFTParams:
     """Stage 5: supervised fine-tuning of the base backbone on each arm's dataset (same settings for both)."""
 
     full_fine_tuning: bool = False   # false: LoRA
-    epochs: float = 3.0
+    epochs: float = 2.0
     learning_rate: float = 2.0e-4
     batch_size: int = 8
     gradient_accumulation_steps: int = 1
-    max_length: int = 512            # prompt + output tokens; longer examples are truncated
+    max_length: int = 256            # prompt + output tokens; longer examples are truncated
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     # "all-linear" (peft's shorthand) or a list of module names
     lora_target_modules: Union[str, list[str]] = "all-linear"
-    save_steps: int = 50             # optimiser steps between checkpoints (a rerun resumes from the last)
+    save_steps: int = 20             # optimiser steps between checkpoints (a rerun resumes from the last)
     gradient_checkpointing: bool = False  # saves GPU memory on 7B+ models at about 30% more time
     equal_examples: bool = True      # subsample the larger arm (seeded) to the smaller arm's size
     include_seed_tasks: bool = False  # add the seed tasks' instances to both arms (Self-Instruct did)
