@@ -363,6 +363,7 @@ def reuse_stages(study_dir: Path, run: StudyRun, params: Params, stages: Sequenc
     with _try_lock(donor) as donor_free, _try_lock(run_dir) as run_free:
         if not (donor_free and run_free):
             return {}
+        shutil.rmtree(run_dir / TMP_DIR, ignore_errors=True)  # what a killed copy left (never a stage's output)
         record = _study_record(run_dir)
         record.update({"run": run.name, "setting": run.setting.name, "seed": run.seed})
         reused = record.setdefault("reused", {})

@@ -1,0 +1,335 @@
+"""Studies (issue 10, item 3): spec validation, reuse of shared stages, kill and resume, submitit, study.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from refine_af_utils.params import load_params
+from refine_af_utils.run import STAGES, stage_status, write_marker
+from refine_af_utils.study import (
+    STUDY_FILE, StudySpecError, copy_stage, donor_plan, load_spec, main, reuse_stages, reused_stages,
+    run_is_complete, write_study_report,
+)
+
+from conftest import REPO_ROOT
+
+SMOKE = REPO_ROOT / "params" / "smoke.yaml"
+STAGE = {s.id: s for s in STAGES}
+
+
+def _write_spec(folder: Path, params: Path, until: str = "07", seeds=(1, 2), name: str = "tiny", **extra) -> Path:
+    """A 2 x 2 study: settings ``a`` (the params as they are) and ``b`` (a stage 02 key changed)."""
+    spec = {"name": name, "params": str(params), "seeds": list(seeds), "until": until,
+            "grid": [{"name": "a", "set": {}}, {"name": "b", "set": {"reward.coherence.weight": 0.5}}], **extra}
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+# --- The spec ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("change, message", [
+    ({"seeds": []}, "key 'seeds' must be a non-empty list of integers"),
+    ({"seeds": [1, 1]}, "key 'seeds' lists a seed twice"),
+    ({"until": "09"}, "key 'until' must be a stage id"),
+    ({"colour": "red"}, "unknown key 'colour'"),
+    ({"params": "nowhere.yaml"}, "key 'params': "),
+    ({"grid": [{"name": "a", "sets": {}}]}, "unknown key 'grid[0].sets'"),
+    ({"grid": [{"name": "a b"}]}, "key 'grid[0].name' must be a folder name"),
+    ({"grid": [{"name": "a"}, {"name": "a"}]}, "setting 'a' is named twice"),
+    ({"grid": [{"name": "a", "set": {"random_seed": 3}}]}, "key 'grid[0].set.random_seed' is set by the study"),
+    ({"grid": [{"name": "a", "set": {"rl.colour": 3}}]}, "setting 'a' (seed 1): "),
+    ({"grid": [{"name": "a", "set": {"rl.updates": "many"}}]}, "key 'rl.updates' must be int"),
+])
+def test_a_bad_spec_is_one_line_naming_the_file_and_key(tmp_path, change, message):
+    path = _write_spec(tmp_path, SMOKE)
+    data = yaml.safe_load(path.read_text())
+    data.update(change)
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(StudySpecError) as error:
+        load_spec(path)
+    text = str(error.value)
+    assert message in text and str(path) in text and "\n" not in text
+
+
+def test_a_spec_gives_runs_seeds_and_per_setting_params_files(tmp_path):
+    path = _write_spec(tmp_path, SMOKE, until=1)  # an int until reads as a stage id
+    spec = load_spec(path)
+    assert spec.until == "01" and [s.id for s in spec.stages] == ["00", "01"]
+    assert [r.name for r in spec.runs] == ["a-seed1", "a-seed2", "b-seed1", "b-seed2"]
+    params = spec.runs[3].load()
+    assert (params.run_name, params.random_seed, params.reward.coherence.weight) == ("b-seed2", 2, 0.5)
+    # settings sharing stages 00-01 (same seed) wait for each other under slurm; stage 00 alone is not worth it
+    assert donor_plan(spec) == {"a-seed1": None, "a-seed2": None, "b-seed1": "a-seed1", "b-seed2": "a-seed2"}
+    backbones = load_spec(REPO_ROOT / "params" / "studies" / "backbones.yaml")
+    names = [r.load().model.name_or_path for r in backbones.runs]
+    assert names == ["meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-13b-hf", "mistralai/Mistral-7B-v0.1",
+                     "meta-llama/Llama-3.1-8B", "Qwen/Qwen2.5-7B", "google/gemma-2-9b"]
+
+
+def test_the_committed_specs_and_new_backbone_recipes_load():
+    for name in ("reward_ablation", "default_seeds", "backbones"):
+        spec = load_spec(REPO_ROOT / "params" / "studies" / f"{name}.yaml")
+        assert len(spec.seeds) >= (3 if name != "backbones" else 1)
+    ablation = {r.setting.name: r.load().reward for r in load_spec(
+        REPO_ROOT / "params" / "studies" / "reward_ablation.yaml").runs}
+    weights = {k: (v.reward_model.weight, v.understandability.weight, v.naturalness.weight, v.coherence.weight)
+               for k, v in ablation.items()}
+    assert weights["paper"] == (0.0078, -0.4421, 0.3212, 0.1520)
+    assert weights["und-plus"] == (0.0078, 0.4421, 0.3212, 0.1520)
+    assert weights["rm-only"] == (0.0078, 0, 0, 0) and weights["und-only"] == (0, -0.4421, 0, 0)
+    assert weights["nat-only"] == (0, 0, 0.3212, 0) and weights["coh-only"] == (0, 0, 0, 0.1520)
+    assert weights["equal"] == (0.25, 0.25, 0.25, 0.25)
+    paper = load_params(REPO_ROOT / "params" / "paper_llama2_7b.yaml").to_dict()
+    for recipe, hub_id in (("paper_llama31_8b", "meta-llama/Llama-3.1-8B"), ("paper_qwen25_7b", "Qwen/Qwen2.5-7B"),
+                           ("paper_gemma2_9b", "google/gemma-2-9b")):
+        params = load_params(REPO_ROOT / "params" / f"{recipe}.yaml").to_dict()
+        assert params["model"]["name_or_path"] == hub_id and params["run_name"] == recipe
+        # same reward and scale: everything but the backbone and the run name is the paper recipe's
+        params["model"]["name_or_path"], params["run_name"] = paper["model"]["name_or_path"], paper["run_name"]
+        assert params == paper
+
+
+# --- Reuse on fake stages (no notebooks) -------------------------------------------------------------
+
+def _fake_run(study_dir: Path, run, stage_ids) -> Path:
+    """Stand-in outputs and markers of the given stages, as the runner would leave them."""
+    params = run.load()
+    run_dir = study_dir / run.name
+    for stage_id in stage_ids:
+        stage = STAGE[stage_id]
+        target = run_dir / stage.output_dir / "out.txt"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(f"{stage_id} of {run.name}\n")
+        (run_dir / stage.output_dir / "cache").mkdir(exist_ok=True)
+        (run_dir / stage.output_dir / "cache" / "scores.jsonl").write_text("{}\n")
+        (run_dir / "metrics").mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics" / f"{stage_id}.json").write_text(json.dumps({"stage": stage_id}))
+        write_marker(run_dir, stage, params, seconds=1.0)
+    return run_dir
+
+
+def test_reuse_copies_the_longest_shared_chain_and_a_cut_copy_never_looks_complete(tmp_path, monkeypatch, capsys):
+    spec = load_spec(_write_spec(tmp_path, SMOKE, until="03"))
+    runs = {r.name: r for r in spec.runs}
+    study_dir = tmp_path / "results" / "tiny"
+    donor = _fake_run(study_dir, runs["a-seed1"], ["00", "01", "02"])
+    _fake_run(study_dir, runs["a-seed2"], ["00"])
+    params = runs["b-seed1"].load()
+
+    # a kill in the middle of the copy (here: as the marker, the last file, is written) leaves no marker
+    import refine_af_utils.study as study
+
+    real = study._replace_file
+
+    def crash_on_marker(source, target, tmp):
+        if target.parent.name == "stages":
+            raise KeyboardInterrupt("killed")
+        real(source, target, tmp)
+
+    monkeypatch.setattr(study, "_replace_file", crash_on_marker)
+    with pytest.raises(KeyboardInterrupt):
+        reuse_stages(study_dir, runs["b-seed1"], params, spec.stages)
+    run_dir = study_dir / "b-seed1"
+    assert (run_dir / "seeds" / "out.txt").is_file() and not (run_dir / "stages" / "00.json").exists()
+    assert stage_status(run_dir, STAGE["00"], params).run
+    monkeypatch.setattr(study, "_replace_file", real)
+
+    # the rerun copies stages 00 and 01 from a-seed1 (02 reads the changed reward), keeping times
+    copied = reuse_stages(study_dir, runs["b-seed1"], params, spec.stages)
+    assert copied == {"00": "a-seed1", "01": "a-seed1"}
+    assert "[01] 01_instruction_generation.ipynb: reused from a-seed1" in capsys.readouterr().out
+    assert not stage_status(run_dir, STAGE["01"], params).run and stage_status(run_dir, STAGE["02"], params).run
+    assert (run_dir / "stages" / "01.json").read_bytes() == (donor / "stages" / "01.json").read_bytes()
+    assert (run_dir / "instructions" / "out.txt").stat().st_mtime_ns == \
+        (donor / "instructions" / "out.txt").stat().st_mtime_ns
+    assert (run_dir / "instructions" / "cache" / "scores.jsonl").is_file()  # caches come along
+    assert not (run_dir / ".study-tmp").exists() or not any((run_dir / ".study-tmp").iterdir())
+    assert reused_stages(run_dir) == {"00": "a-seed1", "01": "a-seed1"}
+    assert reuse_stages(study_dir, runs["b-seed1"], params, spec.stages) == {}  # nothing left to copy
+
+    # b-seed2 shares only stage 00 with a-seed1 and a-seed2 (its seed differs from a-seed1's)
+    assert reuse_stages(study_dir, runs["b-seed2"], runs["b-seed2"].load(), spec.stages) == {"00": "a-seed1"}
+    # a stage rerun by the runner is no longer reported as reused
+    (run_dir / "stages" / "01.json").write_text((run_dir / "stages" / "01.json").read_text() + " ")
+    assert reused_stages(run_dir) == {"00": "a-seed1"}
+    with pytest.raises(ValueError):
+        copy_stage(donor, run_dir, STAGE["07"])
+
+
+# --- The study report on hand-made run folders -------------------------------------------------------
+
+TASKS = ["t1", "t2", "t3", "t4"]
+# Self-Instruct arm per task and seed: seed 2 beats seed 1 on t1 and t2, loses t3, ties t4 (setting a)
+SELF_INSTRUCT = {1: [10.0, 20.0, 30.0, 40.0], 2: [12.0, 25.0, 29.0, 40.0]}
+
+
+def _fake_evaluated_run(run_dir: Path, seed: int, shift: float, eval_done: bool = True) -> None:
+    """A run's stage 3, 4 and 6 files with known numbers (REFINE-AF = Self-Instruct + shift on every task)."""
+    (run_dir / "rl").mkdir(parents=True)
+    pd.DataFrame([{"measure": "reward", "mean_difference": 0.1 * seed, "ci_low": 0.0, "ci_high": 0.2 * seed,
+                   "pairs": 5, "mean_before": 0.5, "mean_after": 0.5 + 0.1 * seed}]).to_csv(
+        run_dir / "rl" / "heldout_summary.csv", index=False)
+    (run_dir / "data").mkdir()
+    pd.DataFrame({"self_instruct": [0.5, 0.6, 0.7, 0.8, 0.1], "refine_af": [0.6, 0.6, 0.5, 0.8, 0.2]},
+                 index=["reward_model", "understandability", "naturalness", "coherence", "reward"]).to_csv(
+        run_dir / "data" / "reward_by_arm.csv")
+    if not eval_done:
+        return
+    (run_dir / "eval").mkdir()
+    (run_dir / "metrics").mkdir()
+    si = SELF_INSTRUCT[seed]
+    pd.DataFrame({"task": TASKS, "category": ["c"] * 4, "rougeL_base": [1.0] * 4, "rougeL_self_instruct": si,
+                  "rougeL_refine_af": [v + shift for v in si], "instances": [3] * 4}).to_csv(
+        run_dir / "eval" / "per_task.csv", index=False)
+    mean = sum(si) / 4
+    pd.DataFrame([{"model": "self_instruct", "metric": "rougeL", "mean": mean, "ci_low": mean - 1, "ci_high": mean + 1},
+                  {"model": "refine_af", "metric": "rougeL", "mean": mean + shift, "ci_low": mean + shift - 1,
+                   "ci_high": mean + shift + 1},
+                  {"model": "refine_af - self_instruct", "metric": "rougeL", "mean": shift, "ci_low": shift - 0.5,
+                   "ci_high": shift + 0.5}]).to_csv(run_dir / "eval" / "overall_ci.csv", index=False)
+    wins = 4 if shift > 0 else 0
+    pd.Series({"tasks": 4, "wins": wins, "ties": 0, "losses": 4 - wins, "win_share": wins / 4,
+               "win_share_ci_low": 0.1, "win_share_ci_high": 0.9, "sign_test_p": 0.125}).to_csv(
+        run_dir / "eval" / "tasks_improved.csv", header=["value"], index_label="measure")
+    (run_dir / "metrics" / "06.json").write_text(json.dumps({"base_rougeL": 1.0}))
+
+
+def test_study_report_tables_spread_and_aa_control_from_hand_made_runs(tmp_path):
+    spec = load_spec(_write_spec(tmp_path, SMOKE))
+    study_dir = tmp_path / "results" / "tiny"
+    _fake_evaluated_run(study_dir / "a-seed1", 1, shift=1.0)
+    _fake_evaluated_run(study_dir / "a-seed2", 2, shift=3.0)
+    _fake_evaluated_run(study_dir / "b-seed1", 1, shift=-2.0)
+    _fake_evaluated_run(study_dir / "b-seed2", 2, shift=0.0, eval_done=False)  # stopped after stage 4
+
+    report = write_study_report(spec, study_dir)
+    runs = pd.read_csv(study_dir / "study_runs.csv").set_index("run")
+    assert runs.loc["a-seed2", "rougeL_difference"] == 3.0 and runs.loc["a-seed2", "rougeL_difference_ci_low"] == 2.5
+    assert runs.loc["a-seed1", "self_instruct_rougeL"] == 25.0 and runs.loc["a-seed1", "win_share"] == 1.0
+    assert runs.loc["b-seed1", "heldout_reward_gain"] == pytest.approx(0.1)
+    assert runs.loc["a-seed1", "understandability_change"] == 0.0
+    assert runs.loc["a-seed1", "naturalness_change"] == pytest.approx(-0.2)
+    assert "eval/overall_ci.csv" in runs.loc["b-seed2", "missing"] and pd.isna(runs.loc["b-seed2", "win_share"])
+
+    settings = pd.read_csv(study_dir / "study_settings.csv").set_index("setting")
+    assert settings.loc["a", "rougeL_difference_mean"] == 2.0
+    assert settings.loc["a", "rougeL_difference_sd"] == pytest.approx(2 ** 0.5)
+    assert settings.loc["b", "rougeL_difference_n"] == 1 and pd.isna(settings.loc["b", "rougeL_difference_sd"])
+    assert settings.loc["b", "heldout_reward_gain_n"] == 2
+
+    by_seed = pd.read_csv(study_dir / "study_win_share_by_seed.csv", index_col="setting")
+    assert list(by_seed.columns) == ["seed1", "seed2"] and by_seed.loc["a", "seed2"] == 1.0
+    assert by_seed.loc["b", "seed1"] == 0.0 and pd.isna(by_seed.loc["b", "seed2"])
+
+    aa = pd.read_csv(study_dir / "study_aa_control.csv")
+    assert len(aa) == 1  # setting b has one seed through stage 6: no pair
+    row = aa.iloc[0]
+    assert (row.setting, row.seed_a, row.seed_b, row.tasks) == ("a", 1, 2, 4)
+    assert (row.a_better, row.ties, row.b_better) == (1, 1, 2)
+    assert row.b_better_share == 0.5 and row.decided_share == 0.75
+    assert row.mean_abs_difference == pytest.approx((2 + 5 + 1 + 0) / 4)
+
+    text = report.read_text()
+    assert "## A/A control" in text and "a given seed's arm 'won' 38% of tasks" in text
+    assert "| a-seed2 | " in text and "3.00 [2.50, 3.50]" in text
+    assert "2.000 ± 1.414 (range 1.000 to 3.000, 2 seeds)" in text
+    for figure in ("fig_settings.png", "fig_aa_control.png"):
+        assert (study_dir / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({figure})" in text
+
+
+# --- Through the real runner and papermill (slow) -------------------------------------------------------
+
+@pytest.fixture
+def tiny_params(tmp_path, tiny_llama_dir) -> Path:
+    """Smoke params on the tiny random Llama, with the fewest instructions stage 1 can make."""
+    path = tmp_path / "tiny_params.yaml"
+    path.write_text(yaml.safe_dump({
+        "extends": str(SMOKE), "run_name": "tiny", "num_instructions": 2,
+        "model": {"name_or_path": str(tiny_llama_dir), "dtype": "float32"},
+        "instruction_generation": {"batch_size": 2, "max_new_tokens": 24, "max_batches": 2},
+        "classification": {"num_examples": 4, "batch_size": 2},
+    }))
+    return path
+
+
+def _marker_times(study_dir: Path) -> dict[str, int]:
+    return {str(p.relative_to(study_dir)): p.stat().st_mtime_ns for p in study_dir.glob("*/stages/*.json")}
+
+
+@pytest.mark.slow
+def test_a_study_killed_mid_run_resumes_and_reuses_stage_1_across_settings(tmp_path, tiny_params, capsys):
+    spec_path = _write_spec(tmp_path, tiny_params, until="01")
+    root = tmp_path / "results"
+    study_dir = root / "tiny"
+    log = tmp_path / "killed_study.log"
+    with open(log, "wb") as handle:
+        process = subprocess.Popen([sys.executable, "-m", "refine_af_utils.study", str(spec_path), "--results-root",
+                                    str(root)], cwd=REPO_ROOT, stdout=handle, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    started = study_dir / "a-seed1" / "notebooks" / "01_instruction_generation.ipynb"  # stage 01 is under way
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None and not started.is_file():
+        time.sleep(0.05)
+    time.sleep(1.0)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, log.read_text()[-2000:]
+    time.sleep(2.0)  # the orphaned notebook kernel notices its parent is gone (ipykernel polls every second)
+    assert not (study_dir / "a-seed1" / "stages" / "01.json").exists()
+
+    assert main([str(spec_path), "--results-root", str(root)]) == 0
+    out = capsys.readouterr().out
+    spec = load_spec(spec_path)
+    for run in spec.runs:
+        assert run_is_complete(study_dir / run.name, run.load(), spec.stages), run.name
+    assert "[01] 01_instruction_generation.ipynb: reused from a-seed1" in out
+    assert "[01] 01_instruction_generation.ipynb: reused from a-seed2" in out
+    assert out.count("[01] 01_instruction_generation.ipynb: running") == 2  # a-seed1 (resumed) and a-seed2
+    assert out.count("[00] 00_seed_tasks.ipynb: running") == 0  # a-seed1's stage 00 finished before the kill
+    for setting_b, setting_a in (("b-seed1", "a-seed1"), ("b-seed2", "a-seed2")):
+        a, b = study_dir / setting_a, study_dir / setting_b
+        assert reused_stages(b) == {"00": "a-seed1", "01": setting_a}
+        # not run again: the same marker (its recorded wall time) and the outputs' modification times
+        assert (b / "stages" / "01.json").read_bytes() == (a / "stages" / "01.json").read_bytes()
+        for path in (a / "instructions").rglob("*"):
+            if path.is_file():
+                assert (b / path.relative_to(a)).stat().st_mtime_ns == path.stat().st_mtime_ns
+        assert json.loads((b / STUDY_FILE).read_text())["setting"] == "b"
+    assert (study_dir / "study.md").is_file() and "tiny" in (study_dir / "study.md").read_text()
+
+    # a complete study: every run skipped, nothing rewritten
+    before = _marker_times(study_dir)
+    assert main([str(spec_path), "--results-root", str(root)]) == 0
+    assert capsys.readouterr().out.count("complete, skipped") == 4
+    assert _marker_times(study_dir) == before
+
+
+@pytest.mark.slow
+def test_a_study_runs_each_run_as_a_submitit_job_with_the_local_executor(tmp_path, capsys):
+    spec_path = _write_spec(tmp_path, SMOKE, until="00", name="jobs")
+    root = tmp_path / "results"
+    assert main([str(spec_path), "--results-root", str(root), "--launcher", "submitit-local",
+                 "--poll-seconds", "0.5"]) == 0
+    out = capsys.readouterr().out
+    spec = load_spec(spec_path)
+    study_dir = root / "jobs"
+    for run in spec.runs:
+        assert run_is_complete(study_dir / run.name, run.load(), spec.stages), run.name
+        assert f"{run.name}: submitted as job" in out
+    assert "[00] 00_seed_tasks.ipynb: done in" in out  # the jobs' stage lines, echoed from their logs
+    logs = list((study_dir / ".submitit").glob("*_log.out"))
+    assert len(logs) == 4 and all("[00] 00_seed_tasks.ipynb" in p.read_text() for p in logs)
+    runs = pd.read_csv(study_dir / "study_runs.csv")
+    assert list(runs["stages_done"]) == ["00-00"] * 4
+    assert "metrics/06.json" in runs["missing"].iloc[0]
