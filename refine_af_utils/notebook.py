@@ -57,6 +57,12 @@ def default_run_dir(params_path: str | os.PathLike | None = None) -> str:
 def _run_name(params_path: Path) -> str:
     """The params file's ``run_name`` (its file name when unreadable: prepare_stage reports that)."""
     try:
+        from refine_af_utils.params import load_params
+
+        return load_params(params_path).run_name  # follows extends:
+    except Exception:  # a default must never raise: the parameters cell of every notebook calls this
+        pass
+    try:
         import yaml
 
         data = yaml.safe_load(params_path.read_text())
