@@ -113,6 +113,7 @@ def browser() -> tuple[str, str]:
     return _browser()
 
 
+@pytest.mark.slow  # runs a notebook
 def test_notebook_00_runs_in_jupyterlab_in_headless_chromium(browser, jupyter_lab, tmp_path):
     chromium, chromedriver = browser
     from selenium import webdriver
