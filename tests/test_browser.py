@@ -118,6 +118,7 @@ def test_notebook_00_runs_in_jupyterlab_in_headless_chromium(browser, jupyter_la
     chromium, chromedriver = browser
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
@@ -135,13 +136,26 @@ def test_notebook_00_runs_in_jupyterlab_in_headless_chromium(browser, jupyter_la
         wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, ".jp-Notebook .jp-Cell")))
         wait.until(ec.presence_of_element_located(  # the kernel has started
             (By.CSS_SELECTOR, ".jp-Notebook-ExecutionIndicator[data-status='idle']")))
+        def accept_kernel_dialog() -> None:
+            """With the refine-af kernel registered beside python3, JupyterLab may ask which to use: accept."""
+            time.sleep(2)
+            for button in driver.find_elements(By.CSS_SELECTOR, ".jp-Dialog .jp-Dialog-button.jp-mod-accept"):
+                button.click()
+
+        accept_kernel_dialog()
         run_menu = "//div[contains(@class,'lm-MenuBar-itemLabel') and normalize-space(text())='Run']"
         wait.until(ec.element_to_be_clickable((By.XPATH, run_menu))).click()
         wait.until(ec.element_to_be_clickable(
             (By.CSS_SELECTOR, "li.lm-Menu-item[data-command='runmenu:run-all']"))).click()
-        table = wait.until(ec.presence_of_element_located(
-            (By.XPATH, "//div[contains(@class,'jp-OutputArea-output')]//table[.//td[normalize-space()="
-                       "'classification tasks']]")))
+        accept_kernel_dialog()
+        try:
+            table = wait.until(ec.presence_of_element_located(
+                (By.XPATH, "//div[contains(@class,'jp-OutputArea-output')]//table[.//td[normalize-space()="
+                           "'classification tasks']]")))
+        except TimeoutException:
+            driver.save_screenshot(str(tmp_path / "timeout.png"))
+            shown = [e.text[:500] for e in driver.find_elements(By.CSS_SELECTOR, ".jp-OutputArea-output")]
+            pytest.fail(f"no seed summary table after Run All; outputs: {shown}; screenshot {tmp_path / 'timeout.png'}")
         driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", table)
         rows = {r.find_element(By.XPATH, "./td[1]").text: r.find_element(By.XPATH, "./td[2]").text
                 for r in table.find_elements(By.XPATH, ".//tbody/tr")}
