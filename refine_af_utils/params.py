@@ -128,7 +128,7 @@ class InstanceGenerationParams:
     """Self-Instruct's instance generation prompts and decoding (stage 2 samples, stage 3 trains, stage 4 writes)."""
 
     batch_size: int = 16
-    max_new_tokens: int = 96
+    max_new_tokens: int = 64
     temperature: float = 0.7
     top_p: float = 1.0               # PPO in trl samples with top_p 1; RL rollouts and stage 4 decode alike
     num_demonstrations: int = 1
@@ -157,14 +157,14 @@ class RLParams:
     batch_size: int = 4              # prompts per update
     num_generations: int = 4         # GRPO/RLOO: completions per prompt
     ppo_epochs: int = 2
-    learning_rate: float = 1.0e-4
+    learning_rate: float = 3.0e-4
     value_learning_rate: float = 1.0e-5  # PPO: the critic's own learning rate (full copy, zero-initialised head)
     kl_coef: float = 0.05
     missing_eos_penalty: Optional[float] = None  # trl: subtracted when a completion has no end token
-    lora_r: int = 8
-    lora_alpha: int = 16
+    lora_r: int = 16
+    lora_alpha: int = 32
     lora_dropout: float = 0.0
-    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     # A completion that yields no instance gets the reward (mean - parse_penalty_sd * sd) of stage 2's
     # parsed candidates' content reward: the penalty is measured in the content signal's own spread.
     parse_penalty_sd: float = 2.0

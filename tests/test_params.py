@@ -120,7 +120,7 @@ def test_resolved_params_yaml_reads_back_equal(tmp_path, name):
 # Sections whose dataclass defaults belong to another change (RL, SFT, instance generation) and the reward,
 # whose schema defaults are the paper's scorers (tests/test_scorers.py pins them); default.yaml uses
 # offline stand-ins, and every shipped recipe spells its reward section out or inherits default.yaml's.
-DEFAULTS_DIFFER = {"rl", "reward"}
+DEFAULTS_DIFFER = {"reward"}
 
 
 @pytest.mark.parametrize("section", [f.name for f in dataclasses.fields(Params) if f.name != "run_name"])
