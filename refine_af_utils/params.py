@@ -152,8 +152,8 @@ class RLParams:
     # Rollouts decode with instance_generation's temperature, top_p, max_new_tokens and stop strings.
     num_prompts: int = 64            # at most this many training prompts (after the held-out split)
     heldout_instructions: int = 24   # stage 1 instructions held out of training (seeded split)
-    heldout_samples: int = 4         # completions per held-out instruction, base and trained generator
-    updates: int = 8                 # PPO updates (GRPO/RLOO optimiser steps)
+    heldout_samples: int = 2         # completions per held-out instruction, base and trained generator
+    updates: int = 4                 # PPO updates (GRPO/RLOO optimiser steps)
     batch_size: int = 4              # prompts per update
     num_generations: int = 4         # GRPO/RLOO: completions per prompt
     ppo_epochs: int = 2
