@@ -106,8 +106,8 @@ ARM_MEASURES = {"has_instances": "share of instructions with at least one kept i
 
 def arm_comparison(table: pd.DataFrame, random_seed: int) -> pd.DataFrame:
     """REFINE-AF minus Self-Instruct per measure, paired by instruction, for all, RL-train and held-out ones."""
-    from refine_af_utils.rl import paired_summary
     from refine_af_utils.seeding import derive_seed
+    from refine_af_utils.stats import paired_summary
 
     groups = {"all": table, "rl-train": table[table["split"] == "train"],
               "held-out": table[table["split"] == "heldout"]}
@@ -126,9 +126,10 @@ def arm_comparison(table: pd.DataFrame, random_seed: int) -> pd.DataFrame:
 
 def arm_comparison_figure(comparison: pd.DataFrame, path: Path) -> Path:
     """Each measure's REFINE-AF minus Self-Instruct difference with its CI, per instruction group."""
-    from refine_af_utils.rl import heldout_figure
+    from refine_af_utils.plots import difference_chart, save_figure
 
-    return heldout_figure(comparison, path, "Stage 4: REFINE-AF minus Self-Instruct, paired by instruction, 95% CI")
+    return save_figure(difference_chart(comparison, "Stage 4: REFINE-AF minus Self-Instruct, paired by instruction, 95% CI"),
+                       path)
 
 
 def _words(texts: Sequence[str]) -> float:

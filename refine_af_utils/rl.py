@@ -47,6 +47,7 @@ from refine_af_utils.prompts import INSTANCE_STOP_STRINGS
 from refine_af_utils.reward import COMPONENTS, component_weights, composite_reward, unparsed_reward
 from refine_af_utils.scorers import InstanceText, Scorer
 from refine_af_utils.seeding import derive_seed
+from refine_af_utils.stats import paired_summary
 
 # PPO lives in trl.experimental in the pinned trl (1.9.2, the last release that ships it); we
 # use it on purpose, so its "experimental API" warning is silenced.
@@ -606,18 +607,6 @@ def heldout_table(samples: Sequence[dict[str, Any]], scorer: CompletionScorer) -
     per.columns = [f"{generator}_{measure}" for measure, generator in per.columns]
     order = [f"{g}_{m}" for m in ("reward", "parsed", "content") for g in GENERATORS]
     return per[order].reset_index()
-
-
-def paired_summary(table: pd.DataFrame, pairs: dict[str, tuple[str, str]], seed: int) -> pd.DataFrame:
-    """Mean paired difference (second - first column) with a 95% bootstrap CI for each named measure."""
-    from refine_af_utils.stats import paired_bootstrap_ci
-
-    rows = []
-    for name, (before, after) in pairs.items():
-        ci = paired_bootstrap_ci(table[before], table[after], seed=derive_seed(seed, "ci", name))
-        rows.append({**ci.as_row(name), "mean_before": float(table[before].mean()),
-                     "mean_after": float(table[after].mean())})
-    return pd.DataFrame(rows)
 
 
 def heldout_figure(summary: pd.DataFrame, path: Path, title: str) -> Path:

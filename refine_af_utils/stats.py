@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
+import pandas as pd
+
+from refine_af_utils.seeding import derive_seed
 
 BOOTSTRAP_RESAMPLES = 10_000
 
@@ -55,6 +58,16 @@ def paired_bootstrap_ci(a: Sequence[float], b: Sequence[float], seed: int,
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(means, [tail, 100 - tail])
     return PairedDifference(float(diff.mean()), float(low), float(high), int(diff.size), level)
+
+
+def paired_summary(table: pd.DataFrame, pairs: dict[str, tuple[str, str]], seed: int) -> pd.DataFrame:
+    """Mean paired difference (second - first column) with a 95% bootstrap CI for each named measure."""
+    rows = []
+    for name, (before, after) in pairs.items():
+        ci = paired_bootstrap_ci(table[before], table[after], seed=derive_seed(seed, "ci", name))
+        rows.append({**ci.as_row(name), "mean_before": float(table[before].mean()),
+                     "mean_after": float(table[after].mean())})
+    return pd.DataFrame(rows)
 
 
 # --- Cluster bootstrap over tasks and instances, and tests over tasks (stage 6 and the report) ---
