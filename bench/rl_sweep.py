@@ -158,7 +158,14 @@ def main(argv: list[str] | None = None) -> int:
               f"[{row['heldout_reward_ci_low']:+.4f}, {row['heldout_reward_ci_high']:+.4f}], "
               f"train {row['train_seconds']:.0f} s, held-out {row['heldout_seconds']:.0f} s", flush=True)
         rows.append(row)
-    finished = [json.loads(p.read_text()) for name in SETTINGS if (p := out / name / "sweep_result.json").is_file()]
+    finished = []
+    for name in SETTINGS:
+        result = out / name / "sweep_result.json"
+        if result.is_file():
+            # which stage 2 the setting's parse penalty was measured on (the base run's, copied)
+            stage2 = json.loads((out / name / "reward_analysis" / "config.json").read_text())
+            finished.append({**json.loads(result.read_text()),
+                             "stage2_max_new_tokens": stage2["instance_generation"]["max_new_tokens"]})
     table = pd.DataFrame(finished)
     table.to_csv(out.parent / "rl_sweep.csv", index=False)
     sweep_figure(table, out.parent / "rl_sweep.png")
