@@ -40,7 +40,7 @@ from refine_af_utils.rl import (  # noqa: E402
 # name -> dotted overrides of the base params (64 new tokens unless the name says t96). The first three
 # compare the algorithms at about the same number of sampled tokens; the rest vary one knob at a time.
 # The parse penalty's unit (stage 2's content SD) comes from the base run's stage 2.
-SHORT = {"instance_generation.max_new_tokens": 64}
+SHORT = {"instance_generation.max_new_tokens": 64, "rl.heldout_samples": 4, "rl.checkpoint_every": 4}
 SETTINGS: dict[str, dict[str, Any]] = {
     "ppo_b4_u8_t64": {**SHORT, "rl.algorithm": "ppo", "rl.batch_size": 4, "rl.updates": 8},
     "grpo_b4g4_u4_t64": {**SHORT, "rl.algorithm": "grpo", "rl.batch_size": 4, "rl.num_generations": 4, "rl.updates": 4},
