@@ -24,7 +24,6 @@ otherwise (the tests serve fixture files from 127.0.0.1).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import http.client
 import json
 import os
@@ -37,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from refine_af_utils.errors import RefineAFError
-from refine_af_utils.results import cache_dir
+from refine_af_utils.results import cache_dir, sha256_file
 
 BASE_URL_ENV = "REFINE_AF_DATA_URL"
 DEFAULT_BASE_URL = "https://raw.githubusercontent.com"
@@ -77,15 +76,6 @@ def superni_folder(commit: str) -> Path:
 def self_instruct_folder(commit: str = SELF_INSTRUCT_COMMIT) -> Path:
     """Where :func:`fetch_self_instruct` puts a commit's files: ``<cache>/self-instruct/<commit>``."""
     return cache_dir() / "self-instruct" / _check_commit(commit)
-
-
-def sha256_file(path: Path) -> str:
-    """sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def download(url: str, target: Path, timeout: float = TIMEOUT_S) -> Path:

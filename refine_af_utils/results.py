@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -124,3 +125,12 @@ def stage_command_line(description: str, argv: Optional[Sequence[str]] = None) -
     write_resolved_params(run_dir, params, f"Resolved params of run '{params.run_name}', written by a stage "
                                            f"entry point: {args.params}{sets}")
     return params, run_dir
+
+
+def sha256_file(path: str | Path) -> str:
+    """sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import shlex
@@ -42,7 +41,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 from refine_af_utils.errors import RefineAFError, RunLockedError, project_error_names
 from refine_af_utils.params import Params, load_params, parse_overrides
-from refine_af_utils.results import RESOLVED_PARAMS, run_folder, write_resolved_params
+from refine_af_utils.results import RESOLVED_PARAMS, run_folder, sha256_file, write_resolved_params
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
@@ -143,14 +142,6 @@ def stage_outputs(run_dir: str | Path, stage: Stage) -> list[str]:
     return sorted(files)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def hash_outputs(run_dir: str | Path, stage: Stage, known: Optional[dict[str, dict[str, Any]]] = None
                  ) -> dict[str, dict[str, Any]]:
     """``{path: {sha256, size, mtime_ns}}`` of a stage's outputs now.
@@ -168,7 +159,7 @@ def hash_outputs(run_dir: str | Path, stage: Stage, known: Optional[dict[str, di
         if before and before.get("size") == stat.st_size and before.get("mtime_ns") == stat.st_mtime_ns:
             sha = before["sha256"]
         else:
-            sha = file_sha256(run_dir / relative)
+            sha = sha256_file(run_dir / relative)
         hashes[relative] = {"sha256": sha, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     return hashes
 

@@ -100,7 +100,7 @@ def test_same_content_rewritten_stays_complete_and_sizes_and_times_spare_rehashi
     import refine_af_utils.run as run_module
 
     write_marker(run_dir, STAGES[0], params, 1.0, inputs={})  # records the current sizes and times
-    monkeypatch.setattr(run_module, "file_sha256", lambda p: pytest.fail(f"{p} was rehashed"))
+    monkeypatch.setattr(run_module, "sha256_file", lambda p: pytest.fail(f"{p} was rehashed"))
     hash_outputs(run_dir, STAGES[0], json.loads((run_dir / "stages" / "00.json").read_text())["outputs"])
 
 
