@@ -118,7 +118,6 @@ class ClusterBootstrap:
 
     def __init__(self, values: np.ndarray | Sequence[Sequence[float]], clusters: Sequence[Any], seed: int,
                  resamples: int = BOOTSTRAP_RESAMPLES) -> None:
-        from refine_af_utils.seeding import derive_seed
 
         values = np.asarray(values, dtype=np.float64)
         if values.ndim == 1:
@@ -157,7 +156,6 @@ class ClusterBootstrap:
 
         ``key`` names the selection in the seed, so two selections draw independently.
         """
-        from refine_af_utils.seeding import derive_seed
 
         index = np.arange(len(self.names)) if clusters is None else np.array(
             [self.names.index(str(c)) for c in clusters], dtype=np.int64)
