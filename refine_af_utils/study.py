@@ -16,6 +16,7 @@ A spec (YAML) names a base params file, seeds and a grid of settings::
       - name: mistral
         params: ../paper_mistral_7b.yaml   # optional: this setting's own params file
     slurm: {timeout_min: 4320, gpus_per_node: 1}   # optional: submitit parameters (--launcher slurm)
+    reuse_from: [reward_ablation]    # optional: other studies (same results root) whose runs may donate stages
 
 Each run (setting x seed) is ``results/<study>/<setting>-seed<N>/``, made by
 :func:`refine_af_utils.run.run_pipeline` with ``run_name`` and ``random_seed`` set. Before a run
@@ -60,7 +61,7 @@ from refine_af_utils.run import (
 
 STUDY_FILE = ".study.json"   # per run: its setting, seed and the stages copied from other runs (hidden: no stage output)
 TMP_DIR = ".study-tmp"       # per run: copies in progress (hidden; renamed into place when whole)
-SPEC_KEYS = {"name", "description", "params", "seeds", "until", "grid", "slurm"}
+SPEC_KEYS = {"name", "description", "params", "seeds", "until", "grid", "slurm", "reuse_from"}
 SETTING_KEYS = {"name", "set", "params"}
 STUDY_SET_KEYS = {"run_name", "random_seed"}  # set by the study for every run
 LAUNCHERS = ("local", "slurm", "submitit-local")
@@ -118,6 +119,7 @@ class StudySpec:
     until: str = STAGES[-1].id
     slurm: dict[str, Any] = dataclasses.field(default_factory=dict)
     description: str = ""
+    reuse_from: tuple[str, ...] = ()
 
     @property
     def runs(self) -> list[StudyRun]:
@@ -194,6 +196,10 @@ def load_spec(path: str | Path) -> StudySpec:
     description = data.get("description", "")
     if not isinstance(description, str):
         raise StudySpecError(f"{path}: key 'description' must be text, got {description!r}")
+    reuse_from = data.get("reuse_from") or []
+    if not isinstance(reuse_from, list) or not all(_safe_name(s) and s != name for s in reuse_from):
+        raise StudySpecError(f"{path}: key 'reuse_from' must be a list of other studies' names (folders beside "
+                             f"this study's in the results root), got {reuse_from!r}")
     grid = data["grid"]
     if not isinstance(grid, list) or not grid:
         raise StudySpecError(f"{path}: key 'grid' must be a non-empty list of settings (name, set, params)")
@@ -223,7 +229,8 @@ def load_spec(path: str | Path) -> StudySpec:
                                  "(run_name: <setting>-seed<N>; random_seed: from seeds)")
         params = _params_path(path, item["params"], f"{key}.params") if "params" in item else base
         settings.append(Setting(setting_name, params, dict(overrides)))
-    spec = StudySpec(path, name, base, tuple(seeds), tuple(settings), until, dict(slurm), description)
+    spec = StudySpec(path, name, base, tuple(seeds), tuple(settings), until, dict(slurm), description,
+                     tuple(reuse_from))
     for run in spec.runs:
         try:
             run.load()
@@ -339,19 +346,28 @@ def _write_study_record(run_dir: Path, record: dict[str, Any]) -> None:
     partial.replace(path)
 
 
-def reuse_stages(study_dir: Path, run: StudyRun, params: Params, stages: Sequence[Stage]) -> dict[str, str]:
-    """Copy into the run every stage another run of the study completed with the same fingerprint.
+def _donor_label(donor: Path, study_dir: Path) -> str:
+    """A donor run's name, prefixed with its study when it belongs to another study."""
+    return donor.name if donor.parent == study_dir else f"{donor.parent.name}/{donor.name}"
 
-    The donor is the run folder sharing the longest leading chain of complete stages (ties: by
-    name); a donor whose lock is held (a runner at work in it) is passed over. A stage the run
-    already has, with the donor's very outputs, is kept. Returns ``{stage id: donor run}`` of the
-    stages copied now.
+
+def reuse_stages(study_dir: Path, run: StudyRun, params: Params, stages: Sequence[Stage],
+                 other_studies: Sequence[Path] = ()) -> dict[str, str]:
+    """Copy into the run every stage another run completed with the same fingerprint.
+
+    Donors are the study's other runs and the runs of ``other_studies`` (the spec's ``reuse_from``).
+    The donor is the run folder sharing the longest leading chain of complete stages (ties: this
+    study first, then by name); a donor whose lock is held (a runner at work in it) is passed over. A
+    stage the run already has, with the donor's very outputs, is kept. Returns ``{stage id: donor}``
+    of the stages copied now.
     """
     run_dir = study_dir / run.name
     reusable = [s for s in stages if s.output_dir is not None]  # the report is per run, and cheap
     best: tuple[int, Optional[Path]] = (0, None)
-    for donor in sorted(p for p in study_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if donor.name == run.name or not (donor / "stages").is_dir() or is_locked(donor):
+    candidates = [p for folder in (study_dir, *other_studies) if folder.is_dir()
+                  for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+    for donor in candidates:
+        if donor == run_dir or not (donor / "stages").is_dir() or is_locked(donor):
             continue
         count = _complete_prefix(donor, reusable, params)
         if count > best[0]:
@@ -375,9 +391,10 @@ def reuse_stages(study_dir: Path, run: StudyRun, params: Params, stages: Sequenc
                     == {k: v["sha256"] for k, v in theirs.get("outputs", {}).items()}):
                 continue  # already here, the same outputs
             copy_stage(donor, run_dir, stage)
-            copied[stage.id] = donor.name
-            reused[stage.id] = {"from": donor.name, "marker_sha256": _sha_of_file(_marker_path(run_dir, stage))}
-            print(f"[{stage.id}] {stage.notebook}: reused from {donor.name} (same params and inputs)", flush=True)
+            label = _donor_label(donor, study_dir)
+            copied[stage.id] = label
+            reused[stage.id] = {"from": label, "marker_sha256": _sha_of_file(_marker_path(run_dir, stage))}
+            print(f"[{stage.id}] {stage.notebook}: reused from {label} (same params and inputs)", flush=True)
         _write_study_record(run_dir, record)
     return copied
 
@@ -426,7 +443,7 @@ def run_one(spec_path: str, run_name: str, results_root: str) -> str:
     run_dir.mkdir(parents=True, exist_ok=True)
     if not (run_dir / STUDY_FILE).is_file():
         _write_study_record(run_dir, {"run": run.name, "setting": run.setting.name, "seed": run.seed, "reused": {}})
-    reuse_stages(study_dir, run, params, spec.stages)
+    reuse_stages(study_dir, run, params, spec.stages, [study_dir.parent / name for name in spec.reuse_from])
     for stage in spec.stages:  # the runner, one stage at a time, up to `until`
         run_pipeline(run.setting.params, only=stage.id, results_root=study_dir, overrides=run.overrides)
     return "ran"
@@ -919,13 +936,14 @@ def dry_run(spec: StudySpec, results_root: str | Path) -> list[str]:
             lines.append(f"{run.name}: complete, skipped")
             continue
         shared = []
-        if study_dir.is_dir():
-            reusable = [s for s in spec.stages if s.output_dir is not None]
-            counts = {d.name: _complete_prefix(d, reusable, params) for d in sorted(study_dir.iterdir())
-                      if d.is_dir() and d.name != run.name and (d / "stages").is_dir()}
-            if counts and max(counts.values()):
-                donor = max(counts, key=lambda k: counts[k])
-                shared = [f"{s.id} from {donor}" for s in reusable[: counts[donor]]]
+        reusable = [s for s in spec.stages if s.output_dir is not None]
+        folders = [study_dir, *(study_dir.parent / name for name in spec.reuse_from)]
+        counts = {_donor_label(d, study_dir): _complete_prefix(d, reusable, params)
+                  for folder in folders if folder.is_dir() for d in sorted(folder.iterdir())
+                  if d.is_dir() and d != run_dir and (d / "stages").is_dir()}
+        if counts and max(counts.values()):
+            donor = max(counts, key=lambda k: counts[k])
+            shared = [f"{s.id} from {donor}" for s in reusable[: counts[donor]]]
         lines.append(f"{run.name}: run (stages 00-{spec.until}" + (f"; reuses {', '.join(shared)}" if shared else "")
                      + ")")
     return lines

@@ -17,7 +17,7 @@ import yaml
 from refine_af_utils.params import load_params
 from refine_af_utils.run import STAGES, stage_status, write_marker
 from refine_af_utils.study import (
-    STUDY_FILE, StudySpecError, copy_stage, donor_plan, load_spec, main, reuse_stages, reused_stages,
+    STUDY_FILE, StudySpecError, copy_stage, donor_plan, dry_run, load_spec, main, reuse_stages, reused_stages,
     run_is_complete, write_study_report,
 )
 
@@ -43,6 +43,7 @@ def _write_spec(folder: Path, params: Path, until: str = "07", seeds=(1, 2), nam
     ({"seeds": [1, 1]}, "key 'seeds' lists a seed twice"),
     ({"until": "09"}, "key 'until' must be a stage id"),
     ({"colour": "red"}, "unknown key 'colour'"),
+    ({"reuse_from": ["tiny"]}, "key 'reuse_from' must be a list of other studies' names"),
     ({"params": "nowhere.yaml"}, "key 'params': "),
     ({"grid": [{"name": "a", "sets": {}}]}, "unknown key 'grid[0].sets'"),
     ({"grid": [{"name": "a b"}]}, "key 'grid[0].name' must be a folder name"),
@@ -165,6 +166,25 @@ def test_reuse_copies_the_longest_shared_chain_and_a_cut_copy_never_looks_comple
     assert reused_stages(run_dir) == {"00": "a-seed1"}
     with pytest.raises(ValueError):
         copy_stage(donor, run_dir, STAGE["07"])
+
+
+def test_reuse_from_another_study_copies_its_runs_stages(tmp_path):
+    spec = load_spec(_write_spec(tmp_path, SMOKE, until="03"))
+    donor = _fake_run(tmp_path / "results" / "tiny", spec.runs[0], ["00", "01"])
+    other_path = _write_spec(tmp_path, SMOKE, until="03", name="other", reuse_from=["tiny"])
+    other = load_spec(other_path)
+    assert other.reuse_from == ("tiny",)
+    run = other.runs[0]
+    study_dir = tmp_path / "results" / "other"
+    assert dry_run(other, tmp_path / "results")[0].endswith("reuses 00 from tiny/a-seed1, 01 from tiny/a-seed1)")
+    study_dir.mkdir(parents=True)
+    copied = reuse_stages(study_dir, run, run.load(), other.stages,
+                          [tmp_path / "results" / "tiny"])
+    assert copied == {"00": "tiny/a-seed1", "01": "tiny/a-seed1"}
+    assert (study_dir / run.name / "stages" / "01.json").read_bytes() == (donor / "stages" / "01.json").read_bytes()
+    assert reused_stages(study_dir / run.name) == {"00": "tiny/a-seed1", "01": "tiny/a-seed1"}
+    with pytest.raises(StudySpecError, match="reuse_from"):  # a study cannot reuse from itself
+        load_spec(_write_spec(tmp_path, SMOKE, until="03", name="other", reuse_from=["other"]))
 
 
 # --- The study report on hand-made run folders -------------------------------------------------------
