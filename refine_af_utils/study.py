@@ -14,7 +14,7 @@ A spec (YAML) names a base params file, seeds and a grid of settings::
       - name: und-plus
         set: {reward.understandability.weight: 0.4421}
       - name: mistral
-        params: ../paper_mistral_7b.yaml   # optional: this setting's own params file
+        params: ../recipes/mistral-7b/paper.yaml   # optional: this setting's own params file
     slurm: {timeout_min: 4320, gpus_per_node: 1}   # optional: submitit parameters (--launcher slurm)
     reuse_from: [reward_ablation]    # optional: other studies (same results root) whose runs may donate stages
 

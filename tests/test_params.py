@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -10,23 +11,29 @@ from refine_af_utils.params import (Params, ParamsError, deep_merge, load_params
 
 from conftest import REPO_ROOT
 
-PARAMS_FILES = sorted((REPO_ROOT / "params").glob("*.yaml"))
+PARAMS_DIR = REPO_ROOT / "params"
+# params/*.yaml (default, smoke) and params/recipes/<model>/<recipe>.yaml, as in alignment-handbook's recipes/;
+# accelerate configs live apart in params/accelerate_configs/ and study specs in params/studies/
+PARAMS_FILES = sorted([*PARAMS_DIR.glob("*.yaml"), *PARAMS_DIR.glob("recipes/*/*.yaml")])
+PAPER_RECIPES = ("recipes/llama2-7b/paper", "recipes/llama2-13b/paper", "recipes/mistral-7b/paper")
 
 
 def test_every_shipped_params_file_loads():
-    names = {p.name for p in PARAMS_FILES}
-    assert {"default.yaml", "smoke.yaml", "paper_llama2_7b.yaml", "paper_llama2_13b.yaml",
-            "paper_mistral_7b.yaml"} <= names
+    names = {p.relative_to(PARAMS_DIR).as_posix() for p in PARAMS_FILES}
+    assert {"default.yaml", "smoke.yaml", *(f"{name}.yaml" for name in PAPER_RECIPES),
+            "recipes/llama31-8b/paper.yaml", "recipes/qwen25-7b/paper.yaml", "recipes/gemma2-9b/paper.yaml"} <= names
+    assert (PARAMS_DIR / "accelerate_configs" / "multi_gpu.yaml").is_file()
+    assert not list(PARAMS_DIR.glob("paper_*.yaml")) and not list(PARAMS_DIR.glob("accelerate*.yaml"))
     for path in PARAMS_FILES:
-        if path.name.startswith("accelerate"):
-            continue
         params = load_params(path)
-        assert params.run_name == path.stem
+        # params/recipes/llama2-7b/paper.yaml has run_name paper_llama2_7b (results/paper_llama2_7b/)
+        expected = path.stem if path.parent == PARAMS_DIR else f"{path.stem}_{path.parent.name.replace('-', '_')}"
+        assert params.run_name == expected
 
 
 def test_paper_recipes_use_self_instruct_seeds_and_15000_instructions():
-    for name in ("paper_llama2_7b", "paper_llama2_13b", "paper_mistral_7b"):
-        params = load_params(REPO_ROOT / "params" / f"{name}.yaml")
+    for name in PAPER_RECIPES:
+        params = load_params(PARAMS_DIR / f"{name}.yaml")
         assert params.num_instructions == 15000
         assert "yizhongw/self-instruct/0b26ccaa415992100fa32df62d41b994cf928e23" in params.seed_tasks
         assert params.model.device == "cuda"
@@ -101,7 +108,7 @@ def test_recipes_resolve_to_what_they_were_before_they_became_deltas(name):
     assert load_params(REPO_ROOT / "params" / f"{name}.yaml").to_dict() == RESOLVED[name]
 
 
-@pytest.mark.parametrize("name", ["smoke", "paper_llama2_7b", "paper_llama2_13b", "paper_mistral_7b"])
+@pytest.mark.parametrize("name", ["smoke", *PAPER_RECIPES])
 def test_recipes_are_short_deltas(name):
     path = REPO_ROOT / "params" / f"{name}.yaml"
     assert len(path.read_text().splitlines()) < 40
@@ -204,3 +211,12 @@ def test_bad_set_keys_and_values_get_the_schema_messages(item, message):
 def test_malformed_set_items_are_refused(item):
     with pytest.raises(ParamsError, match="--set"):
         parse_overrides([item])
+
+
+def test_params_paths_named_in_the_docs_exist():
+    """Every ``params/....yaml`` that README.md, docs/*.md and the params files' comments name is there."""
+    sources = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md")), *sorted(PARAMS_DIR.rglob("*.yaml"))]
+    named = {(source.name, match) for source in sources
+             for match in re.findall(r"params/[\w./-]+\.yaml", source.read_text())}
+    assert any(path == "params/recipes/llama2-7b/paper.yaml" for _, path in named)
+    assert [(source, path) for source, path in sorted(named) if not (REPO_ROOT / path).is_file()] == []
