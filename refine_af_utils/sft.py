@@ -7,7 +7,7 @@ seed and order of steps. Each arm trains in ``sft/<arm>/``: checkpoints every
 ``sft.save_steps`` steps (a rerun resumes from the last one), the final adapter (or model)
 in ``sft/<arm>/model`` and the loss per step in ``sft/<arm>/loss.csv``.
 
-Multi-GPU: ``accelerate launch --config_file params/accelerate_multi_gpu.yaml -m
+Multi-GPU: ``accelerate launch --config_file params/accelerate_configs/multi_gpu.yaml -m
 refine_af_utils.sft PARAMS`` trains both arms, then the notebook picks the results up.
 """
 

@@ -22,6 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
 from conftest import REPO_ROOT
 
 NOTEBOOK = "notebooks/00_seed_tasks.ipynb"
@@ -116,8 +117,8 @@ def browser() -> tuple[str, str]:
 def test_notebook_00_runs_in_jupyterlab_in_headless_chromium(browser, jupyter_lab, tmp_path):
     chromium, chromedriver = browser
     from selenium import webdriver
-    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.chrome.service import Service
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait

@@ -19,7 +19,6 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT
 
 from refine_af_utils.data import (
     MANIFEST,
@@ -32,9 +31,11 @@ from refine_af_utils.data import (
     resolve_superni_ref,
     superni_folder,
 )
+from refine_af_utils.superni_evaluation import resolve_superni_dir
 from refine_af_utils.seeds import BUNDLED_SEED_TASKS
 from refine_af_utils.superni import BUNDLED_SUPERNI, SuperNIError, load_tasks
-from refine_af_utils.superni_evaluation import resolve_superni_dir
+
+from conftest import REPO_ROOT
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 pytestmark = pytest.mark.filterwarnings("ignore:.*fewer than 100:UserWarning")  # the bundled tasks have 12

@@ -13,7 +13,6 @@ from refine_af_utils.params import InstanceGenerationParams
 from refine_af_utils.prompts import instance_generation_prompt
 from refine_af_utils.seeds import load_seed_tasks
 
-
 def test_generation_prompt_puts_input_first_and_classification_label_first():
     demos = [("Add the numbers.", [("2 and 3", "5")]), ("Name a fruit.", [("", "Apple")])]
     prompt = instance_generation_prompt("Double the number.", False, demos)

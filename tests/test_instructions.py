@@ -7,23 +7,18 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO_ROOT
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refine_af_utils.instruction_generation import (
-    bootstrap_instructions,
-    filter_counts,
-    filter_reason,
-    load_state,
-    parse_continuation,
-)
-from refine_af_utils.jsonl import append_jsonl, read_jsonl
 from refine_af_utils.layout import BATCHES_FILE, INSTRUCTIONS_FILE
+from refine_af_utils.instruction_generation import bootstrap_instructions, filter_counts, filter_reason, load_state, parse_continuation
+from refine_af_utils.jsonl import append_jsonl, read_jsonl
 from refine_af_utils.models import load_causal_lm
 from refine_af_utils.params import params_from_dict
 from refine_af_utils.prompts import classification_prompt, instruction_generation_prompt
 from refine_af_utils.seeds import load_seed_tasks
+
+from conftest import REPO_ROOT
 
 
 def test_parse_continuation_splits_numbered_items():

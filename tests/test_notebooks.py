@@ -5,11 +5,12 @@ import json
 import nbformat
 import pandas as pd
 import pytest
-from conftest import REPO_ROOT
 
 from refine_af_utils.params import load_params
 from refine_af_utils.results import read_metrics
 from refine_af_utils.run import NOTEBOOK_DIR, STAGES, main, run_pipeline, select_stages
+
+from conftest import REPO_ROOT
 
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 

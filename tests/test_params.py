@@ -4,17 +4,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO_ROOT
 
-from refine_af_utils.params import (
-    Params,
-    ParamsError,
-    deep_merge,
-    load_params,
-    params_from_dict,
-    params_yaml,
-    parse_overrides,
-)
+from refine_af_utils.params import (Params, ParamsError, deep_merge, load_params, params_from_dict, params_yaml,
+                                    parse_overrides)
+
+from conftest import REPO_ROOT
 
 PARAMS_FILES = sorted((REPO_ROOT / "params").glob("*.yaml"))
 

@@ -10,15 +10,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT
 
-from refine_af_utils.errors import RefineAFError, RunLockedError, StageConfigError, decode_utf8
+from refine_af_utils.errors import RefineAFError, StageConfigError, decode_utf8
 from refine_af_utils.models import DeviceUnavailableError, ModelNotFoundError, check_device
 from refine_af_utils.params import ParamsError, load_params, params_from_dict
 from refine_af_utils.results import check_stage_config, run_folder
+from refine_af_utils.errors import RunLockedError
 from refine_af_utils.run import main, run_lock
 from refine_af_utils.seeds import MAX_SEED_LINE_BYTES, SeedTaskError, load_seed_tasks
 from refine_af_utils.superni import BUNDLED_SUPERNI, SuperNIError, load_tasks
+
+from conftest import REPO_ROOT
 
 # PPO needs instance_generation.top_p 1.0; every params dict here sets it so only the tested key is wrong.
 BASE = "run_name: r\ninstance_generation:\n  top_p: 1.0\n"

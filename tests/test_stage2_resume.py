@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO_ROOT
 
 from refine_af_utils.jsonl import append_jsonl, read_jsonl
 from refine_af_utils.seeds import load_seed_tasks, write_seed_tasks
+
+from conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 

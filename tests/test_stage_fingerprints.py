@@ -2,10 +2,10 @@
 
 import dataclasses
 
-from conftest import REPO_ROOT
-
-from refine_af_utils.layout import STAGES, stage_fingerprint
 from refine_af_utils.params import Params, load_params
+from refine_af_utils.layout import STAGES, stage_fingerprint
+
+from conftest import REPO_ROOT
 
 
 def _unchanged(a, b) -> list[str]:

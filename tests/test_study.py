@@ -100,11 +100,13 @@ def test_the_committed_specs_and_new_backbone_recipes_load():
     assert weights["rm-only"] == (0.0078, 0, 0, 0) and weights["und-only"] == (0, -0.4421, 0, 0)
     assert weights["nat-only"] == (0, 0, 0.3212, 0) and weights["coh-only"] == (0, 0, 0, 0.1520)
     assert weights["equal"] == (0.25, 0.25, 0.25, 0.25)
-    paper = load_params(REPO_ROOT / "params" / "paper_llama2_7b.yaml").to_dict()
-    for recipe, hub_id in (("paper_llama31_8b", "meta-llama/Llama-3.1-8B"), ("paper_qwen25_7b", "Qwen/Qwen2.5-7B"),
-                           ("paper_gemma2_9b", "google/gemma-2-9b")):
-        params = load_params(REPO_ROOT / "params" / f"{recipe}.yaml").to_dict()
-        assert params["model"]["name_or_path"] == hub_id and params["run_name"] == recipe
+    recipes = REPO_ROOT / "params" / "recipes"
+    paper = load_params(recipes / "llama2-7b" / "paper.yaml").to_dict()
+    for folder, run_name, hub_id in (("llama31-8b", "paper_llama31_8b", "meta-llama/Llama-3.1-8B"),
+                                     ("qwen25-7b", "paper_qwen25_7b", "Qwen/Qwen2.5-7B"),
+                                     ("gemma2-9b", "paper_gemma2_9b", "google/gemma-2-9b")):
+        params = load_params(recipes / folder / "paper.yaml").to_dict()
+        assert params["model"]["name_or_path"] == hub_id and params["run_name"] == run_name
         # same reward and scale: everything but the backbone and the run name is the paper recipe's
         params["model"]["name_or_path"], params["run_name"] = paper["model"]["name_or_path"], paper["run_name"]
         assert params == paper
