@@ -32,10 +32,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from refine_af_utils.jsonl import append_jsonl, read_jsonl  # noqa: E402
+from refine_af_utils.layout import RunLayout  # noqa: E402
 from refine_af_utils.params import Params, load_params  # noqa: E402
-from refine_af_utils.rl import (  # noqa: E402
-    HELDOUT_SAMPLES_FILE, RL_DIR, CompletionScorer, evaluate_heldout, train_generator,
-)
+from refine_af_utils.rl_reward import CompletionScorer  # noqa: E402
+from refine_af_utils.rl_training import evaluate_heldout, train_generator  # noqa: E402
 
 # name -> dotted overrides of the base params (64 new tokens unless the name says t96). The first three
 # compare the algorithms at about the same number of sampled tokens; the rest vary one knob at a time.
@@ -91,7 +91,7 @@ def run_setting(name: str, overrides: dict[str, Any], params_path: Path, base: P
     train_seconds, train_cpu = time.perf_counter() - started, time.process_time() - cpu_started
 
     shared = out / "_base_heldout" / f"{decoding_signature(params)}.jsonl"
-    samples = run_dir / RL_DIR / HELDOUT_SAMPLES_FILE
+    samples = RunLayout(run_dir).heldout_samples_file
     reused = shared.is_file() and not samples.is_file()
     if reused:
         append_jsonl(samples, read_jsonl(shared))

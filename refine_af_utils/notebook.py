@@ -88,7 +88,7 @@ def prepare_stage(stage_id: str, params_path: str | os.PathLike, run_dir: str | 
     :class:`StageNotReady` when the params file is missing or an earlier stage has not finished (its
     ``metrics/<stage>.json`` is missing); the message says which command produces it.
     """
-    from refine_af_utils.run import STAGES
+    from refine_af_utils.layout import STAGES
 
     ids = [stage.id for stage in STAGES]
     if stage_id not in ids:

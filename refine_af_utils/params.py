@@ -51,7 +51,7 @@ class InstructionGenerationParams:
     max_new_tokens: int = 160
     temperature: float = 0.7
     top_p: float = 0.5
-    # Self-Instruct used OpenAI's additive presence penalty of 2; see the README's deviations table.
+    # Self-Instruct used OpenAI's additive presence penalty of 2; see docs/deviations.md.
     presence_penalty: float = 2.0
     novelty_threshold: float = 0.7
     drop_truncated_responses: bool = True

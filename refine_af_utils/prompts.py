@@ -102,3 +102,11 @@ def instance_generation_prompt(
 
 # Stop when the model starts the next task.
 INSTANCE_STOP_STRINGS = ["\nTask:", "\n\n\n"]
+
+
+def sft_prompt(instruction: str, input_text: str) -> str:
+    """The instruction, the input on its own lines when there is one, then ``Output:``."""
+    text = instruction.strip()
+    if input_text.strip():
+        text += f"\n\nInput: {input_text.strip()}"
+    return text + "\n\nOutput:"

@@ -15,14 +15,28 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from refine_af_utils.arms import ARMS, arm_comparison_figure, arm_rewards_figure
-from refine_af_utils.evaluation import PAPER_TASKS_IMPROVED, evaluation_figure
-from refine_af_utils.instructions import filter_counts_figure, novelty_figure
+from refine_af_utils.comparison import (
+    DIFFERENCE,
+    PAPER_TASKS_IMPROVED,
+    STATISTICS_FILES,
+    statistics_from_run,
+)
+from refine_af_utils.figures import (
+    arm_comparison_figure,
+    arm_rewards_figure,
+    component_histograms_figure,
+    components_figure,
+    correlations_figure,
+    evaluation_figure,
+    filter_counts_figure,
+    heldout_figure,
+    novelty_figure,
+    reward_kl_figure,
+    sft_loss_figure,
+)
 from refine_af_utils.jsonl import read_jsonl
-from refine_af_utils.reward import COMPONENTS, component_histograms_figure, correlations_figure
-from refine_af_utils.rl import components_figure, heldout_figure, reward_kl_figure
-from refine_af_utils.run import STAGES
-from refine_af_utils.sft import sft_loss_figure
+from refine_af_utils.layout import ARMS, MODELS, STAGES, RunLayout
+from refine_af_utils.reward import COMPONENTS
 
 REPORT_FILE = "report.md"
 
@@ -64,14 +78,14 @@ class Report:
 
     def table(self, name: str, table: pd.DataFrame, caption: str, index: bool = True) -> None:
         """Write ``table_<name>.csv`` and add the table to the report."""
-        path = self.run_dir / f"table_{name}.csv"
+        path = RunLayout(self.run_dir).table(name)
         table.to_csv(path, index=index)
         self.tables[name] = path
         self.parts.append(f"**Table: {caption}** (`{path.name}`)\n\n{markdown_table(table, index)}")
 
     def figure(self, name: str, draw: Callable[[Path], Path], caption: str) -> None:
         """Draw ``fig_<name>.png`` and add it to the report."""
-        path = draw(self.run_dir / f"fig_{name}.png")
+        path = draw(RunLayout(self.run_dir).figure(name))
         self.figures[name] = path
         self.parts.append(f"**Figure: {caption}**\n\n![{caption}]({path.name})")
 
@@ -87,15 +101,15 @@ def _require(path: Path) -> Path:
     return path
 
 
-def _csv(run_dir: Path, relative: str, **kwargs: Any) -> pd.DataFrame:
-    return pd.read_csv(_require(run_dir / relative), **kwargs)
+def _csv(path: Path, **kwargs: Any) -> pd.DataFrame:
+    return pd.read_csv(_require(path), **kwargs)
 
 
 def wall_times(run_dir: Path) -> pd.DataFrame:
     """Seconds per stage from the runner's stage markers (stage 7 itself is running and not listed)."""
     rows = []
     for stage in STAGES[:-1]:
-        marker = run_dir / "stages" / f"{stage.id}.json"
+        marker = RunLayout(run_dir).marker(stage.id)
         if marker.is_file():
             rows.append({"stage": stage.id, "name": stage.title, "seconds": json.loads(marker.read_text())["seconds"]})
     table = pd.DataFrame(rows, columns=["stage", "name", "seconds"])
@@ -112,15 +126,13 @@ def evaluation_statistics_tables(run_dir: Path, improvement: pd.Series, random_s
     computed from its predictions with the run's seed (``random_seed``), in memory, the same numbers
     stage 6 would write.
     """
-    from refine_af_utils.evaluation import STATISTICS_FILES, statistics_from_run
-
-    paths = {key: run_dir / "eval" / name for key, name in STATISTICS_FILES.items()}
+    paths = {key: RunLayout(run_dir).eval / name for key, name in STATISTICS_FILES.items()}
     missing = [path for path in paths.values() if not path.is_file()]
     if not missing and "sign_test_p" in improvement.index:
         tests = {str(key): value for key, value in improvement.items()}
         return (pd.read_csv(paths["overall"]), pd.read_csv(paths["tasks"]), pd.read_csv(paths["per_category"]), tests)
     if random_seed is None:
-        where = missing[0] if missing else run_dir / "eval" / "tasks_improved.csv"
+        where = missing[0] if missing else RunLayout(run_dir).eval / "tasks_improved.csv"
         raise FileNotFoundError(f"{where}: missing stage 6 statistics; run the stage that writes them before stage 7 "
                                 "(or give the run's random_seed to compute them from the predictions)")
     statistics = statistics_from_run(run_dir, int(random_seed))
@@ -146,8 +158,6 @@ def _p(value: Any) -> str:
 
 def chance_sentence(overall_ci: pd.DataFrame, tests: dict[str, Any], metric: str = "rougeL") -> str:
     """One plain sentence: is REFINE-AF vs Self-Instruct distinguishable from chance (CI and p-values)."""
-    from refine_af_utils.evaluation import DIFFERENCE
-
     row = overall_ci[(overall_ci["model"] == DIFFERENCE) & (overall_ci["metric"] == metric)].iloc[0]
     alpha = _num(tests["alpha"])
     sign_p, wilcoxon = _num(tests["sign_test_p"]), _num(tests["wilcoxon_p"])
@@ -169,8 +179,6 @@ def chance_sentence(overall_ci: pd.DataFrame, tests: dict[str, Any], metric: str
 
 def main_table(overall_ci: pd.DataFrame) -> pd.DataFrame:
     """``table_main``: per model and for the paired difference, ROUGE-L and exact match with CI bounds."""
-    from refine_af_utils.evaluation import DIFFERENCE, MODELS
-
     names = {"rougeL": "ROUGE-L", "exact_match": "exact match"}
     table = pd.DataFrame(index=pd.Index([*MODELS, DIFFERENCE], name="model"))
     for metric, label in names.items():
@@ -239,8 +247,6 @@ def power_line(tasks: int, tests: dict[str, Any]) -> str:
 
 def per_category_table(per_category_ci: pd.DataFrame, metric: str = "rougeL") -> pd.DataFrame:
     """``table_per_category``: each model's mean [CI] per category, the paired difference, the winner."""
-    from refine_af_utils.evaluation import DIFFERENCE, MODELS
-
     rows = per_category_ci[per_category_ci["metric"] == metric]
     cell = rows.assign(text=[f"{m:.2f} [{lo:.2f}, {hi:.2f}]" for m, lo, hi in
                              zip(rows["mean"], rows["ci_low"], rows["ci_high"])])
@@ -254,8 +260,6 @@ def per_category_table(per_category_ci: pd.DataFrame, metric: str = "rougeL") ->
 
 def task_table(task_stats: pd.DataFrame) -> pd.DataFrame:
     """``table_task_stats``: the per-task paired differences with CIs, outcomes and floor/constant-label flags."""
-    from refine_af_utils.evaluation import MODELS
-
     table = task_stats.set_index("task")[["category", "instances", *MODELS, "delta", "ci_low", "ci_high",
                                           "outcome", "significant"]].round(2)
     floor = task_stats["floor"].astype(str).str.lower().eq("true").to_numpy()
@@ -274,15 +278,16 @@ def build_report(run_dir: str | Path, run_name: str | None = None, random_seed: 
     from refine_af_utils.plots import bar_chart, save_figure
 
     run_dir = Path(run_dir)
+    layout = RunLayout(run_dir)
     report = Report(run_dir)
     run_name = run_name or run_dir.name
     report.text(f"# REFINE-AF reproduction report: run `{run_name}`\n\n"
                 "Generated by stage 7 (`notebooks/07_paper_tables.ipynb`) from this run's CSV and JSONL "
                 "results only. Every number below comes from this run.")
 
-    metrics06 = json.loads(_require(run_dir / "metrics" / "06.json").read_text())
-    _require(run_dir / "eval" / "overall.csv")
-    improvement = _csv(run_dir, "eval/tasks_improved.csv", index_col="measure")["value"]
+    metrics06 = json.loads(_require(layout.metrics("06")).read_text())
+    _require(layout.eval / "overall.csv")
+    improvement = _csv(layout.eval / "tasks_improved.csv", index_col="measure")["value"]
     overall_ci, task_stats, per_category_ci, tests = evaluation_statistics_tables(run_dir, improvement,
                                                                                   random_seed)
     bundled = metrics06.get("superni_dir") == "bundled"
@@ -310,7 +315,7 @@ def build_report(run_dir: str | Path, run_name: str | None = None, random_seed: 
                  "(Clopper-Pearson) interval of the share, the tests over tasks and their power")
     report.text(power_line(tasks, tests))
 
-    per_category = _csv(run_dir, "eval/per_category.csv", index_col="category")
+    per_category = _csv(layout.eval / "per_category.csv", index_col="category")
     report.table("per_category", per_category_table(per_category_ci),
                  f"ROUGE-L per category (means over instances) with {level} cluster bootstrap CIs, and the winning arm "
                  "(only where the CI of the paired difference excludes 0)")
@@ -318,29 +323,29 @@ def build_report(run_dir: str | Path, run_name: str | None = None, random_seed: 
                  f"per task: ROUGE-L per model, REFINE-AF minus Self-Instruct with its {level} CI over the task's "
                  "instances, the outcome, whether it is significant, and flags (floor: every model scores 0; "
                  "constant label: every instance has the same reference answer)")
-    comparison = _csv(run_dir, "eval/task_comparison.csv")
+    comparison = _csv(layout.eval / "task_comparison.csv")
     report.figure("06_per_category", lambda p: evaluation_figure("per_category", per_category, comparison, p),
                   "ROUGE-L per category and model")
     report.figure("06_task_deltas", lambda p: evaluation_figure("task_deltas", per_category, comparison, p),
                   "per-task ROUGE-L difference, REFINE-AF minus Self-Instruct")
 
     report.text("## Stage 0: seed tasks")
-    report.table("seeds", _csv(run_dir, "seeds/seed_summary.csv", index_col="statistic"), "seed task statistics")
+    report.table("seeds", _csv(layout.seeds / "seed_summary.csv", index_col="statistic"), "seed task statistics")
 
     report.text("## Stage 1: instruction generation")
-    counts = _csv(run_dir, "instructions/filter_counts.csv")
+    counts = _csv(layout.instructions_dir / "filter_counts.csv")
     report.table("filter_counts", counts, "candidates per filter (Self-Instruct's filters and the novelty rule)",
                  index=False)
     report.figure("01_filter_counts", lambda p: filter_counts_figure(counts, p), "candidates per filter")
-    instructions = pd.DataFrame(read_jsonl(_require(run_dir / "instructions" / "instructions.jsonl")))
-    threshold = json.loads(_require(run_dir / "instructions" / "config.json").read_text())[
+    instructions = pd.DataFrame(read_jsonl(_require(layout.instructions_file)))
+    threshold = json.loads(_require(layout.instruction_config).read_text())[
         "instruction_generation"]["novelty_threshold"]
     report.figure("01_novelty", lambda p: novelty_figure(instructions["max_rouge_l"], threshold, p),
                   "instruction novelty: highest ROUGE-L against the earlier pool")
 
     report.text("## Stage 2: automated feedback (reward components)")
-    scores = _csv(run_dir, "reward_analysis/scores.csv")
-    correlations = _csv(run_dir, "reward_analysis/correlations.csv", index_col=0)
+    scores = _csv(layout.reward_analysis / "scores.csv")
+    correlations = _csv(layout.reward_analysis / "correlations.csv", index_col=0)
     summary = scores[[*COMPONENTS, "reward"]].describe().loc[["mean", "std", "min", "max"]].T
     report.table("reward_components", summary, f"reward components over {len(scores)} sampled instances")
     report.table("reward_correlations", correlations, "correlation of the reward components")
@@ -348,7 +353,7 @@ def build_report(run_dir: str | Path, run_name: str | None = None, random_seed: 
     report.figure("02_correlations", lambda p: correlations_figure(correlations, p), "component correlations")
 
     report.text("## Stage 3: RL training of the instance generator")
-    rl = _csv(run_dir, "rl/metrics.csv")
+    rl = _csv(layout.rl / "metrics.csv")
     half = max(len(rl) // 2, 1)
     measures = ["reward", "parsed_share", "content_reward", "kl_penalty"]
     rl_summary = pd.DataFrame({"first half": rl.iloc[:half][measures].mean(),
@@ -356,13 +361,13 @@ def build_report(run_dir: str | Path, run_name: str | None = None, random_seed: 
     report.table("rl_summary", rl_summary,
                  f"training reward, parsed share, content reward of parsed completions and KL penalty over the "
                  f"{len(rl)} updates, by half (training prompts; no test, see the held-out table)")
-    algorithm = json.loads(_require(run_dir / "metrics" / "03.json").read_text())["algorithm"]
+    algorithm = json.loads(_require(layout.metrics("03")).read_text())["algorithm"]
     report.figure("03_reward_kl", lambda p: reward_kl_figure(rl, algorithm, p),
                   "RL reward terms, KL penalty and parsed share per update")
     report.figure("03_components", lambda p: components_figure(rl, p),
                   "reward components of the parsed completions per update")
-    heldout = _csv(run_dir, "rl/heldout_eval.csv")
-    heldout_summary = _csv(run_dir, "rl/heldout_summary.csv")
+    heldout = _csv(layout.rl / "heldout_eval.csv")
+    heldout_summary = _csv(layout.rl / "heldout_summary.csv")
     report.table("rl_heldout", heldout_summary.set_index("measure"),
                  f"held-out instructions (n={len(heldout)}, never RL prompts): trained minus base generator, "
                  "paired by instruction, mean over K samples each, 95% bootstrap CI")
@@ -371,23 +376,23 @@ def build_report(run_dir: str | Path, run_name: str | None = None, random_seed: 
         "held-out gain of the RL-trained generator with 95% CIs")
 
     report.text("## Stage 4: the two instance datasets")
-    report.table("dataset_statistics", _csv(run_dir, "data/dataset_statistics.csv", index_col=0),
+    report.table("dataset_statistics", _csv(layout.data / "dataset_statistics.csv", index_col=0),
                  "dataset statistics in the layout of Self-Instruct's Table 1")
-    comparison = _csv(run_dir, "data/arm_comparison.csv")
+    comparison = _csv(layout.data / "arm_comparison.csv")
     report.table("arm_comparison", comparison.set_index("group"),
                  "per instruction, REFINE-AF minus Self-Instruct, split by RL-train and held-out instructions, "
                  "95% bootstrap CI (has_instances: share with a kept instance; reward: over all instructions, "
                  "none kept counting with the parse penalty; content: over kept instances)")
     report.figure("04_arm_comparison", lambda p: arm_comparison_figure(comparison, p),
                   "REFINE-AF minus Self-Instruct per instruction group with 95% CIs")
-    report.table("reward_by_arm", _csv(run_dir, "data/reward_by_arm.csv", index_col=0),
+    report.table("reward_by_arm", _csv(layout.data / "reward_by_arm.csv", index_col=0),
                  "mean reward and components of each arm's kept instances")
-    rewards = {arm: pd.DataFrame(read_jsonl(_require(run_dir / "data" / f"{arm}.jsonl")))["reward"] for arm in ARMS}
+    rewards = {arm: pd.DataFrame(read_jsonl(_require(layout.arm_data(arm))))["reward"] for arm in ARMS}
     report.figure("04_arm_rewards", lambda p: arm_rewards_figure(rewards, p), "reward distributions of both arms")
 
     report.text("## Stage 5: supervised fine-tuning")
-    losses = _csv(run_dir, "sft/loss.csv")
-    report.table("sft_summary", _csv(run_dir, "sft/summary.csv", index_col=0), "SFT on each arm (same settings)")
+    losses = _csv(layout.sft / "loss.csv")
+    report.table("sft_summary", _csv(layout.sft / "summary.csv", index_col=0), "SFT on each arm (same settings)")
     report.figure("05_sft_loss", lambda p: sft_loss_figure(losses, p), "SFT training loss per arm")
 
     report.text("## Wall time")

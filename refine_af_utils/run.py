@@ -40,46 +40,12 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 from refine_af_utils.errors import RefineAFError, RunLockedError, project_error_names
+from refine_af_utils.layout import STAGES, Stage, stage_fingerprint, stage_sections
 from refine_af_utils.params import Params, load_params, parse_overrides
 from refine_af_utils.results import RESOLVED_PARAMS, run_folder, sha256_file, write_resolved_params
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One notebook of the pipeline and the folder of ``run_dir`` it writes."""
-
-    id: str
-    notebook: str
-    output_dir: Optional[str]  # None: the stage rewrites its files in place (the report)
-    title: str
-    sections: tuple[str, ...] = ()  # the params keys it reads beyond those of the stages before it
-
-
-STAGES = [
-    Stage("00", "00_seed_tasks.ipynb", "seeds", "seed tasks", ("seed_tasks",)),
-    Stage("01", "01_instruction_generation.ipynb", "instructions", "instruction generation",
-          ("model", "random_seed", "num_instructions", "instruction_generation", "classification")),
-    Stage("02", "02_reward_analysis.ipynb", "reward_analysis", "reward analysis",
-          ("instance_generation", "reward", "reward_analysis")),
-    Stage("03", "03_ppo_training.ipynb", "rl", "RL training", ("rl",)),
-    Stage("04", "04_instance_generation.ipynb", "data", "instance generation (both arms)"),
-    Stage("05", "05_sft.ipynb", "sft", "SFT (both arms)", ("sft",)),
-    Stage("06", "06_superni_evaluation.ipynb", "eval", "Super-NI evaluation", ("evaluation",)),
-    Stage("07", "07_paper_tables.ipynb", None, "report"),
-]
-
-
-def stage_fingerprint(stage: Stage, params: Params) -> str:
-    """A hash of the params a stage depends on: its own sections and every earlier stage's.
-
-    The pipeline is a chain, so a change to one stage's keys reruns it and the stages after
-    it, never the ones before (an evaluation-only change reruns stage 6 and the report).
-    """
-    upto = STAGES[: STAGES.index(stage) + 1]
-    return params.fingerprint(*[section for s in upto for section in s.sections])
 
 
 def select_stages(only: Optional[str] = None, start: Optional[str] = None) -> list[Stage]:
@@ -97,11 +63,6 @@ def select_stages(only: Optional[str] = None, start: Optional[str] = None) -> li
 
 def _marker(run_dir: Path, stage: Stage) -> Path:
     return run_dir / "stages" / f"{stage.id}.json"
-
-
-def stage_sections(stage: Stage) -> list[str]:
-    """The params sections a stage depends on: its own and every earlier stage's (the chain)."""
-    return [section for s in STAGES[: STAGES.index(stage) + 1] for section in s.sections]
 
 
 # What counts as a stage's output, hashed into its marker: every file under its folder (the report: the

@@ -1,9 +1,9 @@
-"""Stage 0: seed tasks in Self-Instruct's ``seed_tasks.jsonl`` schema.
+"""Seed tasks in Self-Instruct's ``seed_tasks.jsonl`` schema: the schema, the loader and the writer.
 
 One JSON object a line: ``id``, ``name``, ``instruction``, ``instances`` (a list of
 ``{input, output}``; input may be empty) and ``is_classification``. Extra fields are kept.
 Sources are a local path, ``bundled`` (our own 36 tasks) or an http(s) URL fetched once
-into the cache.
+into the cache. Stage 0 (:mod:`refine_af_utils.seed_tasks`) validates them into the run.
 """
 
 from __future__ import annotations
@@ -15,13 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-
 from refine_af_utils.errors import RefineAFError, decode_utf8
-from refine_af_utils.results import cache_dir, record_metrics, stage_dir
+from refine_af_utils.results import cache_dir
 
 if TYPE_CHECKING:
-    from refine_af_utils.params import Params
+    pass
 
 BUNDLED = "bundled"
 BUNDLED_SEED_TASKS = Path(__file__).parent / "data" / "seed_tasks.jsonl"
@@ -176,30 +174,6 @@ def load_seed_tasks(source: str | Path) -> list[SeedTask]:
     return tasks
 
 
-def _words(text: str) -> int:
-    return len(text.split())
-
-
-def seed_summary(tasks: list[SeedTask]) -> pd.DataFrame:
-    """One-row-per-statistic table: tasks, classification share, instances, lengths."""
-    instances = [i for t in tasks for i in t.instances]
-    non_empty_inputs = [i.input for i in instances if i.input.strip()]
-    rows = [
-        ("tasks", len(tasks)),
-        ("classification tasks", sum(t.is_classification for t in tasks)),
-        ("classification share", round(sum(t.is_classification for t in tasks) / len(tasks), 3)),
-        ("instances", len(instances)),
-        ("instances with empty input", len(instances) - len(non_empty_inputs)),
-        ("mean instruction length (words)", round(sum(_words(t.instruction) for t in tasks) / len(tasks), 1)),
-        (
-            "mean non-empty input length (words)",
-            round(sum(map(_words, non_empty_inputs)) / len(non_empty_inputs), 1) if non_empty_inputs else 0.0,
-        ),
-        ("mean output length (words)", round(sum(_words(i.output) for i in instances) / len(instances), 1)),
-    ]
-    return pd.DataFrame(rows, columns=["statistic", "value"])
-
-
 def write_seed_tasks(tasks: list[SeedTask], path: str | Path) -> None:
     """Write tasks as JSONL in the seed schema (the stage 0 artefact)."""
     path = Path(path)
@@ -209,32 +183,3 @@ def write_seed_tasks(tasks: list[SeedTask], path: str | Path) -> None:
             handle.write(json.dumps(task.to_dict(), ensure_ascii=False) + "\n")
 
 
-SEEDS_DIR = "seeds"
-SEED_TASKS_FILE = "seed_tasks.jsonl"
-
-
-def run_seed_stage(params: "Params", run_dir: str | Path) -> tuple[list[SeedTask], pd.DataFrame]:
-    """Stage 0: load and validate the seed tasks, write them and their summary under ``<run_dir>/seeds``."""
-    tasks = load_seed_tasks(params.seed_tasks)
-    out = stage_dir(run_dir, SEEDS_DIR)
-    write_seed_tasks(tasks, out / SEED_TASKS_FILE)
-    summary = seed_summary(tasks)
-    summary.to_csv(out / "seed_summary.csv", index=False)
-    record_metrics(run_dir, "00", dict(zip(summary["statistic"], summary["value"].tolist())))
-    return tasks, summary
-
-
-def seed_tasks_of_run(run_dir: str | Path) -> list[SeedTask]:
-    """The seed tasks stage 0 wrote for this run."""
-    return load_seed_tasks(Path(run_dir) / SEEDS_DIR / SEED_TASKS_FILE)
-
-
-def seed_table(tasks: list[SeedTask]) -> pd.DataFrame:
-    """Seed tasks as a table: id, name, instruction, instance count, classification flag."""
-    return pd.DataFrame({
-        "id": [t.id for t in tasks],
-        "name": [t.name for t in tasks],
-        "instruction": [t.instruction for t in tasks],
-        "instances": [len(t.instances) for t in tasks],
-        "is_classification": [t.is_classification for t in tasks],
-    })

@@ -7,7 +7,7 @@ seed and order of steps. Each arm trains in ``sft/<arm>/``: checkpoints every
 ``sft.save_steps`` steps (a rerun resumes from the last one), the final adapter (or model)
 in ``sft/<arm>/model`` and the loss per step in ``sft/<arm>/loss.csv``.
 
-Multi-GPU: ``accelerate launch --config_file params/accelerate_multi_gpu.yaml -m
+Multi-GPU: ``accelerate launch --config_file params/accelerate_configs/multi_gpu.yaml -m
 refine_af_utils.sft PARAMS`` trains both arms, then the notebook picks the results up.
 """
 
@@ -23,18 +23,10 @@ from typing import Any, Optional, Sequence
 import pandas as pd
 import torch
 
-from refine_af_utils.arms import ARMS
+from refine_af_utils.figures import sft_loss_figure
+from refine_af_utils.layout import ARMS, RunLayout
 from refine_af_utils.params import ModelParams, Params, SFTParams
-
-SFT_DIR = "sft"
-
-
-def sft_prompt(instruction: str, input_text: str) -> str:
-    """The instruction, the input on its own lines when there is one, then ``Output:``."""
-    text = instruction.strip()
-    if input_text.strip():
-        text += f"\n\nInput: {input_text.strip()}"
-    return text + "\n\nOutput:"
+from refine_af_utils.prompts import sft_prompt
 
 
 def sft_records(instances: Sequence[dict[str, Any]], eos_token: str) -> list[dict[str, str]]:
@@ -43,7 +35,7 @@ def sft_records(instances: Sequence[dict[str, Any]], eos_token: str) -> list[dic
             for r in instances]
 
 
-def _last_checkpoint(folder: Path) -> Optional[Path]:
+def _last_whole_checkpoint(folder: Path) -> Optional[Path]:
     # trainer_state.json is written last: a folder without it is a save cut short by a crash
     checkpoints = sorted((p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()),
                          key=lambda p: int(p.name.split("-")[1]))
@@ -89,7 +81,7 @@ def fine_tune(model_spec: ModelParams, instances: Sequence[dict[str, Any]], outp
     set_seed(seed)  # the LoRA initialisation happens in SFTTrainer: the same for both arms and on resume
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(sft_records(instances, tokenizer.eos_token)),
                          processing_class=tokenizer, peft_config=peft_config, callbacks=list(callbacks))
-    checkpoint = _last_checkpoint(output_dir)
+    checkpoint = _last_whole_checkpoint(output_dir)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if not trainer.is_world_process_zero():
         return pd.DataFrame()
@@ -106,26 +98,6 @@ def fine_tune(model_spec: ModelParams, instances: Sequence[dict[str, Any]], outp
     return losses
 
 
-def arm_instances_of_run(run_dir: str | Path, arm: str) -> list[dict[str, Any]]:
-    """Stage 4's dataset of one arm (``data/<arm>.jsonl``)."""
-    from refine_af_utils.jsonl import read_jsonl
-
-    path = Path(run_dir) / "data" / f"{arm}.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no dataset for arm '{arm}'; run stage 4 first")
-    records = read_jsonl(path)
-    for line, record in enumerate(records, start=1):
-        for key in ("instruction", "input", "output"):
-            if not isinstance(record.get(key), str):
-                raise ValueError(f"{path}:{line}: key '{key}' must be a string, got {record.get(key)!r}")
-    return records
-
-
-def model_dir(run_dir: str | Path, arm: str) -> Path:
-    """Where stage 5 saves an arm's fine-tuned adapter (or full model)."""
-    return Path(run_dir) / SFT_DIR / arm / "model"
-
-
 def training_sets(params: Params, run_dir: str | Path) -> dict[str, list[dict[str, Any]]]:
     """Each arm's SFT examples: its stage 4 instances, equalised in number, plus the seed tasks if asked.
 
@@ -137,9 +109,8 @@ def training_sets(params: Params, run_dir: str | Path) -> dict[str, list[dict[st
     import random
 
     from refine_af_utils.seeding import derive_seed
-    from refine_af_utils.seeds import seed_tasks_of_run
-
-    data = {arm: arm_instances_of_run(run_dir, arm) for arm in ARMS}
+    layout = RunLayout(run_dir)
+    data = {arm: layout.arm_instances(arm) for arm in ARMS}
     if params.sft.equal_examples:
         size = min(len(records) for records in data.values())
         for arm, records in data.items():
@@ -147,33 +118,28 @@ def training_sets(params: Params, run_dir: str | Path) -> dict[str, list[dict[st
             data[arm] = [records[i] for i in sorted(rng.sample(range(len(records)), size))]
     if params.sft.include_seed_tasks:
         seeds = [{"instruction": t.instruction, "input": i.input, "output": i.output}
-                 for t in seed_tasks_of_run(run_dir) for i in t.instances]
+                 for t in layout.seed_tasks() for i in t.instances]
         data = {arm: records + seeds for arm, records in data.items()}
     return data
 
 
 def train_arms(params: Params, run_dir: str | Path) -> dict[str, pd.DataFrame]:
     """Fine-tune the base backbone on each arm's training set (resuming); the loss table per arm."""
-    from refine_af_utils.results import check_stage_config, stage_dir
+    from refine_af_utils.results import check_stage_config
 
     run_dir = Path(run_dir)
-    data = training_sets(params, run_dir)
-    out = stage_dir(run_dir, SFT_DIR)
+    layout = RunLayout(run_dir)
+    data = training_sets(params, run_dir)  # reads and checks stage 4's datasets before anything is written
+    out = layout.stage_folder("05", create=True)
     settings = params.to_dict()
     check_stage_config(out, {
         "model": settings["model"], "sft": settings["sft"], "random_seed": params.random_seed,
         # each arm's adapter belongs to one dataset
-        **{f"{arm}_data_sha256": hashlib.sha256((run_dir / "data" / f"{arm}.jsonl").read_bytes()).hexdigest()
+        **{f"{arm}_data_sha256": hashlib.sha256(layout.arm_data(arm).read_bytes()).hexdigest()
            for arm in ARMS},
     })
-    return {arm: fine_tune(params.model, data[arm], out / arm, params.sft, params.random_seed) for arm in ARMS}
-
-
-def sft_loss_figure(losses: pd.DataFrame, path: Path) -> Path:
-    """The loss per step of each arm against the epoch (stage 5 and the report draw the same figure)."""
-    from refine_af_utils.plots import grouped_lines, save_figure
-
-    return save_figure(grouped_lines(losses, "epoch", "loss", "arm", "Stage 5: SFT loss on each arm's dataset"), path)
+    return {arm: fine_tune(params.model, data[arm], layout.sft_arm(arm), params.sft, params.random_seed)
+            for arm in ARMS}
 
 
 @dataclass
@@ -192,11 +158,12 @@ def run_sft_stage(params: Params, run_dir: str | Path) -> SFTStageResult:
     run_dir = Path(run_dir)
     per_arm = train_arms(params, run_dir)
     losses = pd.concat([table.assign(arm=arm) for arm, table in per_arm.items()], ignore_index=True)
-    out = run_dir / SFT_DIR
+    layout = RunLayout(run_dir)
+    out = layout.sft
     losses.to_csv(out / "loss.csv", index=False)
     sets = training_sets(params, run_dir)
     summary = pd.DataFrame({arm: {
-        "stage 4 instances": len(arm_instances_of_run(run_dir, arm)),
+        "stage 4 instances": len(layout.arm_instances(arm)),
         "training examples": len(sets[arm]),
         "steps": int(table["step"].max()),
         "first loss": round(float(table["loss"].iloc[0]), 4),

@@ -53,11 +53,9 @@ if TYPE_CHECKING:
     import pandas as pd
 
 from refine_af_utils.errors import RefineAFError, RunLockedError, decode_utf8
+from refine_af_utils.layout import STAGES, Stage, stage_fingerprint
 from refine_af_utils.params import Params, ParamsError, load_params
-from refine_af_utils.run import (
-    LOCK_FILE, REPO_ROOT, STAGES, Stage, _read_marker, run_lock, run_pipeline,
-    stage_fingerprint, stage_status,
-)
+from refine_af_utils.run import LOCK_FILE, REPO_ROOT, _read_marker, run_lock, run_pipeline, stage_status
 
 STUDY_FILE = ".study.json"   # per run: its setting, seed and the stages copied from other runs (hidden: no stage output)
 TMP_DIR = ".study-tmp"       # per run: copies in progress (hidden; renamed into place when whole)
@@ -653,7 +651,7 @@ def aa_control(runs: pd.DataFrame, study_dir: Path) -> tuple["pd.DataFrame", lis
     """
     import pandas as pd
 
-    from refine_af_utils.evaluation import task_outcomes
+    from refine_af_utils.comparison import task_outcomes
     from refine_af_utils.stats import sign_test
 
     rows, differences = [], []

@@ -3,18 +3,11 @@
 import pandas as pd
 import pytest
 
-from refine_af_utils.evaluation import (
-    compare_arms,
-    category_winners,
-    grouped_scores,
-    per_task_scores,
-    predict,
-    resolve_superni_dir,
-    tasks_improved,
-)
+from refine_af_utils.comparison import category_winners, compare_arms, grouped_scores, per_task_scores, tasks_improved
 from refine_af_utils.jsonl import read_jsonl
 from refine_af_utils.params import params_from_dict
 from refine_af_utils.superni import BUNDLED_SUPERNI, load_tasks, score
+from refine_af_utils.superni_evaluation import predict, resolve_superni_dir
 
 
 def _predictions(scores):
@@ -53,7 +46,9 @@ def test_tasks_improved_counts_ties_apart():
 
 def test_superni_dir_resolution(tmp_path):
     assert resolve_superni_dir("bundled") == BUNDLED_SUPERNI
-    with pytest.raises(FileNotFoundError, match="evaluation.superni_dir: .*natural-instructions"):
+    from refine_af_utils.errors import RefineAFError
+
+    with pytest.raises(RefineAFError, match="evaluation.superni_dir: .*natural-instructions"):  # one line in the runner
         resolve_superni_dir(str(tmp_path / "missing"))
 
 
@@ -81,7 +76,7 @@ def test_predictions_resume_after_a_torn_write(tmp_path, tiny_llama_dir):
 
 
 def test_evaluating_before_stage_5_says_so(tmp_path):
-    from refine_af_utils.evaluation import _model_files_sha256
+    from refine_af_utils.superni_evaluation import _model_files_sha256
 
     with pytest.raises(FileNotFoundError, match="run stage 5 first"):
         _model_files_sha256(tmp_path / "sft" / "refine_af" / "model")
@@ -91,7 +86,7 @@ def test_evaluating_before_stage_5_says_so(tmp_path):
 def test_a_fully_fine_tuned_arm_loads_as_its_own_model(tmp_path, tiny_llama_dir):
     import shutil
 
-    from refine_af_utils.evaluation import load_evaluated_model
+    from refine_af_utils.superni_evaluation import load_evaluated_model
 
     model_dir = tmp_path / "sft" / "refine_af" / "model"
     shutil.copytree(tiny_llama_dir, model_dir)
@@ -117,7 +112,7 @@ def _with_references(table, constant_tasks):
 
 
 def test_statistics_by_hand():
-    from refine_af_utils.evaluation import DIFFERENCE, evaluation_statistics
+    from refine_af_utils.comparison import DIFFERENCE, evaluation_statistics
 
     stats = evaluation_statistics(PREDICTIONS, seed=5)
     overall = stats.overall.set_index(["model", "metric"])
@@ -143,7 +138,7 @@ def test_statistics_by_hand():
 
 
 def test_floor_and_constant_label_tasks_are_flagged():
-    from refine_af_utils.evaluation import evaluation_statistics
+    from refine_af_utils.comparison import evaluation_statistics
 
     predictions = {name: _with_references(table, {"t3"}) for name, table in PREDICTIONS.items()}
     predictions["refine_af"] = predictions["refine_af"].assign(
@@ -158,7 +153,7 @@ def test_floor_and_constant_label_tasks_are_flagged():
 
 
 def test_statistics_files_extend_tasks_improved(tmp_path):
-    from refine_af_utils.evaluation import evaluation_statistics, write_statistics
+    from refine_af_utils.comparison import evaluation_statistics, write_statistics
 
     improvement = tasks_improved(compare_arms(per_task_scores(PREDICTIONS)))
     write_statistics(tmp_path, evaluation_statistics(PREDICTIONS, seed=2), improvement)

@@ -15,7 +15,8 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
 from refine_af_utils.notebook import kernel_config
-from refine_af_utils.run import NOTEBOOK_DIR, STAGES
+from refine_af_utils.run import NOTEBOOK_DIR
+from refine_af_utils.layout import STAGES
 
 SMOKE = "params/smoke.yaml"  # relative on purpose: resolved against the repository, not the cwd
 

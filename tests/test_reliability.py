@@ -15,7 +15,8 @@ from refine_af_utils.errors import RefineAFError, StageConfigError, decode_utf8
 from refine_af_utils.models import DeviceUnavailableError, ModelNotFoundError, check_device
 from refine_af_utils.params import ParamsError, load_params, params_from_dict
 from refine_af_utils.results import check_stage_config, run_folder
-from refine_af_utils.run import RunLockedError, main, run_lock
+from refine_af_utils.errors import RunLockedError
+from refine_af_utils.run import main, run_lock
 from refine_af_utils.seeds import MAX_SEED_LINE_BYTES, SeedTaskError, load_seed_tasks
 from refine_af_utils.superni import BUNDLED_SUPERNI, SuperNIError, load_tasks
 
@@ -135,7 +136,7 @@ def _eval_params(superni_dir: str, model: str = "embedded:smollm2-135m-instruct"
 
 
 def test_a_failed_stage_6_leaves_no_config_that_blocks_the_fix(tmp_path):
-    from refine_af_utils.evaluation import run_evaluation_stage
+    from refine_af_utils.superni_evaluation import run_evaluation_stage
 
     run_dir = tmp_path / "run"
     _stage_5_done(run_dir)
@@ -157,7 +158,7 @@ def test_a_failed_stage_6_leaves_no_config_that_blocks_the_fix(tmp_path):
 
 @pytest.mark.slow
 def test_the_corrected_stage_6_runs_after_a_failed_one(tmp_path, tiny_llama_dir):
-    from refine_af_utils.evaluation import run_evaluation_stage
+    from refine_af_utils.superni_evaluation import run_evaluation_stage
 
     run_dir = tmp_path / "run"
     _stage_5_done(run_dir, tiny_llama_dir)

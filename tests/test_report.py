@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from refine_af_utils.evaluation import evaluation_statistics
+from refine_af_utils.comparison import evaluation_statistics
 from refine_af_utils.report import (
     chance_sentence,
     main_table,
@@ -75,7 +75,7 @@ def test_per_category_and_task_tables():
 
 
 def test_tables_round_trip_through_csv(tmp_path):
-    from refine_af_utils.evaluation import write_statistics
+    from refine_af_utils.comparison import write_statistics
     from refine_af_utils.report import evaluation_statistics_tables
 
     stats = evaluation_statistics(_predictions(shift=1.0), seed=4)

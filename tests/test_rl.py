@@ -11,7 +11,7 @@ import torch
 from transformers import TrainerControl, TrainerState, TrainingArguments
 from trl.experimental.utils import get_reward
 
-from refine_af_utils.arms import arm_instances
+from refine_af_utils.instance_generation import arm_instances
 from refine_af_utils.generation import decode_completion
 from refine_af_utils.instances import Instance, extract_instances, instance_prompts
 from refine_af_utils.jsonl import append_jsonl
@@ -19,16 +19,8 @@ from refine_af_utils.models import load_causal_lm
 from refine_af_utils.params import params_from_dict
 from refine_af_utils.prompts import INSTANCE_STOP_STRINGS
 from refine_af_utils.reward import COMPONENTS, build_scorers, content_reward_scale, score_instances, unparsed_reward
-from refine_af_utils.rl import (
-    CompletionScorer,
-    MetricsLogger,
-    RefineAFRewardModel,
-    evaluate_heldout,
-    metrics_callback,
-    split_instructions,
-    train_generator,
-    truncate_metrics,
-)
+from refine_af_utils.rl_reward import CompletionScorer, RefineAFRewardModel
+from refine_af_utils.rl_training import MetricsLogger, evaluate_heldout, metrics_callback, split_instructions, train_generator, truncate_metrics
 from refine_af_utils.scorers import InstanceText
 from refine_af_utils.seeds import load_seed_tasks, write_seed_tasks
 

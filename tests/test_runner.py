@@ -11,8 +11,8 @@ import yaml
 
 from refine_af_utils.params import load_params
 from refine_af_utils.results import stage_command_line
-from refine_af_utils.run import (STAGES, hash_outputs, main, run_pipeline, stage_outputs, stage_status,
-                                 write_marker)
+from refine_af_utils.layout import STAGES
+from refine_af_utils.run import hash_outputs, main, run_pipeline, stage_outputs, stage_status, write_marker
 
 from conftest import REPO_ROOT
 

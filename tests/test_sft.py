@@ -8,7 +8,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from refine_af_utils.params import ModelParams, SFTParams
-from refine_af_utils.sft import fine_tune, sft_prompt, sft_records
+from refine_af_utils.prompts import sft_prompt
+from refine_af_utils.sft import fine_tune, sft_records
 
 INSTANCES = [{"instruction": "Name a colour.", "input": "", "output": "Blue"},
              {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}] * 4
@@ -83,21 +84,21 @@ def test_only_the_output_is_in_the_loss(tmp_path, tiny_llama_dir):
 
 
 def test_a_torn_checkpoint_is_skipped(tmp_path):
-    from refine_af_utils.sft import _last_checkpoint
+    from refine_af_utils.sft import _last_whole_checkpoint
 
     (tmp_path / "checkpoint-2").mkdir()
     (tmp_path / "checkpoint-2" / "trainer_state.json").write_text("{}")
     (tmp_path / "checkpoint-4").mkdir()  # a save cut short: no trainer_state.json
-    assert _last_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+    assert _last_whole_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
 
 
 def test_malformed_arm_records_name_the_file_line_and_key(tmp_path):
-    from refine_af_utils.sft import arm_instances_of_run
+    from refine_af_utils.layout import RunLayout
 
     (tmp_path / "data").mkdir()
     path = tmp_path / "data" / "refine_af.jsonl"
     path.write_text('{"instruction": "a", "input": "", "output": "b"}\n{"instruction": "a", "input": null, "output": "b"}\n')
     with pytest.raises(ValueError, match=r"refine_af.jsonl:2: key 'input' must be a string"):
-        arm_instances_of_run(tmp_path, "refine_af")
-    with pytest.raises(FileNotFoundError, match="run stage 4 first"):
-        arm_instances_of_run(tmp_path, "self_instruct")
+        RunLayout(tmp_path).arm_instances("refine_af")
+    with pytest.raises(FileNotFoundError, match="run stage 04 first"):
+        RunLayout(tmp_path).arm_instances("self_instruct")

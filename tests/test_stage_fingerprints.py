@@ -3,7 +3,7 @@
 import dataclasses
 
 from refine_af_utils.params import Params, load_params
-from refine_af_utils.run import STAGES, stage_fingerprint
+from refine_af_utils.layout import STAGES, stage_fingerprint
 
 from conftest import REPO_ROOT
 

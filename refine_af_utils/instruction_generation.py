@@ -32,8 +32,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from refine_af_utils.figures import filter_counts_figure, novelty_figure
 from refine_af_utils.generation import generate_batch
 from refine_af_utils.jsonl import append_jsonl, read_jsonl, truncate_to_records, truncate_torn_tail
+from refine_af_utils.layout import BATCHES_FILE, INSTRUCTIONS_FILE, RunLayout
 from refine_af_utils.params import Params
 from refine_af_utils.prompts import (
     INSTRUCTION_STOP_STRINGS,
@@ -44,10 +46,6 @@ from refine_af_utils.prompts import (
 from refine_af_utils.results import check_stage_config
 from refine_af_utils.rouge import NoveltyPool
 from refine_af_utils.seeds import SeedTask
-
-INSTRUCTIONS_DIR = "instructions"
-INSTRUCTIONS_FILE = "instructions.jsonl"
-BATCHES_FILE = "batches.jsonl"
 
 BLACKLIST = [
     "image", "images", "graph", "graphs", "picture", "pictures", "file", "files",
@@ -314,15 +312,6 @@ def generation_throughput(batches: Sequence[dict[str, Any]]) -> dict[str, float]
     }
 
 
-def instructions_of_run(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The instruction records stage 1 wrote for this run (a clear error when there are none)."""
-    path = Path(run_dir) / INSTRUCTIONS_DIR / INSTRUCTIONS_FILE
-    records = read_jsonl(path)
-    if not records:
-        raise FileNotFoundError(f"{path}: no instructions; run stage 1 (--only 01) first")
-    return records
-
-
 @dataclass
 class InstructionStageResult:
     """What stage 1 made: the accepted instructions, per-filter counts and throughput."""
@@ -333,31 +322,15 @@ class InstructionStageResult:
     figures: dict[str, Path]
 
 
-def filter_counts_figure(counts: pd.DataFrame, path: Path) -> Path:
-    """Bars of candidates per filter (stage 1 and the report draw the same figure)."""
-    from refine_af_utils.plots import bar_chart, save_figure
-
-    return save_figure(bar_chart(counts, "stage", "count", "Stage 1: candidates per filter"), path)
-
-
-def novelty_figure(max_rouge_l: Sequence[float], threshold: float, path: Path) -> Path:
-    """Histogram of each new instruction's highest ROUGE-L to the pool, with the rejection threshold."""
-    from refine_af_utils.plots import histogram, save_figure
-
-    return save_figure(histogram(
-        max_rouge_l, "ROUGE-L of each new instruction to its most similar pool instruction",
-        "max ROUGE-L F", bins=[i / 20 for i in range(21)], vline=threshold, vline_label="rejection threshold"), path)
-
-
 def run_instruction_stage(params: Params, run_dir: str | Path) -> InstructionStageResult:
     """Stage 1: bootstrap instructions into ``<run_dir>/instructions`` with tables and figures."""
     from refine_af_utils.models import load_causal_lm
     from refine_af_utils.plots import histogram, save_figure
-    from refine_af_utils.results import record_metrics, stage_dir
-    from refine_af_utils.seeds import seed_tasks_of_run
+    from refine_af_utils.results import record_metrics
 
-    out = stage_dir(run_dir, INSTRUCTIONS_DIR)
-    seeds = seed_tasks_of_run(run_dir)
+    layout = RunLayout(run_dir)
+    out = layout.stage_folder("01", create=True)
+    seeds = layout.seed_tasks()
     model, tokenizer = load_causal_lm(params.model)
     state = bootstrap_instructions(params, seeds, out, model, tokenizer)
     table = instruction_table(state.instructions)
@@ -384,7 +357,7 @@ def run_instruction_stage(params: Params, run_dir: str | Path) -> InstructionSta
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    """``python -m refine_af_utils.instructions PARAMS OUT_DIR``: stage 1 without the notebook."""
+    """``python -m refine_af_utils.instruction_generation PARAMS OUT_DIR``: stage 1 without the notebook."""
     import argparse
 
     from refine_af_utils.models import load_causal_lm

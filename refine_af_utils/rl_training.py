@@ -9,7 +9,7 @@ and are turned into instances by the one extraction rule of stages 2-4
 
 * ``ppo`` (the paper's): trl's ``trl.experimental.ppo.PPOTrainer`` with a value model and the
   adapter-disabled backbone as the KL reference. trl's PPO asks for the reward as a
-  sequence-classification model; :class:`RefineAFRewardModel` gives it that interface.
+  sequence-classification model; :class:`~refine_af_utils.rl_reward.RefineAFRewardModel` gives it that interface.
 * ``grpo`` / ``rloo``: trl's ``GRPOTrainer`` / ``RLOOTrainer`` with the same reward as one
   reward function.
 
@@ -31,7 +31,6 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -40,12 +39,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from refine_af_utils.generation import Generation, decode_completion
-from refine_af_utils.instances import extract_instances
-from refine_af_utils.params import Params, RewardParams
-from refine_af_utils.prompts import INSTANCE_STOP_STRINGS
-from refine_af_utils.reward import COMPONENTS, component_weights, composite_reward, unparsed_reward
-from refine_af_utils.scorers import InstanceText, Scorer
+from refine_af_utils.figures import components_figure, heldout_figure, reward_kl_figure
+from refine_af_utils.generation import Generation
+from refine_af_utils.layout import RunLayout
+from refine_af_utils.params import Params
+from refine_af_utils.reward import COMPONENTS, unparsed_reward
+from refine_af_utils.rl_reward import CompletionScorer, RefineAFRewardModel, group_reward_function
+from refine_af_utils.scorers import Scorer
 from refine_af_utils.seeding import derive_seed
 from refine_af_utils.stats import paired_summary
 
@@ -53,154 +53,9 @@ from refine_af_utils.stats import paired_summary
 # use it on purpose, so its "experimental API" warning is silenced.
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
-RL_DIR = "rl"
-METRICS_FILE = "metrics.csv"
-PROMPTS_FILE = "prompts.jsonl"
-HELDOUT_SAMPLES_FILE = "heldout_samples.jsonl"
-HELDOUT_EVAL_FILE = "heldout_eval.csv"
-HELDOUT_SUMMARY_FILE = "heldout_summary.csv"
 GENERATORS = ("base", "trained")
 METRIC_COLUMNS = ["update", "reward", "parsed_share", "content_reward", "unparsed_reward", "kl", "kl_penalty",
                   "policy_loss", "value_loss", "entropy", *COMPONENTS]
-
-
-@dataclass
-class CompletionReward:
-    """The reward of one completion: the full reward, its content part and components, whether it parsed."""
-
-    reward: float
-    content: float          # mean Eq. 1 reward of the kept instances; NaN when none
-    components: dict[str, float]
-    parsed: bool
-
-
-class CompletionScorer:
-    """Turns completions into instances (the shared extraction rule) and scores them with stage 2's reward.
-
-    A completion's content reward and components are the means over its kept instances; a
-    completion that yields none gets ``unparsed_reward`` and NaN components. Every scored
-    completion is appended to :attr:`history`, which the metrics logger reads per update.
-    """
-
-    def __init__(self, scorers: dict[str, Scorer], reward: RewardParams, unparsed_reward: float,
-                 max_instances: int = 5) -> None:
-        self.scorers = scorers
-        self.reward = reward
-        self.weights = component_weights(reward)
-        self.unparsed_reward = unparsed_reward
-        self.max_instances = max_instances
-        self.history: list[CompletionReward] = []
-
-    def instances_of(self, instruction: str, is_classification: bool, generation: Generation) -> list[InstanceText]:
-        """The instances a completion yields (none when it does not parse)."""
-        kept, _ = extract_instances(generation.text, is_classification, generation.truncated, self.max_instances)
-        return [InstanceText(instruction, i.input, i.output) for i in kept]
-
-    def score(self, records: Sequence[dict[str, Any]], generations: Sequence[Generation],
-              progress: bool = False) -> list[CompletionReward]:
-        """One :class:`CompletionReward` per (instruction record, completion)."""
-        flat: list[InstanceText] = []
-        owners: list[int] = []
-        for index, (record, generation) in enumerate(zip(records, generations)):
-            instances = self.instances_of(record["instruction"], record["is_classification"], generation)
-            flat.extend(instances)
-            owners.extend([index] * len(instances))
-        columns = {name: np.asarray(scorer.score(flat, progress=progress)) if flat else np.zeros(0)
-                   for name, scorer in self.scorers.items()}
-        content = composite_reward(columns, self.reward) if flat else np.zeros(0)
-        owners_array = np.asarray(owners, dtype=int)
-        results = []
-        for index in range(len(generations)):
-            mine = owners_array == index
-            if not mine.any():
-                results.append(CompletionReward(self.unparsed_reward, float("nan"),
-                                                {name: float("nan") for name in COMPONENTS}, False))
-                continue
-            results.append(CompletionReward(float(content[mine].mean()), float(content[mine].mean()),
-                                            {name: float(v[mine].mean()) for name, v in columns.items()}, True))
-        self.history.extend(results)
-        return results
-
-
-class _RewardBackbone(nn.Module):
-    """What trl's ``get_reward`` calls as ``getattr(model, model.base_model_prefix)``."""
-
-    def __init__(self, owner: "RefineAFRewardModel") -> None:
-        super().__init__()
-        self._owner = [owner]  # a list, so the owner is not registered as a submodule (no cycle)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: Any) -> SimpleNamespace:
-        rewards = self._owner[0].rewards_for_rows(input_ids, attention_mask)
-        hidden = rewards.to(torch.float32).view(-1, 1, 1).expand(-1, input_ids.shape[1], 1)
-        return SimpleNamespace(hidden_states=(hidden,))
-
-
-class RefineAFRewardModel(nn.Module):
-    """trl's PPO reward-model interface over the REFINE-AF reward.
-
-    Contract (trl 1.9.2 ``trl.experimental.utils.get_reward``): trl calls
-    ``getattr(model, model.base_model_prefix)(input_ids=..., attention_mask=..., position_ids=...,
-    return_dict=True, output_hidden_states=True, use_cache=False)`` on query + response tokens
-    (padding replaced by id 0, mask = tokens != pad), then ``model.score(hidden_states[-1])`` and
-    reads the value at the last response token. Here the backbone finds each row's registered
-    prompt by token prefix, decodes the response with stage 4's rule
-    (:func:`refine_af_utils.generation.decode_completion`), scores it and returns that reward at
-    every position; ``score`` is the identity.
-    """
-
-    base_model_prefix = "refine_af_backbone"
-
-    def __init__(self, tokenizer: Any, completion_scorer: CompletionScorer,
-                 prompts: Sequence[tuple[Sequence[int], dict[str, Any]]], max_new_tokens: int) -> None:
-        super().__init__()
-        self.tokenizer = tokenizer
-        self.completion_scorer = completion_scorer
-        self.max_new_tokens = max_new_tokens
-        self.refine_af_backbone = _RewardBackbone(self)
-        self.score = nn.Identity()
-        self.config = SimpleNamespace(model_type="refine_af_reward")
-        self._prompts = {tuple(ids): record for ids, record in prompts}
-        self._prompt_lengths = sorted({len(ids) for ids, _ in prompts}, reverse=True)
-
-    def split_row(self, tokens: Sequence[int]) -> tuple[dict[str, Any], list[int]]:
-        """The registered prompt record a row starts with, and the response tokens after it."""
-        for length in self._prompt_lengths:
-            record = self._prompts.get(tuple(tokens[:length]))
-            if record is not None:
-                return record, list(tokens[length:])
-        raise KeyError("a PPO row starts with no registered prompt (were the prompts tokenised the same way?)")
-
-    def rewards_for_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The REFINE-AF reward of each row's response."""
-        records, generations = [], []
-        for row, mask in zip(input_ids.tolist(), attention_mask.bool().tolist()):
-            record, response = self.split_row([t for t, keep in zip(row, mask) if keep])
-            records.append(record)
-            generations.append(decode_completion(self.tokenizer, response, self.max_new_tokens,
-                                                 INSTANCE_STOP_STRINGS))
-        results = self.completion_scorer.score(records, generations)
-        return torch.tensor([r.reward for r in results], device=input_ids.device)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Rewards as (batch, 1) logits, like a sequence-classification reward model."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        return self.rewards_for_rows(input_ids, attention_mask).view(-1, 1)
-
-
-def group_reward_function(completion_scorer: CompletionScorer, tokenizer: Any, max_new_tokens: int) -> Callable:
-    """trl's GRPO/RLOO reward function: the full REFINE-AF reward of each completion.
-
-    trl calls it as ``f(prompts=..., completions=..., completion_ids=..., **dataset_columns)``;
-    the completion's token ids are decoded with stage 4's rule, as for PPO.
-    """
-    def refine_af_reward(prompts, completions, completion_ids, instruction, is_classification, **_):
-        generations = [decode_completion(tokenizer, ids, max_new_tokens, INSTANCE_STOP_STRINGS)
-                       for ids in completion_ids]
-        records = [{"instruction": i, "is_classification": k} for i, k in zip(instruction, is_classification)]
-        return [r.reward for r in completion_scorer.score(records, generations)]
-
-    return refine_af_reward
 
 
 class MetricsLogger:
@@ -356,9 +211,11 @@ def _train_group_segment(segment: Segment, algorithm: str) -> SegmentResult:
     from datasets import Dataset
 
     if algorithm == "grpo":
-        from trl import GRPOConfig as Config, GRPOTrainer as Trainer
+        from trl import GRPOConfig as Config
+        from trl import GRPOTrainer as Trainer
     else:
-        from trl import RLOOConfig as Config, RLOOTrainer as Trainer
+        from trl import RLOOConfig as Config
+        from trl import RLOOTrainer as Trainer
 
     params, cfg = segment.params, segment.params.rl
     decoding = params.instance_generation
@@ -408,15 +265,14 @@ def split_instructions(records: Sequence[dict[str, Any]], heldout: int, num_prom
 def rl_prompts(params: Params, run_dir: Path) -> list[dict[str, Any]]:
     """Stage 1 instructions with their split and instance prompt (stage 2's); written to ``rl/prompts.jsonl``."""
     from refine_af_utils.instances import instance_prompts
-    from refine_af_utils.instructions import instructions_of_run
-    from refine_af_utils.seeds import seed_tasks_of_run
 
-    records = split_instructions(instructions_of_run(run_dir), params.rl.heldout_instructions,
+    layout = RunLayout(run_dir)
+    records = split_instructions(layout.instructions(), params.rl.heldout_instructions,
                                  params.rl.num_prompts, params.random_seed)
-    prompts = instance_prompts(records, seed_tasks_of_run(run_dir), params.instance_generation, params.random_seed)
+    prompts = instance_prompts(records, layout.seed_tasks(), params.instance_generation, params.random_seed)
     rows = [{"instruction_id": r["id"], "instruction": r["instruction"], "is_classification": r["is_classification"],
              "split": r["split"], "prompt": p} for p, r in zip(prompts, records)]
-    path = run_dir / RL_DIR / PROMPTS_FILE
+    path = layout.rl_prompts_file
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     partial.write_text("".join(json.dumps({k: r[k] for k in ("instruction", "is_classification", "split")},
@@ -425,17 +281,7 @@ def rl_prompts(params: Params, run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def rl_split_of_run(run_dir: str | Path) -> dict[str, str]:
-    """Stage 3's split: instruction text -> ``train``, ``heldout`` or ``unused`` (from ``rl/prompts.jsonl``)."""
-    from refine_af_utils.jsonl import read_jsonl
-
-    path = Path(run_dir) / RL_DIR / PROMPTS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: stage 3's prompt split is missing; run stage 03 first")
-    return {r["instruction"]: r["split"] for r in read_jsonl(path)}
-
-
-def _last_checkpoint(checkpoints: Path) -> tuple[int, Optional[Path]]:
+def _last_saved_update(checkpoints: Path) -> tuple[int, Optional[Path]]:
     done = sorted((int(p.name.split("-")[1]), p) for p in checkpoints.glob("update-*") if (p / "complete").is_file())
     return done[-1] if done else (0, None)
 
@@ -487,7 +333,7 @@ class RLTrainingResult:
 def _stage_scorer(params: Params, run_dir: Path, scorers: Optional[dict[str, Scorer]]) -> CompletionScorer:
     from refine_af_utils.reward import build_scorers
 
-    scorers = scorers or build_scorers(params.reward, run_dir / "reward_analysis" / "cache")
+    scorers = scorers or build_scorers(params.reward, RunLayout(run_dir).score_cache)
     return CompletionScorer(scorers, params.reward, unparsed_reward(run_dir, params),
                             params.instance_generation.max_instances_per_task)
 
@@ -502,13 +348,15 @@ def train_generator(params: Params, run_dir: str | Path, scorers: Optional[dict[
     from transformers import set_seed
 
     from refine_af_utils.models import load_causal_lm
-    from refine_af_utils.results import check_stage_config, stage_dir
+    from refine_af_utils.results import check_stage_config
 
     cfg = params.rl
     run_dir = Path(run_dir)
-    out = stage_dir(run_dir, RL_DIR)
-    checkpoints = out / "checkpoints"
+    layout = RunLayout(run_dir)
     scorer = scorer or _stage_scorer(params, run_dir, scorers)  # checks stage 2's outputs before writing
+    layout.seed_tasks(), layout.instructions()  # and stages 0-1's
+    out = layout.stage_folder("03", create=True)
+    checkpoints = layout.rl_checkpoints
     settings = params.to_dict()
     check_stage_config(out, {
         "model": settings["model"], "reward": settings["reward"], "random_seed": params.random_seed,
@@ -517,8 +365,8 @@ def train_generator(params: Params, run_dir: str | Path, scorers: Optional[dict[
         "rl": {k: v for k, v in settings["rl"].items() if k not in ("updates", "checkpoint_every")},
     })
     rows = [r for r in rl_prompts(params, run_dir) if r["split"] == "train"]
-    done, last = _last_checkpoint(checkpoints)
-    truncate_metrics(out / METRICS_FILE, done)
+    done, last = _last_saved_update(checkpoints)
+    truncate_metrics(layout.rl_metrics_file, done)
     while done < cfg.updates:
         updates = min(cfg.checkpoint_every, cfg.updates - done)
         seed = derive_seed(params.random_seed, "03", "segment", done)
@@ -531,7 +379,7 @@ def train_generator(params: Params, run_dir: str | Path, scorers: Optional[dict[
         segment_dir = checkpoints / f"update-{done + updates}"
         shutil.rmtree(segment_dir, ignore_errors=True)
         segment = Segment(params, policy, tokenizer, rows, scorer,
-                          MetricsLogger(out / METRICS_FILE, scorer, done, cfg.kl_coef),
+                          MetricsLogger(layout.rl_metrics_file, scorer, done, cfg.kl_coef),
                           segment_dir, seed, updates, last)
         result = TRAINERS[cfg.algorithm](segment)
         if result.is_main_process:  # under accelerate, one process writes the checkpoint
@@ -543,11 +391,11 @@ def train_generator(params: Params, run_dir: str | Path, scorers: Optional[dict[
             if last is not None:
                 shutil.rmtree(last, ignore_errors=True)  # keep only the newest checkpoint
         done, last = done + updates, segment_dir
-    adapter_dir = out / "adapter"
+    adapter_dir = layout.adapter
     if last is not None and (last / "complete").is_file():
         shutil.rmtree(adapter_dir, ignore_errors=True)
         shutil.copytree(last / "adapter", adapter_dir)
-    return pd.read_csv(out / METRICS_FILE), adapter_dir
+    return pd.read_csv(layout.rl_metrics_file), adapter_dir
 
 
 def heldout_samples(params: Params, run_dir: Path, adapter_dir: Path) -> list[dict[str, Any]]:
@@ -565,7 +413,7 @@ def heldout_samples(params: Params, run_dir: Path, adapter_dir: Path) -> list[di
     from refine_af_utils.models import load_causal_lm
 
     cfg, decoding = params.rl, params.instance_generation
-    path = run_dir / RL_DIR / HELDOUT_SAMPLES_FILE
+    path = RunLayout(run_dir).heldout_samples_file
     truncate_torn_tail(path)
     done = {(r["generator"], r["instruction"], r["sample"]) for r in read_jsonl(path)}
     records = [r for r in rl_prompts(params, run_dir) if r["split"] == "heldout"]
@@ -609,52 +457,29 @@ def heldout_table(samples: Sequence[dict[str, Any]], scorer: CompletionScorer) -
     return per[order].reset_index()
 
 
-def heldout_figure(summary: pd.DataFrame, path: Path, title: str) -> Path:
-    """Each measure's paired difference with its 95% CI (stage 3 and the report draw the same figure)."""
-    from refine_af_utils.plots import difference_chart, save_figure
-
-    return save_figure(difference_chart(summary, title), path)
-
-
 def evaluate_heldout(params: Params, run_dir: str | Path, adapter_dir: Path,
                      scorer: CompletionScorer) -> HeldoutResult:
     """Stage 3's held-out evaluation: base vs trained generator on instructions RL never saw."""
     run_dir = Path(run_dir)
-    out = run_dir / RL_DIR
+    layout = RunLayout(run_dir)
+    out = layout.rl
     table = heldout_table(heldout_samples(params, run_dir, adapter_dir), scorer)
-    table.to_csv(out / HELDOUT_EVAL_FILE, index=False)
+    table.to_csv(layout.heldout_eval_file, index=False)
     summary = paired_summary(table, {m: (f"base_{m}", f"trained_{m}") for m in ("reward", "parsed", "content")},
                              derive_seed(params.random_seed, "03", "heldout-ci"))
-    summary.to_csv(out / HELDOUT_SUMMARY_FILE, index=False)
+    summary.to_csv(layout.heldout_summary_file, index=False)
     figure = heldout_figure(summary, out / "heldout_gain.png",
                             f"Held-out instructions (n={len(table)}): trained minus base generator, 95% CI")
     return HeldoutResult(table, summary, figure)
 
 
-def reward_kl_figure(metrics: pd.DataFrame, algorithm: str, path: Path) -> Path:
-    """The reward's parse and content terms, the KL penalty and the parsed share per update."""
-    from refine_af_utils.plots import save_figure, two_panel_lines
-
-    return save_figure(two_panel_lines(
-        metrics, "update", ["reward", "content_reward", "unparsed_reward", "kl_penalty"], ["parsed_share"],
-        f"{algorithm.upper()}: reward terms and KL penalty per update"), path)
-
-
-def components_figure(metrics: pd.DataFrame, path: Path) -> Path:
-    """Each reward component's mean over the parsed completions, per update."""
-    from refine_af_utils.plots import line_chart, save_figure
-
-    return save_figure(line_chart(metrics, "update", list(COMPONENTS),
-                                  "Mean reward components of the parsed completions per update"), path)
-
-
 def run_rl_stage(params: Params, run_dir: str | Path) -> RLTrainingResult:
     """Stage 3 for the notebook: train (or resume), evaluate on held-out instructions, record headlines."""
-    from refine_af_utils.results import record_metrics, stage_dir
+    from refine_af_utils.results import record_metrics
 
     run_dir = Path(run_dir)
-    out = stage_dir(run_dir, RL_DIR)
     scorer = _stage_scorer(params, run_dir, None)
+    out = RunLayout(run_dir).stage_folder("03", create=True)
     metrics, adapter_dir = train_generator(params, run_dir, scorer=scorer)
     heldout = evaluate_heldout(params, run_dir, adapter_dir, scorer)
     figures = {"reward_kl": reward_kl_figure(metrics, params.rl.algorithm, out / "reward_kl.png"),
@@ -677,7 +502,7 @@ def run_rl_stage(params: Params, run_dir: str | Path) -> RLTrainingResult:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    """``python -m refine_af_utils.rl PARAMS`` (or under ``accelerate launch``): stage 3's training alone."""
+    """``python -m refine_af_utils.rl_training PARAMS`` (or under ``accelerate launch``): stage 3's training alone."""
     from refine_af_utils.results import stage_command_line
 
     params, run_dir = stage_command_line(main.__doc__, argv)

@@ -21,22 +21,20 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from refine_af_utils.figures import arm_comparison_figure, arm_rewards_figure
 from refine_af_utils.instances import extract_instances, generate_instances, instance_prompts
-from refine_af_utils.instructions import instructions_of_run
 from refine_af_utils.jsonl import append_jsonl, read_jsonl, truncate_torn_tail
+from refine_af_utils.layout import ARMS, RunLayout
 from refine_af_utils.params import Params
 from refine_af_utils.reward import COMPONENTS, build_scorers, score_instances
 from refine_af_utils.scorers import InstanceText
-
-ARMS = ("self_instruct", "refine_af")
-DATA_DIR = "data"
 
 
 def load_generator(params: Params, arm: str, run_dir: Path) -> tuple[Any, Any]:
     """The backbone for ``self_instruct``; backbone + stage 3 adapter (merged) for ``refine_af``."""
     from refine_af_utils.models import load_causal_lm
 
-    return load_causal_lm(params.model, run_dir / "rl" / "adapter" if arm == "refine_af" else None)
+    return load_causal_lm(params.model, RunLayout(run_dir).adapter if arm == "refine_af" else None)
 
 
 def generate_arm(params: Params, arm: str, records: Sequence[dict[str, Any]], run_dir: Path) -> list[dict[str, Any]]:
@@ -49,16 +47,15 @@ def generate_arm(params: Params, arm: str, records: Sequence[dict[str, Any]], ru
     from refine_af_utils.seeding import derive_seed
 
     cfg = params.instance_generation
-    path = run_dir / DATA_DIR / f"raw_{arm}.jsonl"
+    layout = RunLayout(run_dir)
+    path = layout.arm_raw(arm)
     truncate_torn_tail(path)
     done = {r["instruction"] for r in read_jsonl(path)}
     batches = [records[i:i + cfg.batch_size] for i in range(0, len(records), cfg.batch_size)]
     todo = [batch for batch in batches if any(r["instruction"] not in done for r in batch)]
     if todo:
-        from refine_af_utils.seeds import seed_tasks_of_run
-
         model, tokenizer = load_generator(params, arm, run_dir)
-        seeds = seed_tasks_of_run(run_dir)
+        seeds = layout.seed_tasks()
         for batch in tqdm(todo, desc=f"instances ({arm})"):
             torch.manual_seed(derive_seed(params.random_seed, "04", batch[0]["instruction"]))
             generations = generate_instances(model, tokenizer, instance_prompts(batch, seeds, cfg, params.random_seed), cfg)
@@ -124,14 +121,6 @@ def arm_comparison(table: pd.DataFrame, random_seed: int) -> pd.DataFrame:
         columns={"mean_before": f"{ARMS[0]}_mean", "mean_after": f"{ARMS[1]}_mean"})
 
 
-def arm_comparison_figure(comparison: pd.DataFrame, path: Path) -> Path:
-    """Each measure's REFINE-AF minus Self-Instruct difference with its CI, per instruction group."""
-    from refine_af_utils.plots import difference_chart, save_figure
-
-    return save_figure(difference_chart(comparison, "Stage 4: REFINE-AF minus Self-Instruct, paired by instruction, 95% CI"),
-                       path)
-
-
 def _words(texts: Sequence[str]) -> float:
     return round(float(np.mean([len(t.split()) for t in texts])), 1) if len(texts) else 0.0
 
@@ -153,13 +142,6 @@ def dataset_statistics(instances: pd.DataFrame, instructions: int) -> dict[str, 
     }
 
 
-def arm_rewards_figure(rewards: dict[str, Sequence[float]], path: Path) -> Path:
-    """Both arms' reward distributions on shared bins (stage 4 and the report draw the same figure)."""
-    from refine_af_utils.plots import overlaid_histograms, save_figure
-
-    return save_figure(overlaid_histograms(rewards, "REFINE-AF reward of each arm's instances", "reward"), path)
-
-
 @dataclass
 class ArmsResult:
     """Both arms' scored instances, their statistics, the per-instruction comparison and the figures."""
@@ -174,18 +156,19 @@ class ArmsResult:
 
 def run_instance_stage(params: Params, run_dir: str | Path) -> ArmsResult:
     """Stage 4: generate, filter, score and export both arms' datasets under ``<run_dir>/data``."""
+    from refine_af_utils.results import check_stage_config, record_metrics
     from refine_af_utils.reward import unparsed_reward
-    from refine_af_utils.results import check_stage_config, record_metrics, stage_dir
-    from refine_af_utils.rl import rl_split_of_run
 
     run_dir = Path(run_dir)
-    records = instructions_of_run(run_dir)
-    split = rl_split_of_run(run_dir)
+    layout = RunLayout(run_dir)
+    layout.seed_tasks()  # every input is checked before the stage writes anything
+    records = layout.instructions()
+    split = layout.rl_split()
     unparsed = unparsed_reward(run_dir, params)
-    adapter = run_dir / "rl" / "adapter" / "adapter_model.safetensors"
+    adapter = layout.adapter / "adapter_model.safetensors"
     if not adapter.is_file():
         raise FileNotFoundError(f"{adapter}: stage 3's trained adapter is missing; run stage 03 first")
-    out = stage_dir(run_dir, DATA_DIR)
+    out = layout.stage_folder("04", create=True)
     settings = params.to_dict()
     check_stage_config(out, {
         "model": settings["model"], "random_seed": params.random_seed,
@@ -193,7 +176,7 @@ def run_instance_stage(params: Params, run_dir: str | Path) -> ArmsResult:
         # the REFINE-AF arm's completions belong to one trained adapter
         "adapter_sha256": hashlib.sha256(adapter.read_bytes()).hexdigest(),
     })
-    scorers = build_scorers(params.reward, run_dir / "reward_analysis" / "cache")
+    scorers = build_scorers(params.reward, layout.score_cache)
     instances, stats = {}, {}
     for arm in ARMS:
         table = arm_instances(generate_arm(params, arm, records, run_dir),
@@ -203,7 +186,7 @@ def run_instance_stage(params: Params, run_dir: str | Path) -> ArmsResult:
         scores = score_instances(scorers, texts, ids, params.reward) if texts else pd.DataFrame(
             columns=[*COMPONENTS, "reward"])
         table = pd.concat([table.reset_index(drop=True), scores.reset_index(drop=True)], axis=1)
-        (out / f"{arm}.jsonl").write_text(table.to_json(orient="records", lines=True, force_ascii=False))
+        layout.arm_data(arm).write_text(table.to_json(orient="records", lines=True, force_ascii=False))
         instances[arm] = table
         stats[arm] = dataset_statistics(table, len(records))
     statistics = pd.DataFrame(stats)

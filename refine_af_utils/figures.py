@@ -1,0 +1,102 @@
+"""Every stage's figures, drawn from its tables: the stage saves them in its folder, the report as ``fig_*.png``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from refine_af_utils.layout import MODELS
+from refine_af_utils.reward import COMPONENTS
+
+
+def component_histograms_figure(scores: pd.DataFrame, path: Path) -> Path:
+    """One histogram per reward component (stage 2 and the report draw the same figure)."""
+    from refine_af_utils.plots import histogram_grid, save_figure
+
+    return save_figure(histogram_grid(scores, list(COMPONENTS), "Reward components per instance"), path)
+
+
+def correlations_figure(correlations: pd.DataFrame, path: Path) -> Path:
+    """Heatmap of the components' correlations."""
+    from refine_af_utils.plots import heatmap, save_figure
+
+    return save_figure(heatmap(correlations, "Correlation of reward components"), path)
+
+
+def heldout_figure(summary: pd.DataFrame, path: Path, title: str) -> Path:
+    """Each measure's paired difference with its 95% CI (stage 3 and the report draw the same figure)."""
+    from refine_af_utils.plots import difference_chart, save_figure
+
+    return save_figure(difference_chart(summary, title), path)
+
+
+def reward_kl_figure(metrics: pd.DataFrame, algorithm: str, path: Path) -> Path:
+    """The reward's parse and content terms, the KL penalty and the parsed share per update."""
+    from refine_af_utils.plots import save_figure, two_panel_lines
+
+    return save_figure(two_panel_lines(
+        metrics, "update", ["reward", "content_reward", "unparsed_reward", "kl_penalty"], ["parsed_share"],
+        f"{algorithm.upper()}: reward terms and KL penalty per update"), path)
+
+
+def components_figure(metrics: pd.DataFrame, path: Path) -> Path:
+    """Each reward component's mean over the parsed completions, per update."""
+    from refine_af_utils.plots import line_chart, save_figure
+
+    return save_figure(line_chart(metrics, "update", list(COMPONENTS),
+                                  "Mean reward components of the parsed completions per update"), path)
+
+
+def filter_counts_figure(counts: pd.DataFrame, path: Path) -> Path:
+    """Bars of candidates per filter (stage 1 and the report draw the same figure)."""
+    from refine_af_utils.plots import bar_chart, save_figure
+
+    return save_figure(bar_chart(counts, "stage", "count", "Stage 1: candidates per filter"), path)
+
+
+def novelty_figure(max_rouge_l: Sequence[float], threshold: float, path: Path) -> Path:
+    """Histogram of each new instruction's highest ROUGE-L to the pool, with the rejection threshold."""
+    from refine_af_utils.plots import histogram, save_figure
+
+    return save_figure(histogram(
+        max_rouge_l, "ROUGE-L of each new instruction to its most similar pool instruction",
+        "max ROUGE-L F", bins=[i / 20 for i in range(21)], vline=threshold, vline_label="rejection threshold"), path)
+
+
+def arm_comparison_figure(comparison: pd.DataFrame, path: Path) -> Path:
+    """Each measure's REFINE-AF minus Self-Instruct difference with its CI, per instruction group."""
+    from refine_af_utils.plots import difference_chart, save_figure
+
+    return save_figure(difference_chart(comparison, "Stage 4: REFINE-AF minus Self-Instruct, paired by instruction, 95% CI"),
+                       path)
+
+
+def arm_rewards_figure(rewards: dict[str, Sequence[float]], path: Path) -> Path:
+    """Both arms' reward distributions on shared bins (stage 4 and the report draw the same figure)."""
+    from refine_af_utils.plots import overlaid_histograms, save_figure
+
+    return save_figure(overlaid_histograms(rewards, "REFINE-AF reward of each arm's instances", "reward"), path)
+
+
+def sft_loss_figure(losses: pd.DataFrame, path: Path) -> Path:
+    """The loss per step of each arm against the epoch (stage 5 and the report draw the same figure)."""
+    from refine_af_utils.plots import grouped_lines, save_figure
+
+    return save_figure(grouped_lines(losses, "epoch", "loss", "arm", "Stage 5: SFT loss on each arm's dataset"), path)
+
+
+def evaluation_figure(name: str, per_category: pd.DataFrame, comparison: pd.DataFrame, path: Path) -> Path:
+    """Draw ``per_category`` (bars per model) or ``task_deltas`` (per-task difference histogram) to ``path``."""
+    from refine_af_utils.plots import grouped_bars, histogram, save_figure
+
+    if name == "per_category":
+        return save_figure(grouped_bars(per_category[list(MODELS)], "ROUGE-L per category", "ROUGE-L"), path)
+    if name == "task_deltas":
+        return save_figure(histogram(comparison["delta"], "REFINE-AF minus Self-Instruct, per task",
+                                     "ROUGE-L difference", vline=0.0, vline_label="tie"), path)
+    raise ValueError(f"unknown evaluation figure '{name}'")
+
+
+EVALUATION_FIGURES = ("per_category", "task_deltas")

@@ -1,0 +1,278 @@
+"""The stage registry and the run layout: the one place that names stages and artefact paths.
+
+Every stage module, the runner, the study runner and the report find a run's files through
+:class:`RunLayout`, and the stages through :data:`STAGES`. Stage modules do not import each
+other; they read what an earlier stage wrote through the layout's readers.
+
+    <run_dir>/
+      params.yaml                 the resolved params (the runner's)
+      .lock                       one runner per run folder (the runner's)
+      stages/<id>.json            completion markers (the runner's)
+      notebooks/<id>_*.ipynb      executed notebooks (the runner's)
+      metrics/<id>.json           each stage's headline numbers
+      seeds/                      00: seed_tasks.jsonl, seed_summary.csv
+      instructions/               01: instructions.jsonl, batches.jsonl, filter_counts.csv, figures
+      reward_analysis/            02: candidates.jsonl, scores.csv, cache/ (the score cache, shared by 03 and 04)
+      rl/                         03: prompts.jsonl, metrics.csv, checkpoints/, adapter/, heldout_*.{jsonl,csv}
+      data/                       04: raw_<arm>.jsonl, <arm>.jsonl, per_instruction.csv, arm_comparison.csv
+      sft/                        05: <arm>/model/, <arm>/complete, loss.csv, summary.csv
+      eval/                       06: predictions_<model>.jsonl, per_task.csv, statistics CSVs
+      report.md, table_*.csv, fig_*.png   07
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    from refine_af_utils.params import Params
+    from refine_af_utils.seeds import SeedTask
+
+INSTRUCTIONS_FILE = "instructions.jsonl"  # stage 1's instructions, in whatever folder it bootstraps into
+BATCHES_FILE = "batches.jsonl"  # stage 1's batch commits (one record per batch, the commit marker)
+ARMS = ("self_instruct", "refine_af")  # stage 4's two datasets: the untrained and the RL-trained generator
+MODELS = ("base", *ARMS)  # stage 6's models: the backbone, then its SFT on each arm's dataset
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage: its notebook, the module it runs, the folder of ``run_dir`` it writes, its params."""
+
+    id: str
+    notebook: str
+    module: str               # the refine_af_utils module whose entry point the notebook calls
+    output_dir: Optional[str]  # None: the stage rewrites its files at the top of the run folder (the report)
+    title: str
+    sections: tuple[str, ...] = ()  # the params keys it reads beyond those of the stages before it
+
+
+STAGES = [
+    Stage("00", "00_seed_tasks.ipynb", "seed_tasks", "seeds", "seed tasks", ("seed_tasks",)),
+    Stage("01", "01_instruction_generation.ipynb", "instruction_generation", "instructions", "instruction generation",
+          ("model", "random_seed", "num_instructions", "instruction_generation", "classification")),
+    Stage("02", "02_reward_analysis.ipynb", "reward_analysis", "reward_analysis", "reward analysis",
+          ("instance_generation", "reward", "reward_analysis")),
+    Stage("03", "03_ppo_training.ipynb", "rl_training", "rl", "RL training", ("rl",)),
+    Stage("04", "04_instance_generation.ipynb", "instance_generation", "data", "instance generation (both arms)"),
+    Stage("05", "05_sft.ipynb", "sft", "sft", "SFT (both arms)", ("sft",)),
+    Stage("06", "06_superni_evaluation.ipynb", "superni_evaluation", "eval", "Super-NI evaluation", ("evaluation",)),
+    Stage("07", "07_paper_tables.ipynb", "report", None, "report"),
+]
+STAGE = {stage.id: stage for stage in STAGES}
+
+
+def stage_sections(stage: Stage) -> list[str]:
+    """The params sections a stage depends on: its own and every earlier stage's (the chain)."""
+    return [section for s in STAGES[: STAGES.index(stage) + 1] for section in s.sections]
+
+
+def stage_fingerprint(stage: Stage, params: "Params") -> str:
+    """A hash of the params a stage depends on: its own sections and every earlier stage's.
+
+    The pipeline is a chain, so a change to one stage's keys reruns it and the stages after
+    it, never the ones before (an evaluation-only change reruns stage 6 and the report).
+    """
+    return params.fingerprint(*stage_sections(stage))
+
+
+def stage_config(stage: Stage, params: "Params") -> dict[str, Any]:
+    """The params a stage's folder is made with (its sections and every earlier stage's), for ``config.json``."""
+    settings = params.to_dict()
+    return {section: settings[section] for section in stage_sections(stage)}
+
+
+def _missing(path: Path, stage_id: str, what: str) -> FileNotFoundError:
+    return FileNotFoundError(f"{path}: {what} is missing; run stage {stage_id} first (--only {stage_id})")
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Every artefact path of one run folder, and readers for what one stage hands the next."""
+
+    run_dir: Path
+
+    def __init__(self, run_dir: str | Path) -> None:
+        object.__setattr__(self, "run_dir", Path(run_dir))
+
+    # --- folders ------------------------------------------------------------------------------------
+    def stage_folder(self, stage_id: str, create: bool = False) -> Path:
+        """The folder a stage writes (``seeds``, ``instructions``, ...); created when ``create``."""
+        name = STAGE[stage_id].output_dir
+        if name is None:
+            raise ValueError(f"stage {stage_id} writes at the top of the run folder, not into a folder of its own")
+        path = self.run_dir / name
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def seeds(self) -> Path:
+        return self.stage_folder("00")
+
+    @property
+    def instructions_dir(self) -> Path:
+        return self.stage_folder("01")
+
+    @property
+    def reward_analysis(self) -> Path:
+        return self.stage_folder("02")
+
+    @property
+    def rl(self) -> Path:
+        return self.stage_folder("03")
+
+    @property
+    def data(self) -> Path:
+        return self.stage_folder("04")
+
+    @property
+    def sft(self) -> Path:
+        return self.stage_folder("05")
+
+    @property
+    def eval(self) -> Path:
+        return self.stage_folder("06")
+
+    # --- the runner's files -------------------------------------------------------------------------
+    def marker(self, stage_id: str) -> Path:
+        """The runner's completion marker of a stage."""
+        return self.run_dir / "stages" / f"{stage_id}.json"
+
+    def metrics(self, stage_id: str) -> Path:
+        """A stage's headline numbers (``metrics/<id>.json``)."""
+        return self.run_dir / "metrics" / f"{stage_id}.json"
+
+    @property
+    def notebooks(self) -> Path:
+        return self.run_dir / "notebooks"
+
+    # --- artefacts one stage hands another ----------------------------------------------------------
+    @property
+    def seed_tasks_file(self) -> Path:
+        return self.seeds / "seed_tasks.jsonl"
+
+    @property
+    def instructions_file(self) -> Path:
+        return self.instructions_dir / INSTRUCTIONS_FILE
+
+    @property
+    def instruction_config(self) -> Path:
+        return self.instructions_dir / "config.json"
+
+    @property
+    def scores_file(self) -> Path:
+        """Stage 2's per-instance component scores (``scores.csv``)."""
+        return self.reward_analysis / "scores.csv"
+
+    @property
+    def score_cache(self) -> Path:
+        """The scorers' cache: filled by stage 2, read and extended by stages 3 and 4."""
+        return self.reward_analysis / "cache"
+
+    @property
+    def rl_prompts_file(self) -> Path:
+        """Stage 3's split of the instructions (train, held-out, unused)."""
+        return self.rl / "prompts.jsonl"
+
+    @property
+    def rl_metrics_file(self) -> Path:
+        return self.rl / "metrics.csv"
+
+    @property
+    def rl_checkpoints(self) -> Path:
+        return self.rl / "checkpoints"
+
+    @property
+    def adapter(self) -> Path:
+        """Stage 3's trained LoRA adapter (the REFINE-AF instance generator)."""
+        return self.rl / "adapter"
+
+    @property
+    def heldout_samples_file(self) -> Path:
+        return self.rl / "heldout_samples.jsonl"
+
+    @property
+    def heldout_eval_file(self) -> Path:
+        return self.rl / "heldout_eval.csv"
+
+    @property
+    def heldout_summary_file(self) -> Path:
+        return self.rl / "heldout_summary.csv"
+
+    def arm_raw(self, arm: str) -> Path:
+        """Stage 4's raw completions of one arm (append-only, resumable)."""
+        return self.data / f"raw_{arm}.jsonl"
+
+    def arm_data(self, arm: str) -> Path:
+        """Stage 4's dataset of one arm: the instances stage 5 trains on."""
+        return self.data / f"{arm}.jsonl"
+
+    def sft_arm(self, arm: str) -> Path:
+        """Stage 5's folder for one arm (checkpoints, ``model/``, ``complete``)."""
+        return self.sft / arm
+
+    def sft_model(self, arm: str) -> Path:
+        """Where stage 5 saves an arm's fine-tuned adapter (or full model)."""
+        return self.sft_arm(arm) / "model"
+
+    def sft_complete(self, arm: str) -> Path:
+        """Written when an arm's stage 5 model is whole."""
+        return self.sft_arm(arm) / "complete"
+
+    def predictions(self, model: str) -> Path:
+        """Stage 6's scored predictions of one model (append-only, resumable)."""
+        return self.eval / f"predictions_{model}.jsonl"
+
+    @property
+    def report(self) -> Path:
+        return self.run_dir / "report.md"
+
+    def table(self, name: str) -> Path:
+        """A report table, ``table_<name>.csv``."""
+        return self.run_dir / f"table_{name}.csv"
+
+    def figure(self, name: str) -> Path:
+        """A report figure, ``fig_<name>.png``."""
+        return self.run_dir / f"fig_{name}.png"
+
+    # --- readers ------------------------------------------------------------------------------------
+    def seed_tasks(self) -> list["SeedTask"]:
+        """The seed tasks stage 0 wrote for this run."""
+        from refine_af_utils.seeds import load_seed_tasks
+
+        if not self.seed_tasks_file.is_file():
+            raise _missing(self.seed_tasks_file, "00", "the seed tasks")
+        return load_seed_tasks(self.seed_tasks_file)
+
+    def instructions(self) -> list[dict[str, Any]]:
+        """The instruction records stage 1 wrote (a clear error when there are none)."""
+        from refine_af_utils.jsonl import read_jsonl
+
+        records = read_jsonl(self.instructions_file)
+        if not records:
+            raise _missing(self.instructions_file, "01", "the instructions")
+        return records
+
+    def rl_split(self) -> dict[str, str]:
+        """Stage 3's split: instruction text -> ``train``, ``heldout`` or ``unused``."""
+        from refine_af_utils.jsonl import read_jsonl
+
+        if not self.rl_prompts_file.is_file():
+            raise _missing(self.rl_prompts_file, "03", "stage 3's prompt split")
+        return {r["instruction"]: r["split"] for r in read_jsonl(self.rl_prompts_file)}
+
+    def arm_instances(self, arm: str) -> list[dict[str, Any]]:
+        """Stage 4's dataset of one arm, each record checked to have string instruction, input, output."""
+        from refine_af_utils.jsonl import read_jsonl
+
+        path = self.arm_data(arm)
+        if not path.is_file():
+            raise _missing(path, "04", f"the dataset of arm '{arm}'")
+        records = read_jsonl(path)
+        for line, record in enumerate(records, start=1):
+            for key in ("instruction", "input", "output"):
+                if not isinstance(record.get(key), str):
+                    raise ValueError(f"{path}:{line}: key '{key}' must be a string, got {record.get(key)!r}")
+        return records

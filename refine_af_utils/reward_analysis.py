@@ -1,0 +1,153 @@
+"""Stage 2: candidate instances from the untrained backbone, every reward component scored and analysed.
+
+The reward itself (the paper's Eq. 1, its scorers and the parse penalty) is :mod:`refine_af_utils.reward`;
+every component is kept per instance (``scores.csv``), so any figure can be redrawn without rerunning a model.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from refine_af_utils.figures import component_histograms_figure, correlations_figure
+from refine_af_utils.jsonl import append_jsonl, read_jsonl, truncate_torn_tail
+from refine_af_utils.layout import RunLayout
+from refine_af_utils.params import Params
+from refine_af_utils.reward import COMPONENTS, build_scorers, score_instances
+from refine_af_utils.scorers import InstanceText
+from refine_af_utils.seeds import SeedTask
+
+
+@dataclass
+class RewardAnalysisResult:
+    """What stage 2 made: per-instance scores and the summary tables and figures."""
+
+    scores: pd.DataFrame
+    correlations: pd.DataFrame
+    by_type: pd.DataFrame
+    best: pd.DataFrame
+    worst: pd.DataFrame
+    filter_counts: pd.DataFrame
+    truncated: dict[str, int]
+    figures: dict[str, Path]
+
+
+def _candidates(params: Params, instructions: Sequence[dict[str, Any]], seeds: Sequence[SeedTask],
+                out: Path) -> list[dict[str, Any]]:
+    """Sampled instructions' raw candidate continuations, generated once and appended batch by batch."""
+    from refine_af_utils.instances import generate_instances, instance_prompts
+    from refine_af_utils.models import load_causal_lm
+
+    analysis, cfg = params.reward_analysis, params.instance_generation
+    rng = random.Random(params.random_seed)
+    chosen = rng.sample(instructions, min(analysis.num_instructions, len(instructions)))
+    jobs = [(record, c) for record in chosen for c in range(analysis.candidates_per_instruction)]
+    path = out / "candidates.jsonl"
+    truncate_torn_tail(path)
+    done = {(r["instruction_id"], r["candidate"]) for r in read_jsonl(path)}
+    # Batches are cut from the full job list and seeded by their first job, so a resumed stage
+    # regenerates a half-written batch whole, with the same noise, and appends only what is missing.
+    batches = [jobs[i:i + cfg.batch_size] for i in range(0, len(jobs), cfg.batch_size)]
+    todo = [batch for batch in batches if any((r["id"], c) not in done for r, c in batch)]
+    if todo:
+        import torch
+
+        from refine_af_utils.seeding import derive_seed
+
+        model, tokenizer = load_causal_lm(params.model)
+        for batch in tqdm(todo, desc="candidate instances"):
+            first, candidate = batch[0]
+            torch.manual_seed(derive_seed(params.random_seed, "02", first["instruction"], candidate))
+            prompts = instance_prompts([r for r, _ in batch], seeds, cfg, params.random_seed)
+            generations = generate_instances(model, tokenizer, prompts, cfg)
+            append_jsonl(path, [
+                {"instruction_id": r["id"], "instruction": r["instruction"],
+                 "is_classification": r["is_classification"], "candidate": c, "text": g.text,
+                 "truncated": g.truncated}
+                for (r, c), g in zip(batch, generations) if (r["id"], c) not in done
+            ])
+    wanted = {(r["id"], c) for r, c in jobs}
+    return [r for r in read_jsonl(path) if (r["instruction_id"], r["candidate"]) in wanted]
+
+
+def _parse_candidates(candidates: Sequence[dict[str, Any]], max_instances: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    from refine_af_utils.instances import extract_instances
+
+    rows, totals = [], {"candidates": len(candidates), "unparseable": 0}
+    for candidate in candidates:
+        kept, counts = extract_instances(candidate["text"], candidate["is_classification"],
+                                         candidate["truncated"], max_instances)
+        if not kept:
+            totals["unparseable"] += 1
+        for reason, count in counts.items():
+            totals[reason] = totals.get(reason, 0) + count
+        for index, instance in enumerate(kept):
+            rows.append({
+                "instance_id": f"{candidate['instruction_id']}-c{candidate['candidate']}-{index}",
+                "instruction_id": candidate["instruction_id"], "instruction": candidate["instruction"],
+                "is_classification": candidate["is_classification"], "candidate": candidate["candidate"],
+                "input": instance.input, "output": instance.output,
+            })
+    totals["kept"] = len(rows)
+    counts_table = pd.DataFrame(list(totals.items()), columns=["stage", "count"])
+    return pd.DataFrame(rows), counts_table
+
+
+def run_reward_analysis(params: Params, run_dir: str | Path) -> RewardAnalysisResult:
+    """Stage 2: candidate instances from the untrained backbone, every component scored, figures."""
+    from refine_af_utils.plots import histogram, save_figure
+    from refine_af_utils.results import check_stage_config, record_metrics
+
+    run_dir = Path(run_dir)
+    layout = RunLayout(run_dir)
+    instructions, seeds = layout.instructions(), layout.seed_tasks()  # inputs first: a failed run leaves no config
+    out = layout.stage_folder("02", create=True)
+    settings = params.to_dict()
+    check_stage_config(out, {key: settings[key] for key in ("model", "random_seed", "instance_generation",
+                                                             "reward_analysis")})
+    candidates = _candidates(params, instructions, seeds, out)
+    instances, filter_counts = _parse_candidates(candidates, params.instance_generation.max_instances_per_task)
+    if instances.empty:
+        raise RuntimeError(f"{out}: no candidate instance survived parsing and filtering; see filter_counts.csv")
+    texts = [InstanceText(r.instruction, r.input, r.output) for r in instances.itertuples()]
+    scorers = build_scorers(params.reward, layout.score_cache)
+    components = score_instances(scorers, texts, list(instances["instance_id"]), params.reward)
+    scores = pd.concat([instances.reset_index(drop=True), components], axis=1)
+    scores.to_csv(out / "scores.csv", index=False)
+    filter_counts.to_csv(out / "filter_counts.csv", index=False)
+
+    columns = [*COMPONENTS, "reward"]
+    correlations = scores[columns].corr()
+    correlations.to_csv(out / "correlations.csv")
+    grouped = scores.assign(type=np.where(scores["is_classification"], "classification", "generation")).groupby("type")
+    by_type = grouped[columns].mean().round(4)
+    by_type.insert(0, "instances", grouped.size())
+    by_type.to_csv(out / "reward_by_type.csv")
+    shown = ["instruction", "input", "output", *columns]
+    ranked = scores.sort_values("reward", ascending=False, kind="stable")
+    best = ranked.head(params.reward_analysis.num_examples_shown)[shown]
+    worst = ranked.tail(params.reward_analysis.num_examples_shown)[shown].iloc[::-1]
+    best.to_csv(out / "best_examples.csv", index=False)
+    worst.to_csv(out / "worst_examples.csv", index=False)
+    figures = {
+        "components": component_histograms_figure(scores, out / "component_histograms.png"),
+        "correlations": correlations_figure(correlations, out / "component_correlations.png"),
+        "reward": save_figure(histogram(scores["reward"], "Composite REFINE-AF reward (Eq. 1)", "reward"),
+                              out / "reward_distribution.png"),
+    }
+    truncated = {name: scorer.truncated for name, scorer in scorers.items()}
+    record_metrics(run_dir, "02", {
+        "instances": len(scores),
+        "instructions": int(scores["instruction_id"].nunique()),
+        "mean_reward": round(float(scores["reward"].mean()), 6),
+        **{f"mean_{name}": round(float(scores[name].mean()), 6) for name in COMPONENTS},
+        **{f"truncated_{name}": count for name, count in truncated.items()},
+        **{f"count_{k}": int(v) for k, v in zip(filter_counts["stage"], filter_counts["count"])},
+    })
+    return RewardAnalysisResult(scores, correlations, by_type, best, worst, filter_counts, truncated, figures)

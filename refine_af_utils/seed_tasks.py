@@ -1,0 +1,59 @@
+"""Stage 0: the seed tasks of the run, validated and summarised (the schema and loader are :mod:`refine_af_utils.seeds`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from refine_af_utils.layout import RunLayout
+from refine_af_utils.params import Params
+from refine_af_utils.results import record_metrics
+from refine_af_utils.seeds import SeedTask, load_seed_tasks, write_seed_tasks
+
+
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+def seed_summary(tasks: list[SeedTask]) -> pd.DataFrame:
+    """One-row-per-statistic table: tasks, classification share, instances, lengths."""
+    instances = [i for t in tasks for i in t.instances]
+    non_empty_inputs = [i.input for i in instances if i.input.strip()]
+    rows = [
+        ("tasks", len(tasks)),
+        ("classification tasks", sum(t.is_classification for t in tasks)),
+        ("classification share", round(sum(t.is_classification for t in tasks) / len(tasks), 3)),
+        ("instances", len(instances)),
+        ("instances with empty input", len(instances) - len(non_empty_inputs)),
+        ("mean instruction length (words)", round(sum(_words(t.instruction) for t in tasks) / len(tasks), 1)),
+        (
+            "mean non-empty input length (words)",
+            round(sum(map(_words, non_empty_inputs)) / len(non_empty_inputs), 1) if non_empty_inputs else 0.0,
+        ),
+        ("mean output length (words)", round(sum(_words(i.output) for i in instances) / len(instances), 1)),
+    ]
+    return pd.DataFrame(rows, columns=["statistic", "value"])
+
+
+def run_seed_stage(params: "Params", run_dir: str | Path) -> tuple[list[SeedTask], pd.DataFrame]:
+    """Stage 0: load and validate the seed tasks, write them and their summary under ``<run_dir>/seeds``."""
+    tasks = load_seed_tasks(params.seed_tasks)
+    layout = RunLayout(run_dir)
+    out = layout.stage_folder("00", create=True)
+    write_seed_tasks(tasks, layout.seed_tasks_file)
+    summary = seed_summary(tasks)
+    summary.to_csv(out / "seed_summary.csv", index=False)
+    record_metrics(run_dir, "00", dict(zip(summary["statistic"], summary["value"].tolist())))
+    return tasks, summary
+
+
+def seed_table(tasks: list[SeedTask]) -> pd.DataFrame:
+    """Seed tasks as a table: id, name, instruction, instance count, classification flag."""
+    return pd.DataFrame({
+        "id": [t.id for t in tasks],
+        "name": [t.name for t in tasks],
+        "instruction": [t.instruction for t in tasks],
+        "instances": [len(t.instances) for t in tasks],
+        "is_classification": [t.is_classification for t in tasks],
+    })

@@ -1,0 +1,170 @@
+"""Stage 6: zero-shot Super-NaturalInstructions evaluation of the base and both SFT models.
+
+Every model answers the first ``evaluation.max_instances`` instances of every test task with
+the definition-only prompt (:func:`refine_af_utils.superni.evaluation_prompt`), greedily.
+Predictions are appended batch by batch to ``eval/predictions_<model>.jsonl`` with the prompt,
+the references and the metrics, so anyone can recompute them, and a rerun continues where a
+crash stopped. Per task, per category (12) and overall scores follow Tk-Instruct (means over
+instances); the paper's headline is the share of tasks on which REFINE-AF beats Self-Instruct.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from refine_af_utils.comparison import (
+    EvaluationStatistics,
+    bootstrap_seed,
+    category_winners,
+    compare_arms,
+    evaluation_statistics,
+    grouped_scores,
+    per_task_scores,
+    tasks_improved,
+    write_statistics,
+)
+from refine_af_utils.figures import EVALUATION_FIGURES, evaluation_figure
+from refine_af_utils.layout import MODELS, RunLayout
+from refine_af_utils.params import ModelParams, Params
+from refine_af_utils.superni import BUNDLED_SUPERNI, SuperNIError, SuperNITask, evaluation_prompt, load_tasks, score
+
+
+def resolve_superni_dir(value: str) -> Path:
+    """``bundled`` -> our offline set; otherwise a natural-instructions checkout (it must exist)."""
+    if value == "bundled":
+        return BUNDLED_SUPERNI
+    if value.startswith("superni@"):  # downloaded by `python -m refine_af_utils.data superni --commit <sha>`
+        from refine_af_utils.data import resolve_superni_ref
+        return resolve_superni_ref(value)
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise SuperNIError(
+            f"evaluation.superni_dir: '{value}' is not a folder; clone github.com/allenai/natural-instructions "
+            "and point this key at it, or use 'bundled'")
+    return path
+
+
+def _model_files_sha256(folder: Path) -> str:
+    """sha256 over a finished stage 5 model's weight files (read in chunks: full 7B models are large)."""
+    if not (folder.parent / "complete").is_file():
+        raise FileNotFoundError(f"{folder}: no finished SFT model; run stage 5 first")
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")):
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_evaluated_model(params: Params, name: str, run_dir: Path) -> tuple[Any, Any]:
+    """The base backbone, or the backbone with an arm's stage 5 adapter merged (or its full SFT model)."""
+    from refine_af_utils.models import load_causal_lm
+
+    if name == "base":
+        return load_causal_lm(params.model)
+    folder = RunLayout(run_dir).sft_model(name)
+    if params.sft.full_fine_tuning:
+        spec = ModelParams(**{**params.to_dict()["model"], "name_or_path": str(folder), "revision": None})
+        return load_causal_lm(spec)
+    return load_causal_lm(params.model, folder)
+
+
+def _clip_prompt(tokenizer: Any, prompt: str, max_tokens: int) -> str:
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return prompt if len(ids) <= max_tokens else tokenizer.decode(ids[-max_tokens:])
+
+
+def predict(params: Params, name: str, tasks: Sequence[SuperNITask], run_dir: str | Path) -> pd.DataFrame:
+    """One model's scored predictions for every instance, resuming from ``predictions_<name>.jsonl``."""
+    from refine_af_utils.generation import generate_batch
+    from refine_af_utils.jsonl import append_jsonl, read_jsonl, truncate_torn_tail
+
+    cfg = params.evaluation
+    run_dir = Path(run_dir)
+    path = RunLayout(run_dir).predictions(name)
+    truncate_torn_tail(path)
+    done = {(r["task"], r["id"]) for r in read_jsonl(path)}
+    todo = [(task, instance) for task in tasks for instance in task.instances if (task.name, instance.id) not in done]
+    if todo:
+        model, tokenizer = load_evaluated_model(params, name, run_dir)
+        prompts = [_clip_prompt(tokenizer, evaluation_prompt(t, i), cfg.max_prompt_tokens) for t, i in todo]
+        order = sorted(range(len(todo)), key=lambda k: len(prompts[k]))  # similar lengths batch with less padding
+        batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+        for batch in tqdm(batches, desc=f"Super-NI predictions ({name})"):
+            outputs = generate_batch(model, tokenizer, [prompts[k] for k in batch], cfg.max_new_tokens)
+            records = []
+            for k, output in zip(batch, outputs):
+                task, instance = todo[k]
+                prediction = output.text.strip()
+                records.append({"task": task.name, "category": task.category, "id": instance.id,
+                                "prompt": prompts[k], "prediction": prediction, "references": instance.references,
+                                **score(prediction, instance.references)})
+            append_jsonl(path, records)
+    wanted = {(t.name, i.id) for t in tasks for i in t.instances}
+    table = pd.DataFrame([r for r in read_jsonl(path) if (r["task"], r["id"]) in wanted])
+    return table.sort_values(["task", "id"], kind="stable").reset_index(drop=True)
+
+
+@dataclass
+class EvaluationResult:
+    """Stage 6's tables and figures."""
+
+    predictions: dict[str, pd.DataFrame]
+    per_task: pd.DataFrame
+    per_category: pd.DataFrame
+    overall: pd.DataFrame
+    comparison: pd.DataFrame
+    improvement: dict[str, Any]
+    figures: dict[str, Path]
+    statistics: EvaluationStatistics | None = None
+
+
+def run_evaluation_stage(params: Params, run_dir: str | Path) -> EvaluationResult:
+    """Stage 6 for the notebook: predict with the three models, score, tabulate and draw."""
+    from refine_af_utils.models import check_device, resolve_model_path
+    from refine_af_utils.results import check_stage_config, record_metrics
+
+    run_dir = Path(run_dir)
+    layout = RunLayout(run_dir)
+    # Inputs first: a run that fails on them must not leave a config.json that refuses the corrected run.
+    superni_dir = resolve_superni_dir(params.evaluation.superni_dir)
+    tasks = load_tasks(superni_dir, params.evaluation.max_instances)
+    check_device(params.model.device)
+    resolve_model_path(params.model.name_or_path)
+    models_sha256 = {f"{arm}_model_sha256": _model_files_sha256(layout.sft_model(arm)) for arm in MODELS[1:]}
+    out = layout.stage_folder("06", create=True)
+    settings = params.to_dict()
+    check_stage_config(out, {"model": settings["model"], "evaluation": settings["evaluation"], **models_sha256})
+    predictions = {name: predict(params, name, tasks, run_dir) for name in MODELS}
+    per_task = per_task_scores(predictions)
+    per_category = grouped_scores(predictions, "category")
+    overall = grouped_scores(predictions, None).T
+    overall["tasks"] = len(tasks)
+    overall["instances"] = [len(predictions[name]) for name in overall.index]
+    comparison = compare_arms(per_task)
+    improvement = tasks_improved(comparison)
+    statistics = evaluation_statistics(predictions, bootstrap_seed(params.random_seed))
+    winners = category_winners(per_category)
+    per_task.round(4).to_csv(out / "per_task.csv", index=False)
+    winners.to_csv(out / "per_category.csv", index_label="category")
+    overall.to_csv(out / "overall.csv", index_label="model")
+    comparison.round(4).to_csv(out / "task_comparison.csv", index=False)
+    write_statistics(out, statistics, improvement)
+    figures = {name: evaluation_figure(name, per_category, comparison, out / f"{name}.png")
+               for name in EVALUATION_FIGURES}
+    record_metrics(run_dir, "06", {
+        **{f"{name}_rougeL": float(overall.loc[name, "rougeL"]) for name in MODELS},
+        **{f"{name}_exact_match": float(overall.loc[name, "exact_match"]) for name in MODELS},
+        **improvement, "superni_dir": params.evaluation.superni_dir,
+        **{k: None if isinstance(v, float) and not np.isfinite(v) else v for k, v in statistics.improvement.items()},
+        **{f"{row.model.replace(' - ', '_minus_')}_{row.metric}_ci": [row.ci_low, row.ci_high]
+           for row in statistics.overall.itertuples()},
+    })
+    return EvaluationResult(predictions, per_task, winners, overall, comparison, improvement, figures, statistics)

@@ -1,0 +1,58 @@
+"""The package's structure: stage modules are siblings over shared lower layers."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from refine_af_utils.layout import STAGES, RunLayout
+
+PACKAGE = Path(__file__).resolve().parents[1] / "refine_af_utils"
+STAGE_MODULES = {stage.module for stage in STAGES}
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every refine_af_utils module a file imports, at the top or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("refine_af_utils."):
+            found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.ImportFrom) and node.module == "refine_af_utils":
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("refine_af_utils."))
+    return found
+
+
+def test_every_stage_names_an_existing_module_and_notebook():
+    for stage in STAGES:
+        assert (PACKAGE / f"{stage.module}.py").is_file(), stage
+        assert (PACKAGE.parent / "notebooks" / stage.notebook).is_file(), stage
+
+
+def test_no_stage_module_imports_another_stage_module():
+    offenders = {}
+    for module in STAGE_MODULES:
+        others = (_imported_modules(PACKAGE / f"{module}.py") & STAGE_MODULES) - {module}
+        if others:
+            offenders[module] = sorted(others)
+    assert offenders == {}
+
+
+def test_lower_layers_import_no_stage_module():
+    """Shared modules (layout, reward, figures, comparison, ...) never reach up into a stage."""
+    tools = {"run", "study", "notebook", "data"}  # the runner, the study runner and helpers above the stages
+    for path in PACKAGE.glob("*.py"):
+        if path.stem in STAGE_MODULES or path.stem in tools:
+            continue
+        assert not _imported_modules(path) & STAGE_MODULES, path.name
+
+
+def test_the_layout_owns_the_paths_stage_folders_come_from_the_registry(tmp_path):
+    layout = RunLayout(tmp_path)
+    assert [layout.stage_folder(s.id).name for s in STAGES if s.output_dir] == \
+        ["seeds", "instructions", "reward_analysis", "rl", "data", "sft", "eval"]
+    assert layout.arm_data("refine_af") == tmp_path / "data" / "refine_af.jsonl"
+    assert layout.sft_model("self_instruct") == tmp_path / "sft" / "self_instruct" / "model"
+    assert layout.score_cache == tmp_path / "reward_analysis" / "cache"
+    assert layout.marker("03") == tmp_path / "stages" / "03.json"
