@@ -30,7 +30,7 @@ def project_error_names() -> set[str]:
     """
     import importlib
 
-    for module in ("params", "seeds", "superni", "results", "models", "run"):
+    for module in ("params", "seeds", "superni", "results", "models", "scorers", "data", "notebook", "run"):
         try:
             importlib.import_module(f"refine_af_utils.{module}")
         except ImportError:  # pragma: no cover - a broken optional dependency must not hide the real error

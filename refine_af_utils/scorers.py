@@ -28,11 +28,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from refine_af_utils.errors import RefineAFError
 from refine_af_utils.jsonl import append_jsonl, read_jsonl, truncate_torn_tail
 from refine_af_utils.params import ScorerParams
 
 
-class ScoringError(ValueError):
+class ScoringError(RefineAFError, ValueError):
     """An instance a scorer cannot score, or a score that is not a finite number."""
 
 

@@ -284,6 +284,15 @@ def test_project_errors_keep_their_builtin_classes():
         assert issubclass(cls, RefineAFError) and issubclass(cls, builtin)
 
 
+def test_scoring_errors_are_project_errors_the_runner_prints_as_one_line():
+    from refine_af_utils.errors import project_error_names
+    from refine_af_utils.scorers import ScoringError
+
+    error = ScoringError("scorer 'x': instance i-1 has an empty output")
+    assert isinstance(error, RefineAFError) and isinstance(error, ValueError)
+    assert "ScoringError" in project_error_names()
+
+
 @pytest.mark.slow
 def test_a_project_error_inside_a_notebook_is_one_line_with_the_executed_notebook(tmp_path, capsys):
     seeds = tmp_path / "seeds.jsonl"
