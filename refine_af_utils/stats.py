@@ -7,7 +7,7 @@ the tests over tasks (sign test, Wilcoxon, exact interval of the win share, powe
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -18,28 +18,31 @@ BOOTSTRAP_RESAMPLES = 10_000
 
 
 @dataclass(frozen=True)
-class PairedDifference:
-    """Mean of paired differences (b - a) with a percentile bootstrap confidence interval."""
+class Interval:
+    """A mean with a percentile bootstrap confidence interval, and what it was computed over.
+
+    ``instances`` counts the values the mean is over: for a paired difference
+    (:func:`paired_bootstrap_ci`), the pairs where both sides are finite. ``clusters`` counts the
+    clusters (tasks) of a two-stage cluster bootstrap; None for a plain bootstrap over pairs.
+    """
 
     mean: float
     low: float
     high: float
-    pairs: int
+    instances: int
+    clusters: Optional[int] = None
     level: float = 0.95
 
     def excludes_zero(self) -> bool:
         """True when the whole interval lies on one side of 0."""
         return self.low > 0 or self.high < 0
 
-    def as_row(self, name: str) -> dict[str, float | int | str]:
-        """A table row: the measure's name, the mean difference, the interval and the number of pairs."""
-        return {"measure": name, "mean_difference": self.mean, "ci_low": self.low, "ci_high": self.high,
-                "pairs": self.pairs}
-
 
 def paired_bootstrap_ci(a: Sequence[float], b: Sequence[float], seed: int,
-                        resamples: int = BOOTSTRAP_RESAMPLES, level: float = 0.95) -> PairedDifference:
+                        resamples: int = BOOTSTRAP_RESAMPLES, level: float = 0.95) -> Interval:
     """The mean of ``b - a`` over pairs where both are finite, with a seeded percentile bootstrap CI.
+
+    The result's ``instances`` is the number of pairs used; ``clusters`` is None.
 
     Pairs are resampled with replacement ``resamples`` times; the interval holds the central
     ``level`` share of the resampled means (numpy's linear percentile). NaN pairs (a measure
@@ -51,13 +54,13 @@ def paired_bootstrap_ci(a: Sequence[float], b: Sequence[float], seed: int,
     keep = np.isfinite(a) & np.isfinite(b)
     diff = b[keep] - a[keep]
     if diff.size == 0:
-        return PairedDifference(float("nan"), float("nan"), float("nan"), 0, level)
+        return Interval(float("nan"), float("nan"), float("nan"), 0, level=level)
     rng = np.random.default_rng(seed)
     indices = rng.integers(0, diff.size, size=(resamples, diff.size))
     means = diff[indices].mean(axis=1)
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(means, [tail, 100 - tail])
-    return PairedDifference(float(diff.mean()), float(low), float(high), int(diff.size), level)
+    return Interval(float(diff.mean()), float(low), float(high), int(diff.size), level=level)
 
 
 def paired_summary(table: pd.DataFrame, pairs: dict[str, tuple[str, str]], seed: int) -> pd.DataFrame:
@@ -65,7 +68,8 @@ def paired_summary(table: pd.DataFrame, pairs: dict[str, tuple[str, str]], seed:
     rows = []
     for name, (before, after) in pairs.items():
         ci = paired_bootstrap_ci(table[before], table[after], seed=derive_seed(seed, "ci", name))
-        rows.append({**ci.as_row(name), "mean_before": float(table[before].mean()),
+        rows.append({"measure": name, "mean_difference": ci.mean, "ci_low": ci.low, "ci_high": ci.high,
+                     "pairs": ci.instances, "mean_before": float(table[before].mean()),
                      "mean_after": float(table[after].mean())})
     return pd.DataFrame(rows)
 
@@ -75,22 +79,6 @@ def paired_summary(table: pd.DataFrame, pairs: dict[str, tuple[str, str]], seed:
 SIGNIFICANCE_LEVEL = 0.05  # alpha of the two-sided tests over tasks
 TARGET_POWER = 0.8         # the power at which the smallest detectable win share is given
 _CHUNK_DRAWS = 1 << 21     # resampled indices held in memory at once (bounds memory, not results)
-
-
-@dataclass(frozen=True)
-class Interval:
-    """A mean with a percentile bootstrap confidence interval, and what it was computed over."""
-
-    mean: float
-    low: float
-    high: float
-    instances: int
-    clusters: int
-    level: float = 0.95
-
-    def excludes_zero(self) -> bool:
-        """True when the whole interval lies on one side of 0."""
-        return self.low > 0 or self.high < 0
 
 
 def _percentiles(replicates: np.ndarray, level: float, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:

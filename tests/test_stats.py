@@ -1,6 +1,7 @@
 """The paired bootstrap CI on cases computed by hand, and its determinism."""
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from refine_af_utils.stats import paired_bootstrap_ci
@@ -8,7 +9,8 @@ from refine_af_utils.stats import paired_bootstrap_ci
 
 def test_constant_differences_give_a_point_interval():
     ci = paired_bootstrap_ci([1.0, 2.0, 3.0], [1.5, 2.5, 3.5], seed=0)
-    assert (ci.mean, ci.low, ci.high, ci.pairs) == (pytest.approx(0.5), pytest.approx(0.5), pytest.approx(0.5), 3)
+    assert (ci.mean, ci.low, ci.high, ci.instances) == (pytest.approx(0.5), pytest.approx(0.5), pytest.approx(0.5), 3)
+    assert ci.clusters is None  # a plain bootstrap over pairs, not over clusters
     assert ci.excludes_zero()
 
 
@@ -22,8 +24,8 @@ def test_two_pairs_by_hand():
 
 def test_nan_pairs_are_left_out_and_lengths_must_match():
     ci = paired_bootstrap_ci([0.0, np.nan, 1.0], [1.0, 5.0, np.nan], seed=0)
-    assert ci.pairs == 1 and ci.mean == 1.0
-    assert paired_bootstrap_ci([np.nan], [1.0], seed=0).pairs == 0
+    assert ci.instances == 1 and ci.mean == 1.0
+    assert paired_bootstrap_ci([np.nan], [1.0], seed=0).instances == 0
     with pytest.raises(ValueError, match="differ in length"):
         paired_bootstrap_ci([1.0], [1.0, 2.0], seed=0)
 
@@ -36,6 +38,16 @@ def test_same_seed_same_interval_other_seed_other_interval():
     ci = paired_bootstrap_ci(a, b, seed=11)
     se = np.std(b - a, ddof=1) / np.sqrt(40)
     assert ci.low == pytest.approx(ci.mean - 1.96 * se, abs=0.05)  # close to the normal interval
+
+
+def test_paired_summary_columns_count_pairs():
+    from refine_af_utils.stats import paired_summary
+
+    table = pd.DataFrame({"a": [0.0, 1.0, np.nan], "b": [1.0, 1.0, 2.0]})
+    summary = paired_summary(table, {"m": ("a", "b")}, seed=0)
+    assert list(summary.columns) == ["measure", "mean_difference", "ci_low", "ci_high", "pairs",
+                                     "mean_before", "mean_after"]
+    assert summary.loc[0, "pairs"] == 2 and summary.loc[0, "mean_difference"] == 0.5
 
 
 # --- the cluster bootstrap and the tests over tasks ---
