@@ -121,7 +121,8 @@ def arm_comparison(table: pd.DataFrame, random_seed: int) -> pd.DataFrame:
         columns={"mean_before": f"{ARMS[0]}_mean", "mean_after": f"{ARMS[1]}_mean"})
 
 
-def _words(texts: Sequence[str]) -> float:
+def _mean_word_count(texts: Sequence[str]) -> float:
+    """The mean number of whitespace-separated words per text, rounded to 0.1 (0.0 with no texts)."""
     return round(float(np.mean([len(t.split()) for t in texts])), 1) if len(texts) else 0.0
 
 
@@ -136,9 +137,9 @@ def dataset_statistics(instances: pd.DataFrame, instructions: int) -> dict[str, 
         "non-classification instructions": int((~per_instruction["is_classification"].astype(bool)).sum()),
         "instances": len(instances),
         "instances with empty input": int((instances["input"].str.strip() == "").sum()),
-        "mean instruction length (words)": _words(per_instruction["instruction"].tolist()),
-        "mean non-empty input length (words)": _words(non_empty.tolist()),
-        "mean output length (words)": _words(instances["output"].tolist()),
+        "mean instruction length (words)": _mean_word_count(per_instruction["instruction"].tolist()),
+        "mean non-empty input length (words)": _mean_word_count(non_empty.tolist()),
+        "mean output length (words)": _mean_word_count(instances["output"].tolist()),
     }
 
 

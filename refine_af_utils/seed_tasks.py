@@ -12,7 +12,8 @@ from refine_af_utils.results import record_metrics
 from refine_af_utils.seeds import SeedTask, load_seed_tasks, write_seed_tasks
 
 
-def _words(text: str) -> int:
+def _word_count(text: str) -> int:
+    """The number of whitespace-separated words in ``text``."""
     return len(text.split())
 
 
@@ -26,12 +27,12 @@ def seed_summary(tasks: list[SeedTask]) -> pd.DataFrame:
         ("classification share", round(sum(t.is_classification for t in tasks) / len(tasks), 3)),
         ("instances", len(instances)),
         ("instances with empty input", len(instances) - len(non_empty_inputs)),
-        ("mean instruction length (words)", round(sum(_words(t.instruction) for t in tasks) / len(tasks), 1)),
+        ("mean instruction length (words)", round(sum(_word_count(t.instruction) for t in tasks) / len(tasks), 1)),
         (
             "mean non-empty input length (words)",
-            round(sum(map(_words, non_empty_inputs)) / len(non_empty_inputs), 1) if non_empty_inputs else 0.0,
+            round(sum(map(_word_count, non_empty_inputs)) / len(non_empty_inputs), 1) if non_empty_inputs else 0.0,
         ),
-        ("mean output length (words)", round(sum(_words(i.output) for i in instances) / len(instances), 1)),
+        ("mean output length (words)", round(sum(_word_count(i.output) for i in instances) / len(instances), 1)),
     ]
     return pd.DataFrame(rows, columns=["statistic", "value"])
 
