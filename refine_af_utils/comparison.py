@@ -33,14 +33,22 @@ def per_task_scores(predictions: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return result.merge(counts, on="task")
 
 
-def grouped_scores(predictions: dict[str, pd.DataFrame], by: str | None) -> pd.DataFrame:
-    """Tk-Instruct's grouped metrics: means over the instances of each group (or of all, ``by=None``)."""
+def grouped_scores(predictions: dict[str, pd.DataFrame], by: str | None, metric: str = "rougeL") -> pd.DataFrame:
+    """Tk-Instruct's grouped metrics: means over the instances of each group (or of all, ``by=None``).
+
+    With ``by=None`` the table has one row per metric in :data:`METRICS` (ROUGE-L and exact match)
+    and one column per model. With ``by`` (e.g. ``"category"``) it has one row per group and one
+    column per model, and holds ``metric`` only (ROUGE-L unless asked otherwise; ``metric`` is not
+    used when ``by`` is None). Values are rounded to 2 decimals.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
     rows = {}
     for name, table in predictions.items():
         if by is None:
             rows[name] = table[list(METRICS)].mean()
         else:
-            rows[name] = table.groupby(by)["rougeL"].mean()
+            rows[name] = table.groupby(by)[metric].mean()
     return pd.DataFrame(rows).round(2)
 
 

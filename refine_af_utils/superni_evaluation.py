@@ -144,7 +144,7 @@ def run_evaluation_stage(params: Params, run_dir: str | Path) -> EvaluationResul
     check_stage_config(out, {"model": settings["model"], "evaluation": settings["evaluation"], **models_sha256})
     predictions = {name: predict(params, name, tasks, run_dir) for name in MODELS}
     per_task = per_task_scores(predictions)
-    per_category = grouped_scores(predictions, "category")
+    per_category = grouped_scores(predictions, "category", metric="rougeL")
     overall = grouped_scores(predictions, None).T
     overall["tasks"] = len(tasks)
     overall["instances"] = [len(predictions[name]) for name in overall.index]

@@ -36,6 +36,19 @@ def test_per_task_category_and_overall_are_means_over_instances():
     assert winners.loc["B", "winner"] == "tie"        # 10 vs 10
 
 
+def test_grouped_scores_names_the_metric_it_groups():
+    assert grouped_scores(PREDICTIONS, "category").equals(grouped_scores(PREDICTIONS, "category", metric="rougeL"))
+    predictions = {name: table.assign(exact_match=(table["rougeL"] >= 30).astype(float) * 100)
+                   for name, table in PREDICTIONS.items()}
+    exact = grouped_scores(predictions, "category", metric="exact_match")
+    assert exact.loc["A", "refine_af"] == 100.0 and exact.loc["A", "self_instruct"] == 75.0
+    assert exact.loc["B", "self_instruct"] == 0.0
+    overall = grouped_scores(predictions, None)  # both metrics, whatever ``metric`` says
+    assert list(overall.index) == ["rougeL", "exact_match"]
+    with pytest.raises(ValueError, match="unknown metric 'bleu'"):
+        grouped_scores(predictions, "category", metric="bleu")
+
+
 def test_tasks_improved_counts_ties_apart():
     comparison = compare_arms(per_task_scores(PREDICTIONS))
     assert comparison.set_index("task")["outcome"].to_dict() == {"t1": "win", "t2": "tie", "t3": "tie"}
