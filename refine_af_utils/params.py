@@ -22,6 +22,7 @@ from typing import Any, Callable, Literal, Optional, Sequence, Union
 import yaml
 
 from refine_af_utils.errors import RefineAFError, decode_utf8
+from refine_af_utils.prompts import OASST_TEMPLATE, UNIEVAL_QUESTIONS  # the paper scorers' templates
 
 
 class ParamsError(RefineAFError, ValueError):
@@ -68,16 +69,7 @@ class ClassificationParams:
 
 
 UNIEVAL = "MingZhong/unieval-dialog"
-UNIEVAL_QUESTIONS = {
-    "naturalness": "question: Is this a natural response in the dialogue? </s> response: {output}",
-    "coherence": (
-        "question: Is this a coherent response given the dialogue history? </s> response: {output} "
-        "</s> dialogue history: {context}"
-    ),
-    "understandability": "question: Is this an understandable response in the dialogue? </s> response: {output}",
-}
 OASST_RM = "OpenAssistant/oasst-rm-2.1-pythia-1.4b-epoch-2.5"
-OASST_TEMPLATE = "<|prompter|>{prompt}<|endoftext|><|assistant|>{output}<|endoftext|>"
 
 
 @dataclass

@@ -2,12 +2,19 @@
 
 Wording is ours; the structure follows Self-Instruct (see the method notes): a header
 line, numbered in-context instructions, and the next number for the model to continue.
+Also here: the Super-NI evaluation prompt (stage 6) and the templates of the paper's
+reward scorers (UniEval's questions, OpenAssistant's layout). The offline scorers'
+templates in ``params/default.yaml`` are params, settable per run, and stay there.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Sequence
+import string
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:  # superni's data classes; superni imports this module, so not at run time
+    from refine_af_utils.superni import SuperNIInstance, SuperNITask
 
 INSTRUCTION_HEADERS = {
     "all": "Come up with a series of tasks:",
@@ -110,3 +117,31 @@ def sft_prompt(instruction: str, input_text: str) -> str:
     if input_text.strip():
         text += f"\n\nInput: {input_text.strip()}"
     return text + "\n\nOutput:"
+
+
+# Super-NaturalInstructions evaluation (stage 6): zero-shot with the task definition only, in
+# Self-Instruct's / Tk-Instruct's wording.
+def _with_period(text: str) -> str:
+    text = text.strip()
+    return text if text and text[-1] in string.punctuation else text + "."
+
+
+def evaluation_prompt(task: "SuperNITask", instance: "SuperNIInstance") -> str:
+    """Zero-shot, definition only: ``Definition: ...`` blank line ``Now complete the following example -``."""
+    return (f"Definition: {_with_period(task.definition)}\n\n"
+            f"Now complete the following example -\nInput: {_with_period(instance.input)}\nOutput:")
+
+
+# Stage 2 scorers' templates for the paper's models (the recipes spell them out in their ``reward``
+# section; scorers format any template from params with :meth:`InstanceText.fields`). UniEval's
+# dialogue questions, in its own input layout:
+UNIEVAL_QUESTIONS = {
+    "naturalness": "question: Is this a natural response in the dialogue? </s> response: {output}",
+    "coherence": (
+        "question: Is this a coherent response given the dialogue history? </s> response: {output} "
+        "</s> dialogue history: {context}"
+    ),
+    "understandability": "question: Is this an understandable response in the dialogue? </s> response: {output}",
+}
+# OpenAssistant's reward model reads the prompter and assistant turns with its special tokens.
+OASST_TEMPLATE = "<|prompter|>{prompt}<|endoftext|><|assistant|>{output}<|endoftext|>"

@@ -1,10 +1,11 @@
-"""Super-NaturalInstructions evaluation data, prompt and metrics (Self-Instruct / Tk-Instruct protocol).
+"""Super-NaturalInstructions evaluation data and metrics (Self-Instruct / Tk-Instruct protocol).
 
 Data as released in allenai/natural-instructions: ``tasks/<name>.json`` per task and the
 test task list ``splits/default/test_tasks.txt``. The first ``max_instances`` (100) instances
 of each test task are used, zero-shot with the task definition only. Metrics follow
 Tk-Instruct's ``compute_metrics.py``: ROUGE-L F with the Porter stemmer and exact match after
 normalisation, each the maximum over the acceptable answers, times 100; task1415 is excluded.
+The prompt, :func:`refine_af_utils.prompts.evaluation_prompt`, is defined with the other prompts.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from refine_af_utils.errors import RefineAFError, decode_utf8
+from refine_af_utils.prompts import evaluation_prompt  # noqa: F401  (defined in prompts.py, importable from here)
 from refine_af_utils.rouge import rouge_l
 
 EXCLUDED_TASKS = ("task1415",)  # excluded by Tk-Instruct's evaluation (prefix match)
@@ -109,17 +111,6 @@ def load_tasks(superni_dir: str | Path, max_instances: int = 100) -> list[SuperN
     if not tasks:
         raise SuperNIError(f"{split}: lists only excluded tasks ({', '.join(EXCLUDED_TASKS)}); nothing to evaluate")
     return tasks
-
-
-def _with_period(text: str) -> str:
-    text = text.strip()
-    return text if text and text[-1] in string.punctuation else text + "."
-
-
-def evaluation_prompt(task: SuperNITask, instance: SuperNIInstance) -> str:
-    """Zero-shot, definition only: ``Definition: ...`` blank line ``Now complete the following example -``."""
-    return (f"Definition: {_with_period(task.definition)}\n\n"
-            f"Now complete the following example -\nInput: {_with_period(instance.input)}\nOutput:")
 
 
 def normalize_answer(text: str) -> str:

@@ -1,7 +1,7 @@
 """Stage 6: zero-shot Super-NaturalInstructions evaluation of the base and both SFT models.
 
 Every model answers the first ``evaluation.max_instances`` instances of every test task with
-the definition-only prompt (:func:`refine_af_utils.superni.evaluation_prompt`), greedily.
+the definition-only prompt (:func:`refine_af_utils.prompts.evaluation_prompt`), greedily.
 Predictions are appended batch by batch to ``eval/predictions_<model>.jsonl`` with the prompt,
 the references and the metrics, so anyone can recompute them, and a rerun continues where a
 crash stopped. Per task, per category (12) and overall scores follow Tk-Instruct (means over
@@ -33,7 +33,8 @@ from refine_af_utils.comparison import (
 from refine_af_utils.figures import EVALUATION_FIGURES, evaluation_figure
 from refine_af_utils.layout import MODELS, RunLayout
 from refine_af_utils.params import ModelParams, Params
-from refine_af_utils.superni import BUNDLED_SUPERNI, SuperNIError, SuperNITask, evaluation_prompt, load_tasks, score
+from refine_af_utils.prompts import evaluation_prompt
+from refine_af_utils.superni import BUNDLED_SUPERNI, SuperNIError, SuperNITask, load_tasks, score
 
 
 def resolve_superni_dir(value: str) -> Path:

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
+from refine_af_utils.prompts import evaluation_prompt
 from refine_af_utils.superni import (
     SuperNIError,
     SuperNIInstance,
-    evaluation_prompt,
     load_task,
     load_tasks,
     normalize_answer,
@@ -93,6 +93,13 @@ def test_prompt_is_definition_only_zero_shot(tmp_path):
         "Definition: Say whether the claim holds.\n\nNow complete the following example -\n"
         "Input: Is the sky blue?\nOutput:")
     assert evaluation_prompt(task, SuperNIInstance("i", "a claim", ["Yes"])).endswith("Input: a claim.\nOutput:")
+
+
+def test_the_evaluation_prompt_is_defined_with_the_other_prompts_and_still_importable_from_superni():
+    from refine_af_utils import superni
+
+    assert evaluation_prompt.__module__ == "refine_af_utils.prompts"
+    assert superni.evaluation_prompt is evaluation_prompt
 
 
 def test_bundled_evaluation_set_covers_the_12_test_categories():
