@@ -116,14 +116,6 @@ def metrics_callback(logger: MetricsLogger) -> Any:
     return _LogToCsv()
 
 
-def _lora_config(params: Params, task_type: str = "CAUSAL_LM") -> Any:
-    from peft import LoraConfig
-
-    cfg = params.rl
-    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.lora_target_modules), task_type=task_type, bias="none")
-
-
 def _common_args(params: Params, output_dir: Path, seed: int, steps_or_episodes: dict[str, int]) -> dict[str, Any]:
     from refine_af_utils.models import torch_dtype
 
@@ -347,7 +339,7 @@ def train_generator(params: Params, run_dir: str | Path, scorers: Optional[dict[
     from peft import PeftModel, get_peft_model
     from transformers import set_seed
 
-    from refine_af_utils.models import load_causal_lm
+    from refine_af_utils.models import load_causal_lm, lora_config
     from refine_af_utils.results import check_stage_config
 
     cfg = params.rl
@@ -375,7 +367,7 @@ def train_generator(params: Params, run_dir: str | Path, scorers: Optional[dict[
         if last is not None:
             policy = PeftModel.from_pretrained(base, last / "adapter", is_trainable=True)
         else:
-            policy = get_peft_model(base, _lora_config(params))
+            policy = get_peft_model(base, lora_config(params.rl))
         segment_dir = checkpoints / f"update-{done + updates}"
         shutil.rmtree(segment_dir, ignore_errors=True)
         segment = Segment(params, policy, tokenizer, rows, scorer,

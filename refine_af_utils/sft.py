@@ -57,11 +57,10 @@ def fine_tune(model_spec: ModelParams, instances: Sequence[dict[str, Any]], outp
     if not instances:
         raise ValueError(f"{output_dir}: no instances to fine-tune on (stage 4 kept none for this arm)")
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
-    from refine_af_utils.models import load_pretrained, torch_dtype
+    from refine_af_utils.models import load_pretrained, lora_config, torch_dtype
 
     model, tokenizer = load_pretrained(model_spec)  # the trainer places it (one device per process)
     tokenizer.padding_side = "right"
@@ -75,9 +74,7 @@ def fine_tune(model_spec: ModelParams, instances: Sequence[dict[str, Any]], outp
         data_seed=seed, use_cpu=model_spec.device == "cpu", bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         disable_tqdm=False,
     )
-    peft_config = None if cfg.full_fine_tuning else LoraConfig(
-        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM")
+    peft_config = None if cfg.full_fine_tuning else lora_config(cfg)
     set_seed(seed)  # the LoRA initialisation happens in SFTTrainer: the same for both arms and on resume
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(sft_records(instances, tokenizer.eos_token)),
                          processing_class=tokenizer, peft_config=peft_config, callbacks=list(callbacks))
