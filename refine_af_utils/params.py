@@ -22,7 +22,7 @@ from typing import Any, Callable, Literal, Optional, Sequence, Union
 import yaml
 
 from refine_af_utils.errors import RefineAFError, decode_utf8
-from refine_af_utils.prompts import OASST_TEMPLATE, UNIEVAL_QUESTIONS  # the paper scorers' templates
+from refine_af_utils.prompts import OASST_TEMPLATE, UNIEVAL_QUESTIONS, YES_NO_QUESTIONS  # scorers' templates
 
 
 class ParamsError(RefineAFError, ValueError):
@@ -92,27 +92,61 @@ class ScorerParams:
     trust_remote_code: bool = False
 
 
+# Eq. 1 of the paper. Only the understandability weight is certain (-0.4421, from the abstract
+# and public descriptions); the others are our best recollection; the intercept is unknown.
+PAPER_WEIGHTS = {"reward_model": 0.0078, "understandability": -0.4421, "naturalness": 0.3212, "coherence": 0.1520}
+
+# The offline stand-ins' models (params/default.yaml): the embedded backbone and sentence encoder.
+EMBEDDED_LLM = "embedded:smollm2-135m-instruct"
+EMBEDDED_ENCODER = "embedded:all-minilm-l6-v2"
+
+
+def _offline_yes_no(name: str) -> ScorerParams:
+    return ScorerParams(kind="yes_no", model=EMBEDDED_LLM, template=YES_NO_QUESTIONS[name],
+                        weight=PAPER_WEIGHTS[name], max_length=512, batch_size=16)
+
+
+def _offline_coherence() -> ScorerParams:
+    return ScorerParams(kind="embedding_similarity", model=EMBEDDED_ENCODER, template="{context}",
+                        pair_template="{output}", weight=PAPER_WEIGHTS["coherence"], max_length=256, batch_size=32)
+
+
+@dataclass
+class RewardParams:
+    """The REFINE-AF reward: intercept + sum of weight * score over the four components.
+
+    The defaults are ``params/default.yaml``'s offline stand-ins (the paper's questions and
+    weights on the embedded models), so the schema has no defaults of its own;
+    :func:`paper_reward_params` gives the paper's scorers.
+    """
+
+    reward_model: ScorerParams = field(default_factory=lambda: _offline_yes_no("reward_model"))
+    understandability: ScorerParams = field(default_factory=lambda: _offline_yes_no("understandability"))
+    naturalness: ScorerParams = field(default_factory=lambda: _offline_yes_no("naturalness"))
+    coherence: ScorerParams = field(default_factory=_offline_coherence)
+    intercept: float = 0.0
+
+
 def _paper_scorer(name: str) -> ScorerParams:
     return ScorerParams(kind="yes_no", model=UNIEVAL, template=UNIEVAL_QUESTIONS[name],
                         weight=PAPER_WEIGHTS[name])
 
 
-# Eq. 1 of the paper. Only the understandability weight is certain (-0.4421, from the abstract
-# and public descriptions); the others are our best recollection; the intercept is unknown.
-PAPER_WEIGHTS = {"reward_model": 0.0078, "understandability": -0.4421, "naturalness": 0.3212, "coherence": 0.1520}
+def paper_reward_params() -> RewardParams:
+    """The paper's scorers with Eq. 1's weights and intercept 0, on the CPU in float32.
 
-
-@dataclass
-class RewardParams:
-    """The REFINE-AF reward: intercept + sum of weight * score over the four components."""
-
-    reward_model: ScorerParams = field(default_factory=lambda: ScorerParams(
-        kind="sequence_classification", model=OASST_RM, template=OASST_TEMPLATE,
-        weight=PAPER_WEIGHTS["reward_model"]))
-    understandability: ScorerParams = field(default_factory=lambda: _paper_scorer("understandability"))
-    naturalness: ScorerParams = field(default_factory=lambda: _paper_scorer("naturalness"))
-    coherence: ScorerParams = field(default_factory=lambda: _paper_scorer("coherence"))
-    intercept: float = 0.0
+    OpenAssistant's Pythia reward model (a logit) and UniEval's dialogue questions: the schema's
+    reward defaults before they followed ``params/default.yaml``.
+    ``params/recipes/llama2-7b/paper.yaml`` spells the same scorers out, on a GPU.
+    """
+    return RewardParams(
+        reward_model=ScorerParams(kind="sequence_classification", model=OASST_RM, template=OASST_TEMPLATE,
+                                  weight=PAPER_WEIGHTS["reward_model"]),
+        understandability=_paper_scorer("understandability"),
+        naturalness=_paper_scorer("naturalness"),
+        coherence=_paper_scorer("coherence"),
+        intercept=0.0,
+    )
 
 
 @dataclass

@@ -2,9 +2,10 @@
 
 Wording is ours; the structure follows Self-Instruct (see the method notes): a header
 line, numbered in-context instructions, and the next number for the model to continue.
-Also here: the Super-NI evaluation prompt (stage 6) and the templates of the paper's
-reward scorers (UniEval's questions, OpenAssistant's layout). The offline scorers'
-templates in ``params/default.yaml`` are params, settable per run, and stay there.
+Also here: the Super-NI evaluation prompt (stage 6) and the reward scorers' templates
+(the paper's: UniEval's questions and OpenAssistant's layout; the offline stand-ins': the
+same questions for a causal LM). Scorer templates are params, settable per run: these are
+the schema's defaults, and ``params/default.yaml`` spells the same text out.
 """
 
 from __future__ import annotations
@@ -145,3 +146,13 @@ UNIEVAL_QUESTIONS = {
 }
 # OpenAssistant's reward model reads the prompter and assistant turns with its special tokens.
 OASST_TEMPLATE = "<|prompter|>{prompt}<|endoftext|><|assistant|>{output}<|endoftext|>"
+# The offline stand-ins (params/default.yaml and the schema's defaults): the paper's questions asked
+# of a small causal LM, whose next token after "Answer (Yes or No):" is read as P(Yes).
+YES_NO_QUESTIONS = {
+    "reward_model": (
+        "Question: Is this a helpful and correct response to the request?\nRequest: {prompt}\nResponse: {output}\n"
+        "Answer (Yes or No):"
+    ),
+    "understandability": "Question: Is this an understandable response in the dialogue?\nResponse: {output}\nAnswer (Yes or No):",
+    "naturalness": "Question: Is this a natural response in the dialogue?\nResponse: {output}\nAnswer (Yes or No):",
+}

@@ -124,18 +124,22 @@ def test_resolved_params_yaml_reads_back_equal(tmp_path, name):
     assert "extends" not in yaml.safe_load(path.read_text())
 
 
-# Sections whose dataclass defaults belong to another change (RL, SFT, instance generation) and the reward,
-# whose schema defaults are the paper's scorers (tests/test_scorers.py pins them); default.yaml uses
-# offline stand-ins, and every shipped recipe spells its reward section out or inherits default.yaml's.
-DEFAULTS_DIFFER = {"reward"}
-
-
 @pytest.mark.parametrize("section", [f.name for f in dataclasses.fields(Params) if f.name != "run_name"])
 def test_the_schema_has_no_silent_defaults_that_differ_from_default_yaml(section):
-    if section in DEFAULTS_DIFFER:
-        pytest.xfail(f"{section}: dataclass defaults still differ from default.yaml")
     schema = params_from_dict({"run_name": "default"}).to_dict()
     assert schema[section] == load_params(REPO_ROOT / "params" / "default.yaml").to_dict()[section]
+
+
+def test_the_paper_scorers_are_one_call_away():
+    from refine_af_utils.params import PAPER_WEIGHTS, RewardParams, paper_reward_params
+    from refine_af_utils.prompts import OASST_TEMPLATE, UNIEVAL_QUESTIONS
+
+    paper = paper_reward_params()
+    assert (paper.reward_model.kind, paper.reward_model.model, paper.reward_model.template) == (
+        "sequence_classification", "OpenAssistant/oasst-rm-2.1-pythia-1.4b-epoch-2.5", OASST_TEMPLATE)
+    assert paper.coherence.template == UNIEVAL_QUESTIONS["coherence"] and paper.coherence.model == "MingZhong/unieval-dialog"
+    for reward in (paper, RewardParams()):  # the paper's and the offline stand-ins' share Eq. 1's weights
+        assert {c: getattr(reward, c).weight for c in PAPER_WEIGHTS} == PAPER_WEIGHTS and reward.intercept == 0.0
 
 
 def test_extends_merges_mappings_and_replaces_other_values(tmp_path):
