@@ -157,8 +157,9 @@ class ArmsResult:
 
 def run_instance_stage(params: Params, run_dir: str | Path) -> ArmsResult:
     """Stage 4: generate, filter, score and export both arms' datasets under ``<run_dir>/data``."""
+    from refine_af_utils.models import check_model_params
     from refine_af_utils.results import check_stage_config, record_metrics
-    from refine_af_utils.reward import unparsed_reward
+    from refine_af_utils.reward import check_scorers, unparsed_reward
 
     run_dir = Path(run_dir)
     layout = RunLayout(run_dir)
@@ -169,6 +170,8 @@ def run_instance_stage(params: Params, run_dir: str | Path) -> ArmsResult:
     adapter = layout.adapter / "adapter_model.safetensors"
     if not adapter.is_file():
         raise FileNotFoundError(f"{adapter}: stage 3's trained adapter is missing; run stage 03 first")
+    check_model_params(params.model)
+    check_scorers(params.reward)
     out = layout.stage_folder("04", create=True)
     settings = params.to_dict()
     check_stage_config(out, {

@@ -108,6 +108,17 @@ def prepare_embedded_models(force: bool = False) -> Path:
     return target
 
 
+def check_model_params(model: Any, key: str = "model") -> None:
+    """Check, before a stage writes anything, that a model's device exists and its path resolves.
+
+    ``model`` is a params section with ``device`` and ``name_or_path`` (or ``model``); errors name ``key``.
+    """
+    check_device(model.device, f"{key}.device")
+    path = getattr(model, "name_or_path", None) or getattr(model, "model", None)
+    if path:
+        resolve_model_path(path)
+
+
 def resolve_model_path(name_or_path: str) -> str:
     """A loadable folder or hub id for ``name_or_path``; clear error for a missing local path."""
     if name_or_path.startswith(EMBEDDED_PREFIX):

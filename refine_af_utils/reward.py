@@ -34,6 +34,14 @@ def composite_reward(components: pd.DataFrame | dict[str, Any], reward: RewardPa
     return total
 
 
+def check_scorers(reward: RewardParams) -> None:
+    """Check every component's scorer device (and model path, where it has one) before a stage writes."""
+    from refine_af_utils.models import check_model_params
+
+    for name in COMPONENTS:
+        check_model_params(getattr(reward, name), f"reward.{name}")
+
+
 def build_scorers(reward: RewardParams, cache_dir: Optional[Path] = None) -> dict[str, Scorer]:
     """One scorer per component, with a score cache per scorer in ``cache_dir``."""
     return {name: build_scorer(name, getattr(reward, name), cache_dir) for name in COMPONENTS}

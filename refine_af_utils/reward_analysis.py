@@ -102,11 +102,15 @@ def _parse_candidates(candidates: Sequence[dict[str, Any]], max_instances: int) 
 def run_reward_analysis(params: Params, run_dir: str | Path) -> RewardAnalysisResult:
     """Stage 2: candidate instances from the untrained backbone, every component scored, figures."""
     from refine_af_utils.plots import histogram, save_figure
+    from refine_af_utils.models import check_model_params
     from refine_af_utils.results import check_stage_config, record_metrics
+    from refine_af_utils.reward import check_scorers
 
     run_dir = Path(run_dir)
     layout = RunLayout(run_dir)
     instructions, seeds = layout.instructions(), layout.seed_tasks()  # inputs first: a failed run leaves no config
+    check_model_params(params.model)
+    check_scorers(params.reward)
     out = layout.stage_folder("02", create=True)
     settings = params.to_dict()
     check_stage_config(out, {key: settings[key] for key in ("model", "random_seed", "instance_generation",

@@ -323,10 +323,13 @@ class RLTrainingResult:
 
 
 def _stage_scorer(params: Params, run_dir: Path, scorers: Optional[dict[str, Scorer]]) -> CompletionScorer:
-    from refine_af_utils.reward import build_scorers
+    from refine_af_utils.reward import build_scorers, check_scorers
 
+    unparsed = unparsed_reward(run_dir, params)  # stage 2's scores first, then the scorers' devices
+    if scorers is None:
+        check_scorers(params.reward)
     scorers = scorers or build_scorers(params.reward, RunLayout(run_dir).score_cache)
-    return CompletionScorer(scorers, params.reward, unparsed_reward(run_dir, params),
+    return CompletionScorer(scorers, params.reward, unparsed,
                             params.instance_generation.max_instances_per_task)
 
 
@@ -339,14 +342,17 @@ def train_generator(params: Params, run_dir: str | Path, scorers: Optional[dict[
     from peft import PeftModel, get_peft_model
     from transformers import set_seed
 
-    from refine_af_utils.models import load_causal_lm, lora_config
+    from refine_af_utils.models import check_model_params, load_causal_lm, lora_config
     from refine_af_utils.results import check_stage_config
+    from refine_af_utils.reward import check_scorers
 
     cfg = params.rl
     run_dir = Path(run_dir)
     layout = RunLayout(run_dir)
-    scorer = scorer or _stage_scorer(params, run_dir, scorers)  # checks stage 2's outputs before writing
-    layout.seed_tasks(), layout.instructions()  # and stages 0-1's
+    layout.seed_tasks(), layout.instructions()  # inputs, device and model first: a failed run leaves no config
+    check_model_params(params.model)
+    check_scorers(params.reward)
+    scorer = scorer or _stage_scorer(params, run_dir, scorers)  # checks stage 2's outputs
     out = layout.stage_folder("03", create=True)
     checkpoints = layout.rl_checkpoints
     settings = params.to_dict()

@@ -122,11 +122,13 @@ def training_sets(params: Params, run_dir: str | Path) -> dict[str, list[dict[st
 
 def train_arms(params: Params, run_dir: str | Path) -> dict[str, pd.DataFrame]:
     """Fine-tune the base backbone on each arm's training set (resuming); the loss table per arm."""
+    from refine_af_utils.models import check_model_params
     from refine_af_utils.results import check_stage_config
 
     run_dir = Path(run_dir)
     layout = RunLayout(run_dir)
     data = training_sets(params, run_dir)  # reads and checks stage 4's datasets before anything is written
+    check_model_params(params.model)
     out = layout.stage_folder("05", create=True)
     settings = params.to_dict()
     check_stage_config(out, {

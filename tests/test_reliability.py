@@ -304,3 +304,54 @@ def test_a_project_error_inside_a_notebook_is_one_line_with_the_executed_noteboo
     assert err == (f"[00] seed tasks: {seeds}:1: missing field 'name' (full traceback in {executed})")
     assert "Traceback" in executed.read_text() or "SeedTaskError" in executed.read_text()
     assert not (tmp_path / "results" / "r" / "stages" / "00.json").exists()
+
+
+def _upstream_of_stages_2_to_5(run_dir: Path) -> None:
+    """Hand-made outputs of stages 0-4, enough for stages 2-5 to pass their input checks."""
+    from refine_af_utils.layout import ARMS, RunLayout
+    from refine_af_utils.seeds import write_seed_tasks
+
+    layout = RunLayout(run_dir)
+    for stage in ("00", "01", "02", "03", "04"):
+        layout.stage_folder(stage, create=True)
+    write_seed_tasks(load_seed_tasks("bundled"), layout.seed_tasks_file)
+    records = [{"id": f"machine_{i}", "instruction": f"Instruction {i}.", "is_classification": False} for i in range(4)]
+    layout.instructions_file.write_text("".join(json.dumps(r) + "\n" for r in records))
+    rows = ["instruction_id,candidate,instance_id,reward_model,understandability,naturalness,coherence"]
+    rows += [f"machine_{i},0,machine_{i}:0,0.{i},0.{i + 1},0.{i + 2},0.{i + 3}" for i in range(3)]
+    layout.scores_file.write_text("\n".join(rows) + "\n")
+    layout.rl_prompts_file.write_text("".join(json.dumps({"instruction": r["instruction"], "is_classification": False,
+                                                          "split": "train"}) + "\n" for r in records))
+    layout.adapter.mkdir(parents=True)
+    (layout.adapter / "adapter_model.safetensors").write_bytes(b"not read before the checks")
+    for arm in ARMS:
+        layout.arm_data(arm).write_text(json.dumps({"instruction": "a", "input": "", "output": "b"}) + "\n")
+
+
+@pytest.mark.parametrize("stage", ["02", "03", "04", "05"])
+def test_stages_2_to_5_check_inputs_device_and_model_before_writing_their_config(tmp_path, stage):
+    """A run that fails on a missing input or a bad device leaves no config.json that would refuse the fix."""
+    from refine_af_utils.instance_generation import run_instance_stage
+    from refine_af_utils.layout import RunLayout
+    from refine_af_utils.reward_analysis import run_reward_analysis
+    from refine_af_utils.rl_training import train_generator
+    from refine_af_utils.sft import train_arms
+
+    entry = {"02": run_reward_analysis, "03": train_generator, "04": run_instance_stage, "05": train_arms}[stage]
+    run_dir = tmp_path / "run"
+    config = RunLayout(run_dir).stage_folder(stage) / "config.json"
+    smoke = load_params(REPO_ROOT / "params" / "smoke.yaml")
+    with pytest.raises(FileNotFoundError, match="run stage 0"):  # nothing upstream yet
+        entry(smoke, run_dir)
+    assert not config.exists()
+    _upstream_of_stages_2_to_5(run_dir)
+    with pytest.raises(DeviceUnavailableError, match="model.device: device 'cuda:99'"):
+        entry(load_params(REPO_ROOT / "params" / "smoke.yaml", overrides={"model.device": "cuda:99"}), run_dir)
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        entry(load_params(REPO_ROOT / "params" / "smoke.yaml", overrides={"model.name_or_path": str(tmp_path / "none")}),
+              run_dir)
+    if stage != "05":  # stage 5 runs no scorer
+        with pytest.raises(DeviceUnavailableError, match="reward.coherence.device"):
+            entry(load_params(REPO_ROOT / "params" / "smoke.yaml", overrides={"reward.coherence.device": "cuda:99"}),
+                  run_dir)
+    assert not config.exists()
