@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from refine_af_utils.figures import arm_comparison_figure, arm_rewards_figure
 from refine_af_utils.instances import extract_instances, generate_instances, instance_prompts
 from refine_af_utils.jsonl import append_jsonl, read_jsonl, truncate_torn_tail
-from refine_af_utils.layout import ARMS, RunLayout
+from refine_af_utils.layout import ARMS, RunLayout, STAGE, stage_config
 from refine_af_utils.params import Params
 from refine_af_utils.reward import COMPONENTS, build_scorers, score_instances
 from refine_af_utils.scorers import InstanceText
@@ -173,13 +173,8 @@ def run_instance_stage(params: Params, run_dir: str | Path) -> ArmsResult:
     check_model_params(params.model)
     check_scorers(params.reward)
     out = layout.stage_folder("04", create=True)
-    settings = params.to_dict()
-    check_stage_config(out, {
-        "model": settings["model"], "random_seed": params.random_seed,
-        "instance_generation": settings["instance_generation"],
-        # the REFINE-AF arm's completions belong to one trained adapter
-        "adapter_sha256": hashlib.sha256(adapter.read_bytes()).hexdigest(),
-    })
+    check_stage_config(out, {  # the REFINE-AF arm's completions belong to one trained adapter
+        **stage_config(STAGE["04"], params), "adapter_sha256": hashlib.sha256(adapter.read_bytes()).hexdigest()})
     scorers = build_scorers(params.reward, layout.score_cache)
     instances, stats = {}, {}
     for arm in ARMS:

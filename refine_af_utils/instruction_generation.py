@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from refine_af_utils.figures import filter_counts_figure, novelty_figure
 from refine_af_utils.generation import generate_batch
 from refine_af_utils.jsonl import append_jsonl, read_jsonl, truncate_to_records, truncate_torn_tail
-from refine_af_utils.layout import BATCHES_FILE, INSTRUCTIONS_FILE, RunLayout
+from refine_af_utils.layout import BATCHES_FILE, INSTRUCTIONS_FILE, STAGE, RunLayout, stage_config
 from refine_af_utils.params import Params
 from refine_af_utils.prompts import (
     INSTRUCTION_STOP_STRINGS,
@@ -164,13 +164,6 @@ def identify_classification(
     return answers
 
 
-def _stage_config(params: Params) -> dict[str, Any]:
-    """The settings stage 1's outputs depend on (``num_instructions`` may grow on a rerun)."""
-    data = params.to_dict()
-    return {key: data[key] for key in ("seed_tasks", "random_seed", "model", "instruction_generation",
-                                        "classification")}
-
-
 def _batch_seed(random_seed: int, batch: int) -> int:
     return random_seed * 1_000_003 + batch
 
@@ -182,7 +175,7 @@ def bootstrap_instructions(
     cfg, clf = params.instruction_generation, params.classification
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    check_stage_config(out_dir, _stage_config(params))
+    check_stage_config(out_dir, stage_config(STAGE["01"], params))
     state = load_state(out_dir)
     pool = NoveltyPool(s.instruction for s in seeds)
     for record in state.instructions:

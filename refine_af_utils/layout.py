@@ -46,15 +46,18 @@ class Stage:
     output_dir: Optional[str]  # None: the stage rewrites its files at the top of the run folder (the report)
     title: str
     sections: tuple[str, ...] = ()  # the params keys it reads beyond those of the stages before it
+    resumable: tuple[str, ...] = ()  # dotted keys that may change while the stage continues its folder
 
 
 STAGES = [
     Stage("00", "00_seed_tasks.ipynb", "seed_tasks", "seeds", "seed tasks", ("seed_tasks",)),
     Stage("01", "01_instruction_generation.ipynb", "instruction_generation", "instructions", "instruction generation",
-          ("model", "random_seed", "num_instructions", "instruction_generation", "classification")),
+          ("model", "random_seed", "num_instructions", "instruction_generation", "classification"),
+          resumable=("num_instructions",)),  # more instructions later: the bootstrap continues
     Stage("02", "02_reward_analysis.ipynb", "reward_analysis", "reward_analysis", "reward analysis",
           ("instance_generation", "reward", "reward_analysis")),
-    Stage("03", "03_ppo_training.ipynb", "rl_training", "rl", "RL training", ("rl",)),
+    Stage("03", "03_ppo_training.ipynb", "rl_training", "rl", "RL training", ("rl",),
+          resumable=("rl.updates", "rl.checkpoint_every")),  # more updates later: training continues
     Stage("04", "04_instance_generation.ipynb", "instance_generation", "data", "instance generation (both arms)"),
     Stage("05", "05_sft.ipynb", "sft", "sft", "SFT (both arms)", ("sft",)),
     Stage("06", "06_superni_evaluation.ipynb", "superni_evaluation", "eval", "Super-NI evaluation", ("evaluation",)),
@@ -77,10 +80,23 @@ def stage_fingerprint(stage: Stage, params: "Params") -> str:
     return params.fingerprint(*stage_sections(stage))
 
 
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as ``{dotted.key: value}``."""
+    if not isinstance(data, dict):
+        return {prefix: data}
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
 def stage_config(stage: Stage, params: "Params") -> dict[str, Any]:
-    """The params a stage's folder is made with (its sections and every earlier stage's), for ``config.json``."""
+    """The settings a stage's folder is made with, for ``config.json``: every key of its sections and the
+    earlier stages' (as :func:`stage_fingerprint`), less the keys it may continue under (``resumable``)."""
     settings = params.to_dict()
-    return {section: settings[section] for section in stage_sections(stage)}
+    flat = flatten({section: settings[section] for section in stage_sections(stage)})
+    return {key: value for key, value in flat.items()
+            if not any(key == r or key.startswith(f"{r}.") for r in stage.resumable)}
 
 
 def _missing(path: Path, stage_id: str, what: str) -> FileNotFoundError:

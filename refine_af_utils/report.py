@@ -338,8 +338,9 @@ def build_report(run_dir: str | Path, run_name: str | None = None, random_seed: 
                  index=False)
     report.figure("01_filter_counts", lambda p: filter_counts_figure(counts, p), "candidates per filter")
     instructions = pd.DataFrame(read_jsonl(_require(layout.instructions_file)))
-    threshold = json.loads(_require(layout.instruction_config).read_text())[
-        "instruction_generation"]["novelty_threshold"]
+    config = json.loads(_require(layout.instruction_config).read_text())
+    key = "instruction_generation.novelty_threshold"  # config.json keys are dotted (nested in runs before that)
+    threshold = config[key] if key in config else config["instruction_generation"]["novelty_threshold"]
     report.figure("01_novelty", lambda p: novelty_figure(instructions["max_rouge_l"], threshold, p),
                   "instruction novelty: highest ROUGE-L against the earlier pool")
 

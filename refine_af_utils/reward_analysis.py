@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from refine_af_utils.figures import component_histograms_figure, correlations_figure
 from refine_af_utils.jsonl import append_jsonl, read_jsonl, truncate_torn_tail
-from refine_af_utils.layout import RunLayout
+from refine_af_utils.layout import RunLayout, STAGE, stage_config
 from refine_af_utils.params import Params
 from refine_af_utils.reward import COMPONENTS, build_scorers, score_instances
 from refine_af_utils.scorers import InstanceText
@@ -112,9 +112,7 @@ def run_reward_analysis(params: Params, run_dir: str | Path) -> RewardAnalysisRe
     check_model_params(params.model)
     check_scorers(params.reward)
     out = layout.stage_folder("02", create=True)
-    settings = params.to_dict()
-    check_stage_config(out, {key: settings[key] for key in ("model", "random_seed", "instance_generation",
-                                                             "reward_analysis")})
+    check_stage_config(out, stage_config(STAGE["02"], params))
     candidates = _candidates(params, instructions, seeds, out)
     instances, filter_counts = _parse_candidates(candidates, params.instance_generation.max_instances_per_task)
     if instances.empty:

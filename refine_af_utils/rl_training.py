@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from refine_af_utils.figures import components_figure, heldout_figure, reward_kl_figure
 from refine_af_utils.generation import Generation
-from refine_af_utils.layout import RunLayout
+from refine_af_utils.layout import RunLayout, STAGE, stage_config
 from refine_af_utils.params import Params
 from refine_af_utils.reward import COMPONENTS, unparsed_reward
 from refine_af_utils.rl_reward import CompletionScorer, RefineAFRewardModel, group_reward_function
@@ -355,13 +355,7 @@ def train_generator(params: Params, run_dir: str | Path, scorers: Optional[dict[
     scorer = scorer or _stage_scorer(params, run_dir, scorers)  # checks stage 2's outputs
     out = layout.stage_folder("03", create=True)
     checkpoints = layout.rl_checkpoints
-    settings = params.to_dict()
-    check_stage_config(out, {
-        "model": settings["model"], "reward": settings["reward"], "random_seed": params.random_seed,
-        "instance_generation": settings["instance_generation"],
-        # more updates may be asked for later: the run then resumes
-        "rl": {k: v for k, v in settings["rl"].items() if k not in ("updates", "checkpoint_every")},
-    })
+    check_stage_config(out, stage_config(STAGE["03"], params))  # rl.updates may grow: training continues
     rows = [r for r in rl_prompts(params, run_dir) if r["split"] == "train"]
     done, last = _last_saved_update(checkpoints)
     truncate_metrics(layout.rl_metrics_file, done)

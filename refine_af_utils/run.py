@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 from refine_af_utils.errors import RefineAFError, RunLockedError, project_error_names
-from refine_af_utils.layout import STAGES, Stage, stage_fingerprint, stage_sections
+from refine_af_utils.layout import STAGES, Stage, flatten, stage_fingerprint, stage_sections
 from refine_af_utils.params import Params, load_params, parse_overrides
 from refine_af_utils.results import RESOLVED_PARAMS, run_folder, sha256_file, write_resolved_params
 
@@ -150,15 +150,6 @@ def upstream_hashes(run_dir: str | Path, stage: Stage) -> dict[str, dict[str, st
     return result
 
 
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(data, dict):
-        return {prefix: data}
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
-
-
 def _changed_files(before: dict[str, str], now: dict[str, str]) -> list[str]:
     """``path (deleted|new|changed)`` for every difference between two ``{path: sha256}`` maps."""
     lines = []
@@ -205,8 +196,8 @@ def stage_status(run_dir: str | Path, stage: Stage, params: Params) -> StageStat
     if changed:
         return StageStatus(True, f"its outputs changed since it ran: {_some(changed)}", from_scratch=True)
     if marker.get("params_fingerprint") != stage_fingerprint(stage, params):
-        before = _flatten(marker.get("params", {}))
-        now = _flatten({section: params.to_dict()[section] for section in stage_sections(stage)})
+        before = flatten(marker.get("params", {}))
+        now = flatten({section: params.to_dict()[section] for section in stage_sections(stage)})
         keys = sorted(k for k in set(before) | set(now) if before.get(k, "<unset>") != now.get(k, "<unset>"))
         return StageStatus(True, f"params changed: {_some(keys, 6)}" if keys else "params changed")
     return StageStatus(False, "complete, skipped (outputs, inputs and params unchanged; --force reruns it)")

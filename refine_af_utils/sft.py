@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 from refine_af_utils.figures import sft_loss_figure
-from refine_af_utils.layout import ARMS, RunLayout
+from refine_af_utils.layout import ARMS, RunLayout, STAGE, stage_config
 from refine_af_utils.params import ModelParams, Params, SFTParams
 from refine_af_utils.prompts import sft_prompt
 
@@ -130,13 +130,9 @@ def train_arms(params: Params, run_dir: str | Path) -> dict[str, pd.DataFrame]:
     data = training_sets(params, run_dir)  # reads and checks stage 4's datasets before anything is written
     check_model_params(params.model)
     out = layout.stage_folder("05", create=True)
-    settings = params.to_dict()
-    check_stage_config(out, {
-        "model": settings["model"], "sft": settings["sft"], "random_seed": params.random_seed,
-        # each arm's adapter belongs to one dataset
-        **{f"{arm}_data_sha256": hashlib.sha256(layout.arm_data(arm).read_bytes()).hexdigest()
-           for arm in ARMS},
-    })
+    check_stage_config(out, {  # each arm's adapter belongs to one dataset
+        **stage_config(STAGE["05"], params),
+        **{f"{arm}_data_sha256": hashlib.sha256(layout.arm_data(arm).read_bytes()).hexdigest() for arm in ARMS}})
     return {arm: fine_tune(params.model, data[arm], layout.sft_arm(arm), params.sft, params.random_seed)
             for arm in ARMS}
 

@@ -31,7 +31,7 @@ from refine_af_utils.comparison import (
     write_statistics,
 )
 from refine_af_utils.figures import EVALUATION_FIGURES, evaluation_figure
-from refine_af_utils.layout import MODELS, RunLayout
+from refine_af_utils.layout import MODELS, RunLayout, STAGE, stage_config
 from refine_af_utils.params import ModelParams, Params
 from refine_af_utils.prompts import evaluation_prompt
 from refine_af_utils.superni import BUNDLED_SUPERNI, SuperNIError, SuperNITask, load_tasks, score
@@ -141,8 +141,7 @@ def run_evaluation_stage(params: Params, run_dir: str | Path) -> EvaluationResul
     resolve_model_path(params.model.name_or_path)
     models_sha256 = {f"{arm}_model_sha256": _model_files_sha256(layout.sft_model(arm)) for arm in MODELS[1:]}
     out = layout.stage_folder("06", create=True)
-    settings = params.to_dict()
-    check_stage_config(out, {"model": settings["model"], "evaluation": settings["evaluation"], **models_sha256})
+    check_stage_config(out, {**stage_config(STAGE["06"], params), **models_sha256})
     predictions = {name: predict(params, name, tasks, run_dir) for name in MODELS}
     per_task = per_task_scores(predictions)
     per_category = grouped_scores(predictions, "category", metric="rougeL")

@@ -168,7 +168,7 @@ def test_the_corrected_stage_6_runs_after_a_failed_one(tmp_path, tiny_llama_dir)
         run_evaluation_stage(_eval_params(str(empty), model=str(tiny_llama_dir)), run_dir)
     result = run_evaluation_stage(_eval_params("bundled", model=str(tiny_llama_dir)), run_dir)  # not refused
     assert result.improvement["tasks"] == 12
-    assert json.loads((run_dir / "eval" / "config.json").read_text())["evaluation"]["superni_dir"] == "bundled"
+    assert json.loads((run_dir / "eval" / "config.json").read_text())["evaluation.superni_dir"] == "bundled"
 
 
 def test_stage_config_error_is_a_project_error(tmp_path):

@@ -56,3 +56,21 @@ def test_the_layout_owns_the_paths_stage_folders_come_from_the_registry(tmp_path
     assert layout.sft_model("self_instruct") == tmp_path / "sft" / "self_instruct" / "model"
     assert layout.score_cache == tmp_path / "reward_analysis" / "cache"
     assert layout.marker("03") == tmp_path / "stages" / "03.json"
+
+
+def test_stage_config_is_the_registry_chain_less_what_a_stage_may_continue_under():
+    from refine_af_utils.layout import STAGE, stage_config, stage_fingerprint
+    from refine_af_utils.params import load_params
+
+    params = load_params(PACKAGE.parent / "params" / "smoke.yaml")
+    rl = stage_config(STAGE["03"], params)
+    assert "rl.kl_coef" in rl and "reward.coherence.weight" in rl and "seed_tasks" in rl
+    assert "rl.updates" not in rl and "rl.checkpoint_every" not in rl  # training may be extended in place
+    assert "num_instructions" not in stage_config(STAGE["01"], params)
+    assert stage_config(STAGE["02"], params)["num_instructions"] == params.num_instructions
+    more = load_params(PACKAGE.parent / "params" / "smoke.yaml", overrides={"rl.updates": params.rl.updates + 4})
+    assert stage_config(STAGE["03"], more) == rl and stage_fingerprint(STAGE["03"], more) != \
+        stage_fingerprint(STAGE["03"], params)  # rerun in place, continuing
+    evaluation_only = load_params(PACKAGE.parent / "params" / "smoke.yaml", overrides={"evaluation.max_new_tokens": 7})
+    assert all(stage_config(STAGE[s], evaluation_only) == stage_config(STAGE[s], params) for s in ("01", "02", "03"))
+    assert stage_config(STAGE["06"], evaluation_only) != stage_config(STAGE["06"], params)
