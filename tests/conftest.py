@@ -1,9 +1,13 @@
-"""Shared fixtures: tiny models built from a config (nothing is downloaded)."""
+"""Shared fixtures: tiny models built from a config (nothing is downloaded), and one smoke run of the pipeline."""
 
 from __future__ import annotations
 
 import json
+import time
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -56,3 +60,50 @@ def build_tiny_llama(folder: Path, seed: int = 0) -> Path:
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder of a tiny random Llama and its tokenizer (pad == eos, as SmolLM2 ships)."""
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@dataclass
+class SmokeRun:
+    """The smoke pipeline (``params/smoke.yaml``) run once through the runner, and how it ended."""
+
+    params_path: Path
+    results_root: Path
+    run_dir: Path
+    seconds: float
+    error: Optional[BaseException]  # what run_pipeline raised, if it did
+
+    def marker(self, stage_id: str) -> Path:
+        return self.run_dir / "stages" / f"{stage_id}.json"
+
+    def require(self, stage_id: str) -> Path:
+        """The run folder once ``stage_id`` completed; otherwise fail (the stage that broke) or skip (a later one)."""
+        from refine_af_utils.run import STAGES
+
+        if self.marker(stage_id).is_file():
+            return self.run_dir
+        first = next(s.id for s in STAGES if not self.marker(s.id).is_file())
+        if first != stage_id:
+            pytest.skip(f"stage {first} did not complete, so stage {stage_id} never ran")
+        why = "".join(traceback.format_exception(self.error)) if self.error else "no error raised, but no marker"
+        pytest.fail(f"stage {stage_id} did not complete in the smoke run:\n{why}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> SmokeRun:
+    """One smoke run of every stage for the session; the per-stage tests read it (see tests/test_notebooks.py).
+
+    A stage that raises ends the run: its own test fails with the error and the later stages' tests skip.
+    Tests that rerun stages of it must leave their outputs byte-identical.
+    """
+    from refine_af_utils.run import run_pipeline
+
+    params_path = REPO_ROOT / "params" / "smoke.yaml"
+    root = tmp_path_factory.mktemp("smoke-run")
+    started = time.perf_counter()
+    error: Optional[BaseException] = None
+    try:
+        run_dir = run_pipeline(params_path, results_root=root)
+    except Exception as raised:  # reported by the test of the stage that raised it
+        error = raised
+        run_dir = root / "smoke"
+    return SmokeRun(params_path, root, run_dir, time.perf_counter() - started, error)

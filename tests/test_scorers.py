@@ -17,7 +17,7 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from refine_af_utils.params import UNIEVAL_QUESTIONS, RewardParams, ScorerParams
+from refine_af_utils.params import UNIEVAL_QUESTIONS, RewardParams, ScorerParams, paper_reward_params
 from refine_af_utils.reward import COMPONENTS, composite_reward, score_instances
 from refine_af_utils.scorers import (
     GPTNeoXRewardModel,
@@ -184,7 +184,7 @@ def test_unieval_questions_are_pinned():
         "</s> dialogue history: Say hi.\nHello")
     assert UNIEVAL_QUESTIONS["understandability"].format(output=output) == (
         "question: Is this an understandable response in the dialogue? </s> response: Sure, here it is.")
-    paper = RewardParams()
+    paper = paper_reward_params()  # RewardParams() holds default.yaml's offline stand-ins
     assert paper.reward_model.model == "OpenAssistant/oasst-rm-2.1-pythia-1.4b-epoch-2.5"
     assert paper.reward_model.template.format(prompt="Q", output="A") == (
         "<|prompter|>Q<|endoftext|><|assistant|>A<|endoftext|>")
@@ -203,10 +203,29 @@ def test_composite_reward_is_the_weighted_sum():
 
 @pytest.mark.slow
 def test_score_instances_keeps_every_component(every_scorer):
-    scorers = dict(zip(COMPONENTS, [every_scorer[k] for k in ("oasst_layout", "causal_yes_no", "t5_yes_no", "embedding")]))
+    names = {"reward_model": "oasst_layout", "understandability": "causal_yes_no", "naturalness": "t5_yes_no",
+             "coherence": "embedding"}
+    scorers = {component: every_scorer[name] for component, name in names.items()}
     table = score_instances(scorers, INSTANCES, reward=RewardParams())
     assert list(table.columns) == [*COMPONENTS, "reward"]
-    np.testing.assert_allclose(table["reward"], composite_reward(table, RewardParams()))
+    for scorer in scorers.values():
+        scorer._cache.clear()
+    for component, scorer in scorers.items():  # each column holds its own scorer's scores, scored again
+        np.testing.assert_allclose(table[component], scorer.score(INSTANCES, progress=False), rtol=1e-5, atol=1e-6)
+    for i, first in enumerate(COMPONENTS):  # distinct columns: a swapped weight changes the reward
+        for second in COMPONENTS[i + 1:]:
+            assert (table[first] - table[second]).abs().max() > 1e-3
+
+    def paper_eq1(t):  # Eq. 1 with the paper's weights written out (RewardParams() defaults), not composite_reward
+        return (0.0078 * t["reward_model"] - 0.4421 * t["understandability"] + 0.3212 * t["naturalness"]
+                + 0.1520 * t["coherence"]).to_numpy()
+
+    np.testing.assert_allclose(table["reward"], paper_eq1(table), rtol=0, atol=1e-12)  # intercept 0
+    shifted = RewardParams()
+    shifted.intercept = -1.5
+    again = score_instances(scorers, INSTANCES, reward=shifted)
+    np.testing.assert_allclose(again["reward"], paper_eq1(again) - 1.5, rtol=0, atol=1e-12)
+    assert "reward" not in score_instances(scorers, INSTANCES).columns  # no reward params: components only
 
 
 @pytest.mark.slow
