@@ -210,7 +210,7 @@ def test_ppo_two_updates_then_resume_from_the_checkpoint(tiny_llama_dir, tiny_ru
     assert list(_metrics(tiny_run)["update"]) == [1, 2, 3]
     assert (adapter_dir / "adapter_model.safetensors").read_bytes() == after_three
     other = params_from_dict(tiny_rl_params(tiny_llama_dir, updates=3, learning_rate=1e-2))
-    with pytest.raises(RuntimeError, match=r"other settings \(rl differ\)"):
+    with pytest.raises(RuntimeError, match=r"other settings \(rl.learning_rate differ\)"):
         train_generator(other, tiny_run)  # checkpoints of other settings are never resumed silently
 
 

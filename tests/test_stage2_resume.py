@@ -29,11 +29,11 @@ STAGE_2_CANDIDATES = (
     "import sys, yaml\n"
     "from pathlib import Path\n"
     "from refine_af_utils.params import params_from_dict\n"
-    "from refine_af_utils.reward import _candidates\n"
+    "from refine_af_utils.layout import RunLayout\n"
+    "from refine_af_utils.reward_analysis import _candidates\n"
     "params = params_from_dict(yaml.safe_load(Path(sys.argv[1]).read_text()))\n"
-    "run_dir = Path(sys.argv[2])\n"
-    "(run_dir / 'reward_analysis').mkdir(parents=True, exist_ok=True)\n"
-    "_candidates(params, run_dir, run_dir / 'reward_analysis')\n"
+    "layout = RunLayout(sys.argv[2])\n"
+    "_candidates(params, layout.instructions(), layout.seed_tasks(), layout.stage_folder('02', create=True))\n"
 )
 TOPICS = ["a river", "a city", "a teacher", "a storm", "a market", "a garden", "a train", "a letter", "a song",
           "a mountain", "a robot", "a library"]
