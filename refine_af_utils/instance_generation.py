@@ -11,7 +11,6 @@ reward and exported as JSONL that ``datasets.load_dataset("json", ...)`` reads.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,6 +25,7 @@ from refine_af_utils.instances import extract_instances, generate_instances, ins
 from refine_af_utils.jsonl import append_jsonl, read_jsonl, truncate_torn_tail
 from refine_af_utils.layout import ARMS, RunLayout, STAGE, stage_config
 from refine_af_utils.params import Params
+from refine_af_utils.results import sha256_file
 from refine_af_utils.reward import COMPONENTS, build_scorers, score_instances
 from refine_af_utils.scorers import InstanceText
 
@@ -174,7 +174,7 @@ def run_instance_stage(params: Params, run_dir: str | Path) -> ArmsResult:
     check_scorers(params.reward)
     out = layout.stage_folder("04", create=True)
     check_stage_config(out, {  # the REFINE-AF arm's completions belong to one trained adapter
-        **stage_config(STAGE["04"], params), "adapter_sha256": hashlib.sha256(adapter.read_bytes()).hexdigest()})
+        **stage_config(STAGE["04"], params), "adapter_sha256": sha256_file(adapter)})
     scorers = build_scorers(params.reward, layout.score_cache)
     instances, stats = {}, {}
     for arm in ARMS:

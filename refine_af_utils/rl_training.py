@@ -344,15 +344,13 @@ def train_generator(params: Params, run_dir: str | Path, scorers: Optional[dict[
 
     from refine_af_utils.models import check_model_params, load_causal_lm, lora_config
     from refine_af_utils.results import check_stage_config
-    from refine_af_utils.reward import check_scorers
 
     cfg = params.rl
     run_dir = Path(run_dir)
     layout = RunLayout(run_dir)
     layout.seed_tasks(), layout.instructions()  # inputs, device and model first: a failed run leaves no config
     check_model_params(params.model)
-    check_scorers(params.reward)
-    scorer = scorer or _stage_scorer(params, run_dir, scorers)  # checks stage 2's outputs
+    scorer = scorer or _stage_scorer(params, run_dir, scorers)  # checks stage 2's outputs and the scorers
     out = layout.stage_folder("03", create=True)
     checkpoints = layout.rl_checkpoints
     check_stage_config(out, stage_config(STAGE["03"], params))  # rl.updates may grow: training continues

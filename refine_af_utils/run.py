@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 from refine_af_utils.errors import RefineAFError, RunLockedError, project_error_names
-from refine_af_utils.layout import STAGES, Stage, flatten, stage_fingerprint, stage_sections
+from refine_af_utils.layout import STAGES, RunLayout, Stage, flatten, stage_fingerprint, stage_sections
 from refine_af_utils.params import Params, load_params, parse_overrides
 from refine_af_utils.results import RESOLVED_PARAMS, run_folder, sha256_file, write_resolved_params
 
@@ -59,10 +59,6 @@ def select_stages(only: Optional[str] = None, start: Optional[str] = None) -> li
     if start is not None:
         return STAGES[ids.index(start):]
     return list(STAGES)
-
-
-def _marker(run_dir: Path, stage: Stage) -> Path:
-    return run_dir / "stages" / f"{stage.id}.json"
 
 
 # What counts as a stage's output, hashed into its marker: every file under its folder (the report: the
@@ -126,7 +122,7 @@ def hash_outputs(run_dir: str | Path, stage: Stage, known: Optional[dict[str, di
 
 
 def _read_marker(run_dir: Path, stage: Stage) -> Optional[dict[str, Any]]:
-    path = _marker(run_dir, stage)
+    path = RunLayout(run_dir).marker(stage.id)
     if not path.is_file():
         return None
     try:
@@ -215,7 +211,7 @@ def write_marker(run_dir: str | Path, stage: Stage, params: Params, seconds: flo
     ``inputs`` are the upstream hashes taken when the stage started (now, when not given).
     """
     run_dir = Path(run_dir)
-    marker = _marker(run_dir, stage)
+    marker = RunLayout(run_dir).marker(stage.id)
     marker.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "stage": stage.id,
@@ -298,8 +294,8 @@ def run_stage(stage: Stage, params_path: Path, run_dir: Path, params: Params, fo
     if force:
         if stage.output_dir is not None:
             shutil.rmtree(run_dir / stage.output_dir, ignore_errors=True)
-        (run_dir / "metrics" / f"{stage.id}.json").unlink(missing_ok=True)
-        _marker(run_dir, stage).unlink(missing_ok=True)
+        RunLayout(run_dir).metrics(stage.id).unlink(missing_ok=True)
+        RunLayout(run_dir).marker(stage.id).unlink(missing_ok=True)
     inputs = upstream_hashes(run_dir, stage)  # what the stage reads, as it starts
     executed = run_dir / "notebooks" / stage.notebook
     executed.parent.mkdir(parents=True, exist_ok=True)

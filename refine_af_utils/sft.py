@@ -13,7 +13,6 @@ refine_af_utils.sft PARAMS`` trains both arms, then the notebook picks the resul
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from refine_af_utils.figures import sft_loss_figure
 from refine_af_utils.layout import ARMS, RunLayout, STAGE, stage_config
 from refine_af_utils.params import ModelParams, Params, SFTParams
 from refine_af_utils.prompts import sft_prompt
+from refine_af_utils.results import sha256_file
 
 
 def sft_records(instances: Sequence[dict[str, Any]], eos_token: str) -> list[dict[str, str]]:
@@ -132,7 +132,7 @@ def train_arms(params: Params, run_dir: str | Path) -> dict[str, pd.DataFrame]:
     out = layout.stage_folder("05", create=True)
     check_stage_config(out, {  # each arm's adapter belongs to one dataset
         **stage_config(STAGE["05"], params),
-        **{f"{arm}_data_sha256": hashlib.sha256(layout.arm_data(arm).read_bytes()).hexdigest() for arm in ARMS}})
+        **{f"{arm}_data_sha256": sha256_file(layout.arm_data(arm)) for arm in ARMS}})
     return {arm: fine_tune(params.model, data[arm], layout.sft_arm(arm), params.sft, params.random_seed)
             for arm in ARMS}
 

@@ -35,7 +35,6 @@ import argparse
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -53,8 +52,9 @@ if TYPE_CHECKING:
     import pandas as pd
 
 from refine_af_utils.errors import RefineAFError, RunLockedError, decode_utf8
-from refine_af_utils.layout import STAGES, Stage, stage_fingerprint
+from refine_af_utils.layout import STAGES, RunLayout, Stage, stage_fingerprint
 from refine_af_utils.params import Params, ParamsError, load_params
+from refine_af_utils.results import sha256_file
 from refine_af_utils.run import LOCK_FILE, REPO_ROOT, _read_marker, run_lock, run_pipeline, stage_status
 
 STUDY_FILE = ".study.json"   # per run: its setting, seed and the stages copied from other runs (hidden: no stage output)
@@ -239,14 +239,6 @@ def load_spec(path: str | Path) -> StudySpec:
 
 # --- Reuse of stages shared with other runs ---------------------------------------------------------
 
-def _marker_path(run_dir: Path, stage: Stage) -> Path:
-    return run_dir / "stages" / f"{stage.id}.json"
-
-
-def _sha_of_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _copy_ignore(folder: str, names: list[str]) -> set[str]:
     """Training checkpoints and half-written files are not copied (caches are: they are keyed by content)."""
     return {n for n in names if n == "checkpoints" or n.startswith("checkpoint-") or n.endswith((".partial", ".tmp"))
@@ -273,7 +265,7 @@ def copy_stage(donor: Path, run_dir: Path, stage: Stage) -> None:
     tmp = run_dir / TMP_DIR / f"{stage.id}.{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    _marker_path(run_dir, stage).unlink(missing_ok=True)
+    RunLayout(run_dir).marker(stage.id).unlink(missing_ok=True)
     shutil.copytree(donor / stage.output_dir, tmp / stage.output_dir, ignore=_copy_ignore, copy_function=shutil.copy2)
     target = run_dir / stage.output_dir
     if target.exists():
@@ -287,7 +279,7 @@ def copy_stage(donor: Path, run_dir: Path, stage: Stage) -> None:
     notebook = donor / "notebooks" / stage.notebook
     if notebook.is_file():
         _replace_file(notebook, run_dir / "notebooks" / stage.notebook, tmp / "notebook.ipynb")
-    _replace_file(_marker_path(donor, stage), _marker_path(run_dir, stage), tmp / "marker.json")
+    _replace_file(RunLayout(donor).marker(stage.id), RunLayout(run_dir).marker(stage.id), tmp / "marker.json")
     shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -391,7 +383,7 @@ def reuse_stages(study_dir: Path, run: StudyRun, params: Params, stages: Sequenc
             copy_stage(donor, run_dir, stage)
             label = _donor_label(donor, study_dir)
             copied[stage.id] = label
-            reused[stage.id] = {"from": label, "marker_sha256": _sha_of_file(_marker_path(run_dir, stage))}
+            reused[stage.id] = {"from": label, "marker_sha256": sha256_file(RunLayout(run_dir).marker(stage.id))}
             print(f"[{stage.id}] {stage.notebook}: reused from {label} (same params and inputs)", flush=True)
         _write_study_record(run_dir, record)
     return copied
@@ -401,8 +393,8 @@ def reused_stages(run_dir: Path) -> dict[str, str]:
     """``{stage id: donor run}`` of the stages copied into a run that are still the copies (same marker)."""
     result = {}
     for stage_id, entry in (_study_record(run_dir).get("reused") or {}).items():
-        marker = run_dir / "stages" / f"{stage_id}.json"
-        if isinstance(entry, dict) and marker.is_file() and _sha_of_file(marker) == entry.get("marker_sha256"):
+        marker = RunLayout(run_dir).marker(stage_id)
+        if isinstance(entry, dict) and marker.is_file() and sha256_file(marker) == entry.get("marker_sha256"):
             result[stage_id] = entry.get("from", "?")
     return result
 
@@ -588,7 +580,7 @@ def run_headlines(run_dir: Path) -> dict[str, Any]:
 
     row: dict[str, Any] = {}
     missing = [name for name in RUN_FILES if not (run_dir / name).is_file()]
-    done = [s.id for s in STAGES if (run_dir / "stages" / f"{s.id}.json").is_file()]
+    done = [s.id for s in STAGES if RunLayout(run_dir).marker(s.id).is_file()]
     row["stages_done"] = f"{done[0]}-{done[-1]}" if done else "none"
     if (run_dir / "metrics/06.json").is_file():
         metrics = json.loads((run_dir / "metrics/06.json").read_text())
