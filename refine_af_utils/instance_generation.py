@@ -28,6 +28,7 @@ from refine_af_utils.params import Params
 from refine_af_utils.results import sha256_file
 from refine_af_utils.reward import COMPONENTS, build_scorers, score_instances
 from refine_af_utils.scorers import InstanceText
+from refine_af_utils.seeding import derive_seed
 
 
 def load_generator(params: Params, arm: str, run_dir: Path) -> tuple[Any, Any]:
@@ -44,8 +45,6 @@ def generate_arm(params: Params, arm: str, records: Sequence[dict[str, Any]], ru
     noise for both arms); a rerun regenerates a half-written batch whole and appends only the
     missing rows, so a resumed arm equals an uninterrupted one.
     """
-    from refine_af_utils.seeding import derive_seed
-
     cfg = params.instance_generation
     layout = RunLayout(run_dir)
     path = layout.arm_raw(arm)
@@ -103,7 +102,6 @@ ARM_MEASURES = {"has_instances": "share of instructions with at least one kept i
 
 def arm_comparison(table: pd.DataFrame, random_seed: int) -> pd.DataFrame:
     """REFINE-AF minus Self-Instruct per measure, paired by instruction, for all, RL-train and held-out ones."""
-    from refine_af_utils.seeding import derive_seed
     from refine_af_utils.stats import paired_summary
 
     groups = {"all": table, "rl-train": table[table["split"] == "train"],

@@ -12,6 +12,7 @@ from refine_af_utils.generation import Generation, generate_batch
 from refine_af_utils.params import InstanceGenerationParams
 from refine_af_utils.prompts import INSTANCE_STOP_STRINGS, instance_generation_prompt
 from refine_af_utils.seeds import SeedTask
+from refine_af_utils.seeding import derive_seed
 
 _EXAMPLE_SPLIT_RE = re.compile(r"(?:^|\n)\s*Example\s*\d+\s*[.:]?\s*(?:\n|$)")
 _LABEL_SPLIT_RE = re.compile(r"(?:^|\n)\s*Class label:\s*")
@@ -132,7 +133,7 @@ def instance_prompts(records: Sequence[dict[str, Any]], seeds: Sequence[SeedTask
     """
     prompts = []
     for record in records:
-        rng = random.Random(f"{random_seed}:{record['instruction']}")
+        rng = random.Random(derive_seed(random_seed, "demonstrations", record["instruction"]))
         demos = demonstrations(seeds, record["is_classification"], cfg.num_demonstrations, rng)
         prompts.append(instance_generation_prompt(record["instruction"], record["is_classification"], demos))
     return prompts

@@ -46,6 +46,7 @@ from refine_af_utils.prompts import (
 from refine_af_utils.results import check_stage_config
 from refine_af_utils.rouge import NoveltyPool
 from refine_af_utils.seeds import SeedTask
+from refine_af_utils.seeding import derive_seed
 
 BLACKLIST = [
     "image", "images", "graph", "graphs", "picture", "pictures", "file", "files",
@@ -164,10 +165,6 @@ def identify_classification(
     return answers
 
 
-def _batch_seed(random_seed: int, batch: int) -> int:
-    return random_seed * 1_000_003 + batch
-
-
 def bootstrap_instructions(
     params: Params, seeds: Sequence[SeedTask], out_dir: str | Path, model: Any, tokenizer: Any,
 ) -> BootstrapState:
@@ -182,7 +179,8 @@ def bootstrap_instructions(
         pool.add(record["instruction"])
     machine = [r["instruction"] for r in state.instructions]
     seed_texts = _prompt_seeds(seeds, cfg.prompt_variant)
-    examples = classification_examples(seeds, clf.num_examples, random.Random(params.random_seed))
+    examples = classification_examples(seeds, clf.num_examples,
+                                      random.Random(derive_seed(params.random_seed, "01", "classification-examples")))
     num_from_seeds = cfg.num_prompt_instructions - cfg.num_machine_in_prompt
     if len(seed_texts) < num_from_seeds:
         raise ValueError(f"{num_from_seeds} seed instructions per prompt asked for, {len(seed_texts)} available")
@@ -195,14 +193,15 @@ def bootstrap_instructions(
             print(f"stopping at max_batches={cfg.max_batches} with {len(machine)} instructions", file=sys.stderr)
             break
         started = time.time()
-        rng = random.Random(_batch_seed(params.random_seed, batch))
+        batch_seed = derive_seed(params.random_seed, "01", "batch", batch)  # a batch number: the same on resume
+        rng = random.Random(batch_seed)
         prompts = []
         for _ in range(cfg.batch_size):
             in_context = rng.sample(machine, min(cfg.num_machine_in_prompt, len(machine)))
             in_context += rng.sample(seed_texts, cfg.num_prompt_instructions - len(in_context))
             rng.shuffle(in_context)
             prompts.append(instruction_generation_prompt(in_context, cfg.prompt_variant))
-        torch.manual_seed(_batch_seed(params.random_seed, batch))
+        torch.manual_seed(batch_seed)
         outputs = generate_batch(
             model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
             top_p=cfg.top_p, presence_penalty=cfg.presence_penalty, stop_strings=INSTRUCTION_STOP_STRINGS,

@@ -22,6 +22,7 @@ from refine_af_utils.params import Params
 from refine_af_utils.reward import COMPONENTS, build_scorers, score_instances
 from refine_af_utils.scorers import InstanceText
 from refine_af_utils.seeds import SeedTask
+from refine_af_utils.seeding import derive_seed
 
 
 @dataclass
@@ -45,7 +46,7 @@ def _candidates(params: Params, instructions: Sequence[dict[str, Any]], seeds: S
     from refine_af_utils.models import load_causal_lm
 
     analysis, cfg = params.reward_analysis, params.instance_generation
-    rng = random.Random(params.random_seed)
+    rng = random.Random(derive_seed(params.random_seed, "02", "instruction-sample"))
     chosen = rng.sample(instructions, min(analysis.num_instructions, len(instructions)))
     jobs = [(record, c) for record in chosen for c in range(analysis.candidates_per_instruction)]
     path = out / "candidates.jsonl"
@@ -58,7 +59,6 @@ def _candidates(params: Params, instructions: Sequence[dict[str, Any]], seeds: S
     if todo:
         import torch
 
-        from refine_af_utils.seeding import derive_seed
 
         model, tokenizer = load_causal_lm(params.model)
         for batch in tqdm(todo, desc="candidate instances"):

@@ -27,6 +27,7 @@ from refine_af_utils.layout import ARMS, RunLayout, STAGE, stage_config
 from refine_af_utils.params import ModelParams, Params, SFTParams
 from refine_af_utils.prompts import sft_prompt
 from refine_af_utils.results import sha256_file
+from refine_af_utils.seeding import derive_seed
 
 
 def sft_records(instances: Sequence[dict[str, Any]], eos_token: str) -> list[dict[str, str]]:
@@ -105,7 +106,6 @@ def training_sets(params: Params, run_dir: str | Path) -> dict[str, list[dict[st
     """
     import random
 
-    from refine_af_utils.seeding import derive_seed
     layout = RunLayout(run_dir)
     data = {arm: layout.arm_instances(arm) for arm in ARMS}
     if params.sft.equal_examples:
@@ -133,7 +133,8 @@ def train_arms(params: Params, run_dir: str | Path) -> dict[str, pd.DataFrame]:
     check_stage_config(out, {  # each arm's adapter belongs to one dataset
         **stage_config(STAGE["05"], params),
         **{f"{arm}_data_sha256": sha256_file(layout.arm_data(arm)) for arm in ARMS}})
-    return {arm: fine_tune(params.model, data[arm], layout.sft_arm(arm), params.sft, params.random_seed)
+    return {arm: fine_tune(params.model, data[arm], layout.sft_arm(arm), params.sft,
+                             derive_seed(params.random_seed, "05", "trainer"))
             for arm in ARMS}
 
 

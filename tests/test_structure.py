@@ -74,3 +74,40 @@ def test_stage_config_is_the_registry_chain_less_what_a_stage_may_continue_under
     evaluation_only = load_params(PACKAGE.parent / "params" / "smoke.yaml", overrides={"evaluation.max_new_tokens": 7})
     assert all(stage_config(STAGE[s], evaluation_only) == stage_config(STAGE[s], params) for s in ("01", "02", "03"))
     assert stage_config(STAGE["06"], evaluation_only) != stage_config(STAGE["06"], params)
+
+
+SEEDED_CALLS = {"Random", "manual_seed", "set_seed", "default_rng", "seed"}
+
+
+def _seed_rule_offences(source: str) -> list[str]:
+    """Seeding calls whose seed is computed in place (arithmetic, an f-string, the raw run seed)."""
+    offences = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Call):
+            continue
+        name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+        if name not in SEEDED_CALLS or not node.args:
+            continue
+        arg = node.args[0]
+        derived = isinstance(arg, ast.Call) and getattr(arg.func, "id", "") == "derive_seed"
+        passed_in = isinstance(arg, ast.Name) and arg.id != "random_seed"  # a seed derived by the caller
+        if not (derived or passed_in):
+            offences.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return offences
+
+
+def test_every_random_stream_comes_from_the_one_seed_rule():
+    """Every Random / manual_seed / set_seed / default_rng takes derive_seed(...) or a seed the caller derived."""
+    offenders = {path.name: found for path in sorted(PACKAGE.glob("*.py")) if (found := _seed_rule_offences(path.read_text()))}
+    assert offenders == {}
+
+
+def test_the_seed_rule_check_can_fail():
+    bad = ("import random, torch\n"
+           "def f(params, batch):\n"
+           "    random.Random(params.random_seed * 1_000_003 + batch)\n"
+           "    torch.manual_seed(random_seed)\n"
+           "    random.Random(f'{random_seed}:{batch}')\n")
+    assert len(_seed_rule_offences(bad)) == 3
+    good = "random.Random(derive_seed(random_seed, '01', 'batch', 3))\ntorch.manual_seed(seed)\n"
+    assert _seed_rule_offences(good) == []
