@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from refine_af_utils.errors import RefineAFError
-from refine_af_utils.params import ModelParams, RLParams, SFTParams
+from refine_af_utils.params import LoraParams, ModelParams
 from refine_af_utils.results import cache_dir
 
 EMBEDDED_PREFIX = "embedded:"
@@ -189,8 +189,8 @@ def torch_dtype(name: str, device: str = "cpu") -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
-def lora_config(section: RLParams | SFTParams, task_type: str = "CAUSAL_LM") -> Any:
-    """peft's ``LoraConfig`` from a params section's ``lora_r``, ``lora_alpha``, ``lora_dropout`` and ``lora_target_modules``.
+def lora_config(lora: LoraParams, task_type: str = "CAUSAL_LM") -> Any:
+    """peft's ``LoraConfig`` from a :class:`LoraParams` (``rl.lora`` or ``sft.lora``), field for field.
 
     The one LoRA builder of stage 3 (``params.rl``) and stage 5 (``params.sft``). Target modules
     are peft's shorthand string as given (``"all-linear"``) or a copy of the list; ``bias`` is
@@ -198,8 +198,8 @@ def lora_config(section: RLParams | SFTParams, task_type: str = "CAUSAL_LM") -> 
     """
     from peft import LoraConfig
 
-    modules = section.lora_target_modules
-    return LoraConfig(r=section.lora_r, lora_alpha=section.lora_alpha, lora_dropout=section.lora_dropout,
+    modules = lora.target_modules
+    return LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
                       target_modules=modules if isinstance(modules, str) else list(modules), task_type=task_type,
                       bias="none")
 

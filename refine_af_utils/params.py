@@ -171,6 +171,45 @@ class RewardAnalysisParams:
 
 
 @dataclass
+class LoraParams:
+    """A LoRA adapter: peft's ``LoraConfig`` fields under their peft names (one builder: ``models.lora_config``)."""
+
+    r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    # "all-linear" (peft's shorthand) or a list of module names
+    target_modules: Union[str, list[str]] = "all-linear"
+
+
+# trl config fields that the package sets from its own keys (or needs as they are) and that
+# ``trainer_args`` may therefore not set: field -> where its value comes from.
+SFT_CONFIG_OWNED: dict[str, str] = {
+    "output_dir": "the run layout (sft/<arm>)", "num_train_epochs": "sft.epochs", "learning_rate": "sft.learning_rate",
+    "per_device_train_batch_size": "sft.batch_size", "gradient_accumulation_steps": "sft.gradient_accumulation_steps",
+    "max_length": "sft.max_length", "gradient_checkpointing": "sft.gradient_checkpointing",
+    "save_steps": "sft.save_steps", "save_strategy": "sft.save_steps (checkpoints every save_steps)",
+    "save_total_limit": "resume (the last whole checkpoint is kept)", "seed": "random_seed", "data_seed": "random_seed",
+    "use_cpu": "model.device", "bf16": "model.dtype", "fp16": "model.dtype",
+    "completion_only_loss": "the method (loss on the output only)", "logging_steps": "loss.csv (one row per step)",
+}
+RL_CONFIG_OWNED: dict[str, str] = {
+    "output_dir": "the run layout (rl/checkpoints)", "learning_rate": "rl.learning_rate",
+    "lr_scheduler_type": "resume (constant: each segment starts a fresh optimiser)",
+    "per_device_train_batch_size": "rl.batch_size", "gradient_accumulation_steps": "rl.batch_size",
+    "logging_steps": "metrics.csv (one row per update)", "save_strategy": "rl.checkpoint_every",
+    "seed": "random_seed", "data_seed": "random_seed", "use_cpu": "model.device", "bf16": "model.dtype",
+    "fp16": "model.dtype", "total_episodes": "rl.updates", "max_steps": "rl.updates", "num_ppo_epochs": "rl.ppo_epochs",
+    "num_mini_batches": "rl.batch_size", "kl_coef": "rl.kl_coef", "beta": "rl.kl_coef",
+    "response_length": "instance_generation.max_new_tokens", "max_completion_length": "instance_generation.max_new_tokens",
+    "temperature": "instance_generation.temperature", "top_p": "instance_generation.top_p",
+    "stop_token": "the method (rollouts stop at the end token)", "missing_eos_penalty": "rl.missing_eos_penalty",
+    "num_generations": "rl.num_generations", "whiten_rewards": "rl.batch_size (on from 8 prompts per update)",
+    "local_rollout_forward_batch_size": "rl.batch_size", "per_device_eval_batch_size": "rl.batch_size",
+    "num_sample_generations": "the held-out evaluation (stage 3's own)",
+}
+
+
+@dataclass
 class RLParams:
     """Stage 3: RL from automated feedback on the instance generator (LoRA on the backbone)."""
 
@@ -187,14 +226,14 @@ class RLParams:
     value_learning_rate: float = 1.0e-5  # PPO: the critic's own learning rate (full copy, zero-initialised head)
     kl_coef: float = 0.05
     missing_eos_penalty: Optional[float] = None  # trl: subtracted when a completion has no end token
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    lora: LoraParams = field(default_factory=lambda: LoraParams(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     # A completion that yields no instance gets the reward (mean - parse_penalty_sd * sd) of stage 2's
     # parsed candidates' content reward: the penalty is measured in the content signal's own spread.
     parse_penalty_sd: float = 2.0
     checkpoint_every: int = 4        # updates between checkpoints (a rerun resumes from the last)
+    # Any other field of trl's config class for the algorithm (PPOConfig, GRPOConfig, RLOOConfig), passed
+    # through as given, e.g. {warmup_steps: 10, max_grad_norm: 0.5}; RL_CONFIG_OWNED's fields are refused.
+    trainer_args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -207,15 +246,14 @@ class SFTParams:
     batch_size: int = 8
     gradient_accumulation_steps: int = 1
     max_length: int = 256            # prompt + output tokens; longer examples are truncated
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    # "all-linear" (peft's shorthand) or a list of module names
-    lora_target_modules: Union[str, list[str]] = "all-linear"
+    lora: LoraParams = field(default_factory=lambda: LoraParams(lora_dropout=0.05))
     save_steps: int = 20             # optimiser steps between checkpoints (a rerun resumes from the last)
     gradient_checkpointing: bool = False  # saves GPU memory on 7B+ models at about 30% more time
     equal_examples: bool = True      # subsample the larger arm (seeded) to the smaller arm's size
     include_seed_tasks: bool = False  # add the seed tasks' instances to both arms (Self-Instruct did)
+    # Any other field of trl's SFTConfig, passed through as given, e.g. {warmup_steps: 100, weight_decay: 0.01,
+    # report_to: [wandb]}; SFT_CONFIG_OWNED's fields are refused.
+    trainer_args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -273,6 +311,8 @@ def _type_name(annotation: Any) -> str:
         return "null"
     if origin is list:
         return "a list of " + _type_name(typing.get_args(annotation)[0])
+    if origin is dict:
+        return "a mapping of names to values"
     return getattr(annotation, "__name__", str(annotation))
 
 
@@ -309,6 +349,10 @@ def _convert(value: Any, annotation: Any, key: str, source: str) -> Any:
             raise wrong
         (item,) = typing.get_args(annotation)
         return [_convert(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise wrong
+        return dict(value)
     if annotation is type(None):
         if value is None:
             return None
@@ -361,7 +405,7 @@ _RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "novelty_threshold": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "kl_coef": (lambda v: v >= 0, "at least 0"),
-    "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),  # LoraParams
 }
 
 RUN_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
@@ -382,7 +426,7 @@ def _check_values(params: Any, prefix: str, source: str) -> None:
         "num_instructions", "num_prompt_instructions", "batch_size", "max_new_tokens",
         "num_examples", "max_batches", "max_length", "num_demonstrations", "max_instances_per_task",
         "candidates_per_instruction", "num_examples_shown", "num_prompts", "updates", "num_generations",
-        "ppo_epochs", "heldout_instructions", "heldout_samples", "value_learning_rate", "parse_penalty_sd", "lora_r", "lora_alpha", "checkpoint_every",
+        "ppo_epochs", "heldout_instructions", "heldout_samples", "value_learning_rate", "parse_penalty_sd", "r", "lora_alpha", "checkpoint_every",
         "epochs", "learning_rate", "gradient_accumulation_steps", "save_steps", "max_instances",
         "max_prompt_tokens",
     }
@@ -412,6 +456,7 @@ def _check_values(params: Any, prefix: str, source: str) -> None:
                 ) from error
     if isinstance(params, Params):
         check_run_name(params.run_name, source)
+        _check_trainer_args(params, source)
     if isinstance(params, Params) and params.rl.algorithm == "ppo" and params.instance_generation.top_p != 1.0:
         # trl 1.9.2's PPO samples with top_p=1 and computes its log-probabilities on the full
         # distribution; RL rollouts and stage 4 must decode alike, so stage 4 cannot use another top_p.
@@ -420,6 +465,35 @@ def _check_values(params: Any, prefix: str, source: str) -> None:
             f"(got {params.instance_generation.top_p}): trl's PPO samples from the full distribution, "
             "and RL and stage 4 decode alike; use grpo or rloo for nucleus sampling"
         )
+
+
+def trl_config_class(section: str, algorithm: str = "ppo") -> type:
+    """trl's config class that ``<section>.trainer_args`` pass through to: SFTConfig, or the RL algorithm's."""
+    if section == "sft":
+        from trl import SFTConfig
+        return SFTConfig
+    if algorithm == "ppo":
+        from trl.experimental.ppo import PPOConfig
+        return PPOConfig
+    from trl import GRPOConfig, RLOOConfig
+    return GRPOConfig if algorithm == "grpo" else RLOOConfig
+
+
+def _check_trainer_args(params: Params, source: str) -> None:
+    """Refuse a ``trainer_args`` key that trl's config class does not have, or that the package sets itself."""
+    for section, owned in (("rl", RL_CONFIG_OWNED), ("sft", SFT_CONFIG_OWNED)):
+        extra = getattr(params, section).trainer_args
+        if not extra:
+            continue  # trl is imported only when there is something to check
+        config = trl_config_class(section, params.rl.algorithm)
+        fields = {f.name for f in dataclasses.fields(config)}
+        for key in extra:
+            if key in owned:
+                raise ParamsError(f"{source}: key '{section}.trainer_args.{key}' is set by the package from "
+                                  f"{owned[key]}; set that instead")
+            if key not in fields:
+                raise ParamsError(f"{source}: key '{section}.trainer_args.{key}' is not a field of trl's "
+                                  f"{config.__name__}")
 
 
 def params_from_dict(data: dict[str, Any], source: str = "<params>") -> Params:
@@ -517,7 +591,7 @@ def parse_overrides(items: Sequence[str], source: str = "--set") -> dict[str, An
     """``["key.sub=value", ...]`` (the command line's ``--set``) as dotted keys; values parsed by YAML.
 
     ``--set evaluation.max_new_tokens=64`` gives the int 64, ``--set model.device=cuda`` the string,
-    ``--set rl.lora_target_modules=[q_proj,v_proj]`` a list; the schema types and checks them later.
+    ``--set rl.lora.target_modules=[q_proj,v_proj]`` a list; the schema types and checks them later.
     """
     overrides: dict[str, Any] = {}
     for item in items:
@@ -547,6 +621,8 @@ def _check_override_key(dotted: str, source: str) -> None:
         if part not in known:
             raise ParamsError(f"{source}: unknown key '{here}' (known keys here: {', '.join(sorted(known))})")
         cls = typing.get_type_hints(cls)[part]
+        if typing.get_origin(cls) is dict:
+            return  # a free mapping (trainer_args): its keys are checked with the whole params
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any], source: str) -> dict[str, Any]:

@@ -117,16 +117,18 @@ def metrics_callback(logger: MetricsLogger) -> Any:
 
 
 def _common_args(params: Params, output_dir: Path, seed: int, steps_or_episodes: dict[str, int]) -> dict[str, Any]:
+    """The trl config fields every algorithm shares, over ``rl.trainer_args`` (which may not set them)."""
     from refine_af_utils.models import torch_dtype
 
     cfg = params.rl
     dtype = torch_dtype(params.model.dtype, params.model.device)
     return {
+        "report_to": [], "disable_tqdm": False, **cfg.trainer_args,  # rl.trainer_args: any other trl field
         "output_dir": str(output_dir), "learning_rate": cfg.learning_rate, "lr_scheduler_type": "constant",
         "per_device_train_batch_size": cfg.batch_size, "gradient_accumulation_steps": 1,
-        "logging_steps": 1, "save_strategy": "no", "report_to": [], "seed": seed, "data_seed": seed,
+        "logging_steps": 1, "save_strategy": "no", "seed": seed, "data_seed": seed,
         "use_cpu": params.model.device == "cpu", "bf16": dtype == torch.bfloat16,
-        "fp16": dtype == torch.float16, "disable_tqdm": False, **steps_or_episodes,
+        "fp16": dtype == torch.float16, **steps_or_episodes,
     }
 
 
@@ -365,7 +367,7 @@ def train_generator(params: Params, run_dir: str | Path, scorers: Optional[dict[
         if last is not None:
             policy = PeftModel.from_pretrained(base, last / "adapter", is_trainable=True)
         else:
-            policy = get_peft_model(base, lora_config(params.rl))
+            policy = get_peft_model(base, lora_config(params.rl.lora))
         segment_dir = checkpoints / f"update-{done + updates}"
         shutil.rmtree(segment_dir, ignore_errors=True)
         segment = Segment(params, policy, tokenizer, rows, scorer,

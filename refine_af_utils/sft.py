@@ -43,6 +43,20 @@ def _last_whole_checkpoint(folder: Path) -> Optional[Path]:
     return checkpoints[-1] if checkpoints else None
 
 
+def sft_config_args(cfg: SFTParams, output_dir: Path, seed: int, device: str, dtype: Any) -> dict[str, Any]:
+    """trl ``SFTConfig``'s arguments: ``sft.trainer_args`` as given, under the fields the package sets itself
+    (``params.SFT_CONFIG_OWNED``, which ``trainer_args`` may not name)."""
+    return {
+        "report_to": [], "disable_tqdm": False, **cfg.trainer_args,
+        "output_dir": str(output_dir), "num_train_epochs": cfg.epochs, "learning_rate": cfg.learning_rate,
+        "per_device_train_batch_size": cfg.batch_size, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "max_length": cfg.max_length, "completion_only_loss": True, "logging_steps": 1,
+        "gradient_checkpointing": cfg.gradient_checkpointing, "save_strategy": "steps", "save_steps": cfg.save_steps,
+        "save_total_limit": 1, "seed": seed, "data_seed": seed, "use_cpu": device == "cpu",
+        "bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16,
+    }
+
+
 def fine_tune(model_spec: ModelParams, instances: Sequence[dict[str, Any]], output_dir: str | Path,
               cfg: SFTParams, seed: int = 42, callbacks: Sequence[Any] = ()) -> pd.DataFrame:
     """Fine-tune the backbone on ``instances`` with trl's SFTTrainer; return the loss per logged step.
@@ -66,16 +80,8 @@ def fine_tune(model_spec: ModelParams, instances: Sequence[dict[str, Any]], outp
     model, tokenizer = load_pretrained(model_spec)  # the trainer places it (one device per process)
     tokenizer.padding_side = "right"
     dtype = torch_dtype(model_spec.dtype, model_spec.device)
-    args = SFTConfig(
-        output_dir=str(output_dir), num_train_epochs=cfg.epochs, learning_rate=cfg.learning_rate,
-        per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        max_length=cfg.max_length, completion_only_loss=True, logging_steps=1,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=1, report_to=[], seed=seed,
-        data_seed=seed, use_cpu=model_spec.device == "cpu", bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-        disable_tqdm=False,
-    )
-    peft_config = None if cfg.full_fine_tuning else lora_config(cfg)
+    args = SFTConfig(**sft_config_args(cfg, output_dir, seed, model_spec.device, dtype))
+    peft_config = None if cfg.full_fine_tuning else lora_config(cfg.lora)
     set_seed(seed)  # the LoRA initialisation happens in SFTTrainer: the same for both arms and on resume
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(sft_records(instances, tokenizer.eos_token)),
                          processing_class=tokenizer, peft_config=peft_config, callbacks=list(callbacks))

@@ -13,7 +13,7 @@ from refine_af_utils.models import (
     prepare_embedded_models,
     resolve_model_path,
 )
-from refine_af_utils.params import ModelParams, RLParams, SFTParams
+from refine_af_utils.params import LoraParams, ModelParams, RLParams, SFTParams
 
 
 def test_missing_local_model_path_is_a_clear_error(tmp_path):
@@ -24,14 +24,14 @@ def test_missing_local_model_path_is_a_clear_error(tmp_path):
     assert resolve_model_path("meta-llama/Llama-2-7b-hf") == "meta-llama/Llama-2-7b-hf"  # hub ids pass through
 
 
-def test_one_lora_builder_reads_the_rl_and_sft_sections():
-    rl = lora_config(RLParams(lora_r=4, lora_alpha=8, lora_dropout=0.1, lora_target_modules=["q_proj", "v_proj"]))
+def test_one_lora_builder_reads_the_rl_and_sft_lora_sections():
+    rl = lora_config(LoraParams(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]))
     assert (rl.r, rl.lora_alpha, rl.lora_dropout, rl.bias, rl.task_type) == (4, 8, 0.1, "none", "CAUSAL_LM")
     assert rl.target_modules == {"q_proj", "v_proj"}
-    sft = lora_config(SFTParams())  # peft's "all-linear" shorthand stays a string
+    sft = lora_config(SFTParams().lora)  # peft's "all-linear" shorthand stays a string
     assert (sft.r, sft.lora_alpha, sft.lora_dropout, sft.target_modules) == (16, 32, 0.05, "all-linear")
-    assert lora_config(SFTParams(lora_target_modules=["o_proj"])).target_modules == {"o_proj"}
-    assert lora_config(RLParams(), task_type="SEQ_CLS").task_type == "SEQ_CLS"
+    assert lora_config(LoraParams(target_modules=["o_proj"])).target_modules == {"o_proj"}
+    assert lora_config(RLParams().lora, task_type="SEQ_CLS").task_type == "SEQ_CLS"
 
 
 @pytest.mark.slow

@@ -63,7 +63,7 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("run_name: a/b\n", "key 'run_name'"),
         ("- a\n- b\n", "top level must be a mapping"),
         ("run_name: [unclosed\n", "not valid YAML"),
-        ("run_name: x\nsft:\n  lora_target_modules: 3\n", "key 'sft.lora_target_modules' must be str or a list of str"),
+        ("run_name: x\nsft:\n  lora:\n    target_modules: 3\n", "key 'sft.lora.target_modules' must be str or a list of str"),
         ("run_name: x\nsft:\n  epochs: 0\n", "key 'sft.epochs' must be positive"),
         ("run_name: x\nevaluation:\n  max_instances: 0\n", "key 'evaluation.max_instances' must be positive"),
         ("run_name: x\nevaluation:\n  superni_dir: 7\n", "key 'evaluation.superni_dir' must be str"),
@@ -146,13 +146,13 @@ def test_extends_merges_mappings_and_replaces_other_values(tmp_path):
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / "parent.yaml").write_text(
         "run_name: parent\nnum_instructions: 5\nmodel:\n  device: cuda\n  dtype: bfloat16\n"
-        "rl:\n  lora_target_modules: [q_proj, k_proj, v_proj]\n  kl_coef: 0.2\n")
+        "rl:\n  lora: {r: 4, target_modules: [q_proj, k_proj, v_proj]}\n  kl_coef: 0.2\n")
     child = _write(tmp_path, "extends: base/parent.yaml\nrun_name: child\nmodel:\n  device: cpu\n"
-                             "rl:\n  lora_target_modules: [o_proj]\n")
+                             "rl:\n  lora: {target_modules: [o_proj]}\n")
     params = load_params(child)
     assert params.run_name == "child" and params.num_instructions == 5
     assert (params.model.device, params.model.dtype) == ("cpu", "bfloat16")
-    assert params.rl.lora_target_modules == ["o_proj"] and params.rl.kl_coef == 0.2
+    assert params.rl.lora.target_modules == ["o_proj"] and params.rl.lora.r == 4 and params.rl.kl_coef == 0.2
     grandchild = tmp_path / "g.yaml"
     grandchild.write_text("extends: p.yaml\nnum_instructions: 9\n")  # a chain, each path relative to its file
     assert (load_params(grandchild).run_name, load_params(grandchild).num_instructions) == ("child", 9)
@@ -184,15 +184,15 @@ def test_extends_cycles_and_bad_parents_are_refused_in_one_line(tmp_path):
 
 def test_set_values_are_parsed_by_yaml_and_typed_by_the_schema(tmp_path):
     overrides = parse_overrides(["evaluation.max_new_tokens=64", "model.device=cuda", "rl.kl_coef=1",
-                                 "rl.lora_target_modules=[q_proj, v_proj]", "instruction_generation.max_batches=null",
+                                 "rl.lora.target_modules=[q_proj, v_proj]", "instruction_generation.max_batches=null",
                                  "seed_tasks=a=b"])
     assert overrides == {"evaluation.max_new_tokens": 64, "model.device": "cuda", "rl.kl_coef": 1,
-                         "rl.lora_target_modules": ["q_proj", "v_proj"], "instruction_generation.max_batches": None,
+                         "rl.lora.target_modules": ["q_proj", "v_proj"], "instruction_generation.max_batches": None,
                          "seed_tasks": "a=b"}
     params = load_params(REPO_ROOT / "params" / "smoke.yaml", overrides=overrides)
     assert params.evaluation.max_new_tokens == 64 and params.rl.kl_coef == 1.0 and isinstance(params.rl.kl_coef, float)
     assert params.instruction_generation.max_batches is None and params.seed_tasks == "a=b"
-    assert params.rl.lora_target_modules == ["q_proj", "v_proj"]
+    assert params.rl.lora.target_modules == ["q_proj", "v_proj"]
 
 
 @pytest.mark.parametrize("item, message", [
@@ -224,3 +224,33 @@ def test_params_paths_named_in_the_docs_exist():
              for match in re.findall(r"params/[\w./-]+\.yaml", source.read_text())}
     assert any(path == "params/recipes/llama2-7b/paper.yaml" for _, path in named)
     assert [(source, path) for source, path in sorted(named) if not (REPO_ROOT / path).is_file()] == []
+
+
+def test_trainer_args_pass_through_to_trl_and_refuse_what_the_package_sets(tmp_path):
+    """``rl.trainer_args`` / ``sft.trainer_args``: any other trl config field, checked against trl's own class."""
+    import torch
+
+    from refine_af_utils.params import RL_CONFIG_OWNED, SFT_CONFIG_OWNED, trl_config_class
+    from refine_af_utils.rl_training import _common_args
+    from refine_af_utils.sft import sft_config_args
+
+    smoke = REPO_ROOT / "params" / "smoke.yaml"
+    params = load_params(smoke, overrides={"sft.trainer_args.weight_decay": 0.01, "sft.trainer_args.report_to": ["none"],
+                                           "rl.trainer_args": {"max_grad_norm": 0.5}})
+    args = sft_config_args(params.sft, tmp_path, 7, "cpu", torch.float32)
+    assert (args["weight_decay"], args["report_to"], args["seed"], args["num_train_epochs"]) == (0.01, ["none"], 7, 1.0)
+    assert set(args) - {"report_to", "disable_tqdm", "weight_decay"} == set(SFT_CONFIG_OWNED)  # the package's own fields
+    trl_config_class("sft")(**args)  # trl accepts them
+    assert _common_args(params, tmp_path, 7, {"total_episodes": 4})["max_grad_norm"] == 0.5
+    rl_fields = set().union(*({f.name for f in dataclasses.fields(trl_config_class("rl", a))} for a in ("ppo", "grpo", "rloo")))
+    assert set(RL_CONFIG_OWNED) <= rl_fields and set(SFT_CONFIG_OWNED) <= {f.name for f in dataclasses.fields(trl_config_class("sft"))}
+
+    with pytest.raises(ParamsError, match=r"smoke\.yaml: key 'sft\.trainer_args\.learning_rate' is set by the package "
+                                          r"from sft\.learning_rate; set that instead"):
+        load_params(smoke, overrides={"sft.trainer_args.learning_rate": 1e-3})
+    with pytest.raises(ParamsError, match=r"key 'rl\.trainer_args\.warmup_stepz' is not a field of trl's PPOConfig"):
+        load_params(smoke, overrides={"rl.trainer_args.warmup_stepz": 3})
+    with pytest.raises(ParamsError, match=r"key 'rl\.trainer_args\.beta' is set by the package from rl\.kl_coef"):
+        load_params(smoke, overrides={"rl.algorithm": "grpo", "instance_generation.top_p": 0.9, "rl.trainer_args.beta": 0.1})
+    with pytest.raises(ParamsError, match=r"key 'sft\.trainer_args' must be a mapping of names to values, got 3"):
+        load_params(smoke, overrides={"sft.trainer_args": 3})

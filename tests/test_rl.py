@@ -45,7 +45,7 @@ def tiny_rl_params(tiny_llama_dir: Path, **rl) -> dict:
             "intercept": 0.1,
         },
         "rl": {"num_prompts": 4, "heldout_instructions": 2, "heldout_samples": 2, "updates": 2, "batch_size": 2,
-               "num_generations": 2, "ppo_epochs": 1, "checkpoint_every": 2, "lora_r": 4, "lora_alpha": 8,
+               "num_generations": 2, "ppo_epochs": 1, "checkpoint_every": 2, "lora": {"r": 4, "lora_alpha": 8},
                "learning_rate": 1e-3} | rl,
     }
 

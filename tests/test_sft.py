@@ -7,7 +7,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from refine_af_utils.params import ModelParams, SFTParams
+from refine_af_utils.params import LoraParams, ModelParams, SFTParams
 from refine_af_utils.prompts import sft_prompt
 from refine_af_utils.sft import fine_tune, sft_records
 
@@ -27,7 +27,7 @@ def test_prompt_layout():
 
 @pytest.mark.slow
 def test_lora_sft_trains_and_the_loss_falls(tmp_path, tiny_llama_dir):
-    cfg = SFTParams(epochs=6, learning_rate=5e-3, batch_size=8, lora_r=8, lora_alpha=16, save_steps=100)
+    cfg = SFTParams(epochs=6, learning_rate=5e-3, batch_size=8, lora=LoraParams(r=8, lora_alpha=16), save_steps=100)
     losses = fine_tune(_spec(tiny_llama_dir), INSTANCES, tmp_path / "sft", cfg)
     assert len(losses) == 6 and losses["loss"].notna().all()
     assert losses["loss"].iloc[-1] < losses["loss"].iloc[0]
@@ -54,7 +54,7 @@ class _Crash(TrainerCallback):
 
 @pytest.mark.slow
 def test_a_crashed_run_resumes_from_its_last_checkpoint(tmp_path, tiny_llama_dir):
-    cfg = SFTParams(epochs=3, learning_rate=5e-3, batch_size=2, lora_r=8, lora_alpha=16, save_steps=2)
+    cfg = SFTParams(epochs=3, learning_rate=5e-3, batch_size=2, lora=LoraParams(r=8, lora_alpha=16), save_steps=2)
     reference = fine_tune(_spec(tiny_llama_dir), INSTANCES, tmp_path / "uninterrupted", cfg)
     with pytest.raises(KeyboardInterrupt):
         fine_tune(_spec(tiny_llama_dir), INSTANCES, tmp_path / "crashed", cfg, callbacks=[_Crash()])
