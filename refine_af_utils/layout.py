@@ -71,6 +71,12 @@ def stage_sections(stage: Stage) -> list[str]:
     return [section for s in STAGES[: STAGES.index(stage) + 1] for section in s.sections]
 
 
+# Bumped when a code change makes a stage write other outputs for the same params (a new random-stream
+# rule, a prompt): a marker written under an older version no longer counts as complete, so a run never
+# mixes stages made by two versions. 2: the one seed rule (derive_seed for every stream).
+OUTPUTS_VERSION = 2
+
+
 def stage_fingerprint(stage: Stage, params: "Params") -> str:
     """A hash of the params a stage depends on: its own sections and every earlier stage's.
 

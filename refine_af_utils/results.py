@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
 import json
 import os
 from pathlib import Path
@@ -125,6 +126,24 @@ def stage_command_line(description: str, argv: Optional[Sequence[str]] = None) -
     write_resolved_params(run_dir, params, f"Resolved params of run '{params.run_name}', written by a stage "
                                            f"entry point: {args.params}{sets}")
     return params, run_dir
+
+
+def code_revision() -> str:
+    """The package's git commit (``<sha>``, ``<sha>-dirty`` with uncommitted changes) or, outside a git
+    checkout, its installed version (``refine-af <version>``); recorded in every stage marker."""
+    package = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "-C", str(package), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(package), "status", "--porcelain", "--untracked-files=no", "--", "."],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        return f"{sha}-dirty" if dirty else sha
+    except (OSError, subprocess.SubprocessError):
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            return f"refine-af {version('refine-af')}"
+        except PackageNotFoundError:
+            return "unknown"
 
 
 def sha256_file(path: str | Path) -> str:

@@ -40,9 +40,9 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 from refine_af_utils.errors import RefineAFError, RunLockedError, project_error_names
-from refine_af_utils.layout import STAGES, RunLayout, Stage, flatten, stage_fingerprint, stage_sections
+from refine_af_utils.layout import OUTPUTS_VERSION, STAGES, RunLayout, Stage, flatten, stage_fingerprint, stage_sections
 from refine_af_utils.params import Params, load_params, parse_overrides
-from refine_af_utils.results import RESOLVED_PARAMS, run_folder, sha256_file, write_resolved_params
+from refine_af_utils.results import RESOLVED_PARAMS, code_revision, run_folder, sha256_file, write_resolved_params
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
@@ -182,6 +182,9 @@ def stage_status(run_dir: str | Path, stage: Stage, params: Params) -> StageStat
         return StageStatus(True, "not run yet (no marker)")
     if "outputs" not in marker or "inputs" not in marker:
         return StageStatus(True, "its marker predates output hashes (older runner)")
+    if marker.get("outputs_version", 1) != OUTPUTS_VERSION:
+        return StageStatus(True, f"made by an older package (outputs version {marker.get('outputs_version', 1)}, "
+                                 f"now {OUTPUTS_VERSION}: the same params give other outputs)", from_scratch=True)
     now_inputs = upstream_hashes(run_dir, stage)
     for earlier, files in now_inputs.items():
         changed = _changed_files(marker["inputs"].get(earlier, {}), files)
@@ -217,6 +220,8 @@ def write_marker(run_dir: str | Path, stage: Stage, params: Params, seconds: flo
         "stage": stage.id,
         "notebook": stage.notebook,
         "params_fingerprint": stage_fingerprint(stage, params),
+        "outputs_version": OUTPUTS_VERSION,
+        "code": code_revision(),
         "seconds": seconds,
         "params": {section: params.to_dict()[section] for section in stage_sections(stage)},
         "inputs": upstream_hashes(run_dir, stage) if inputs is None else inputs,

@@ -582,6 +582,8 @@ def run_headlines(run_dir: Path) -> dict[str, Any]:
     missing = [name for name in RUN_FILES if not (run_dir / name).is_file()]
     done = [s.id for s in STAGES if RunLayout(run_dir).marker(s.id).is_file()]
     row["stages_done"] = f"{done[0]}-{done[-1]}" if done else "none"
+    revisions = {str((_read_marker(run_dir, s) or {}).get("code", "not recorded")) for s in STAGES if s.id in done}
+    row["code"] = ", ".join(sorted(revisions))  # the package revision(s) its stages were made by
     if (run_dir / "metrics/06.json").is_file():
         metrics = json.loads((run_dir / "metrics/06.json").read_text())
         row["base_rougeL"] = _float(metrics.get("base_rougeL"))
@@ -826,6 +828,10 @@ def write_study_report(spec: StudySpec, study_dir: Path) -> Path:
             "`<setting>-seed<N>` beside this file, made by the same runner; stages shared with another run (same "
             "params fingerprint) were copied from it, not rerun (`reused` below). Numbers are read from each "
             "run's files; a run that stopped early (or `until`) shows `-` and names what is missing.", ""]
+    codes = runs["code"].dropna() if "code" in runs else []
+    revisions = sorted({c for value in codes for c in str(value).split(", ") if c})
+    out += [f"Code: the runs' stages were made by package revision(s) {', '.join(f'`{c}`' for c in revisions) or '-'} "
+            "(from their stage markers; `study_runs.csv` has each run's).", ""]
     out += ["## Settings", "", _markdown(["setting", "params", "overrides"], [
         [s.name, f"`{_relative(s.params)}`", ", ".join(f"`{k}={json.dumps(v)}`" for k, v in s.overrides.items()) or
          "(none)"] for s in spec.grid]), ""]

@@ -122,6 +122,27 @@ def test_old_torn_and_missing_markers_mean_run(finished_run):
     assert statuses["01"].reason == statuses["02"].reason == "not run yet (no marker)"
 
 
+def test_a_marker_from_an_older_outputs_version_reruns_from_scratch_and_markers_name_the_code(finished_run):
+    """A code change that alters outputs for the same params (the seed rule) bumps OUTPUTS_VERSION:
+    stages made before it are not complete, so a run never mixes the two versions' outputs."""
+    import re
+
+    from refine_af_utils.layout import OUTPUTS_VERSION
+
+    params, run_dir = finished_run
+    marker_path = run_dir / "stages" / "03.json"
+    marker = json.loads(marker_path.read_text())
+    assert marker["outputs_version"] == OUTPUTS_VERSION
+    assert re.fullmatch(r"[0-9a-f]{12}(-dirty)?|refine-af .+|unknown", marker["code"]), marker["code"]
+    del marker["outputs_version"]  # what the runner wrote before versions were recorded (version 1)
+    marker_path.write_text(json.dumps(marker))
+    statuses = _statuses(run_dir, params)
+    assert [s for s, status in statuses.items() if status.run] == ["03"]  # later ones rerun if its new outputs differ
+    assert statuses["03"].from_scratch
+    assert statuses["03"].reason == (f"made by an older package (outputs version 1, now {OUTPUTS_VERSION}: "
+                                     "the same params give other outputs)")
+
+
 def test_dry_run_after_an_evaluation_change_skips_stages_0_to_5_and_names_the_key(finished_run, capsys):
     params, run_dir = finished_run
     before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
