@@ -11,8 +11,8 @@ from typing import Any, Sequence
 from refine_af_utils.generation import Generation, generate_batch
 from refine_af_utils.params import InstanceGenerationParams
 from refine_af_utils.prompts import INSTANCE_STOP_STRINGS, instance_generation_prompt
-from refine_af_utils.seeds import SeedTask
 from refine_af_utils.seeding import derive_seed
+from refine_af_utils.seeds import SeedTask
 
 _EXAMPLE_SPLIT_RE = re.compile(r"(?:^|\n)\s*Example\s*\d+\s*[.:]?\s*(?:\n|$)")
 _LABEL_SPLIT_RE = re.compile(r"(?:^|\n)\s*Class label:\s*")

@@ -45,8 +45,8 @@ from refine_af_utils.prompts import (
 )
 from refine_af_utils.results import check_stage_config
 from refine_af_utils.rouge import NoveltyPool
-from refine_af_utils.seeds import SeedTask
 from refine_af_utils.seeding import derive_seed
+from refine_af_utils.seeds import SeedTask
 
 BLACKLIST = [
     "image", "images", "graph", "graphs", "picture", "pictures", "file", "files",

@@ -172,13 +172,25 @@ class RewardAnalysisParams:
 
 @dataclass
 class LoraParams:
-    """A LoRA adapter: peft's ``LoraConfig`` fields under their peft names (one builder: ``models.lora_config``)."""
+    """A LoRA adapter: peft's ``LoraConfig`` fields under their peft names (one builder: ``models.lora_config``).
+
+    These are stage 5's defaults (``sft.lora``); :class:`RLLoraParams` has stage 3's. A section given
+    in part takes the rest from its own class, so ``rl: {lora: {r: 8}}`` keeps stage 3's modules.
+    """
 
     r: int = 16
     lora_alpha: int = 32
-    lora_dropout: float = 0.0
+    lora_dropout: float = 0.05
     # "all-linear" (peft's shorthand) or a list of module names
     target_modules: Union[str, list[str]] = "all-linear"
+
+
+@dataclass
+class RLLoraParams(LoraParams):
+    """Stage 3's LoRA defaults (``rl.lora``): the attention projections, no dropout."""
+
+    lora_dropout: float = 0.0
+    target_modules: Union[str, list[str]] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
 # trl config fields that the package sets from its own keys (or needs as they are) and that
@@ -191,6 +203,11 @@ SFT_CONFIG_OWNED: dict[str, str] = {
     "save_total_limit": "resume (the last whole checkpoint is kept)", "seed": "random_seed", "data_seed": "random_seed",
     "use_cpu": "model.device", "bf16": "model.dtype", "fp16": "model.dtype",
     "completion_only_loss": "the method (loss on the output only)", "logging_steps": "loss.csv (one row per step)",
+    "logging_strategy": "loss.csv (one row per step)", "max_steps": "sft.epochs",
+    "save_only_model": "resume (a checkpoint keeps its optimiser and data position)",
+    "ignore_data_skip": "resume (a resumed run equals an uninterrupted one)",
+    "resume_from_checkpoint": "resume (the runner resumes from the last whole checkpoint)",
+    "eval_strategy": "stage 6 (SFT has no evaluation set)", "load_best_model_at_end": "stage 6 (SFT has no evaluation set)",
 }
 RL_CONFIG_OWNED: dict[str, str] = {
     "output_dir": "the run layout (rl/checkpoints)", "learning_rate": "rl.learning_rate",
@@ -205,7 +222,20 @@ RL_CONFIG_OWNED: dict[str, str] = {
     "stop_token": "the method (rollouts stop at the end token)", "missing_eos_penalty": "rl.missing_eos_penalty",
     "num_generations": "rl.num_generations", "whiten_rewards": "rl.batch_size (on from 8 prompts per update)",
     "local_rollout_forward_batch_size": "rl.batch_size", "per_device_eval_batch_size": "rl.batch_size",
-    "num_sample_generations": "the held-out evaluation (stage 3's own)",
+    "num_sample_generations": "the held-out evaluation (stage 3's own)", "stop_token_id": "the method (rollouts stop at the end token)",
+    "logging_strategy": "metrics.csv (one row per update)",
+    "warmup_steps": "resume (constant learning rate: each segment starts a fresh optimiser)",
+    "lr_scheduler_kwargs": "resume (constant learning rate: each segment starts a fresh optimiser)",
+    "steps_per_generation": "rl.batch_size (one generation per update)", "generation_batch_size": "rl.batch_size",
+    "num_iterations": "rl.ppo_epochs (one pass per generation with GRPO/RLOO)",
+    **{key: "instance_generation (RL rollouts and stage 4 decode alike)"
+       for key in ("top_k", "min_p", "repetition_penalty", "generation_kwargs", "use_vllm")},
+}
+# PPO runs on stage 3's own AdamW (the policy's and the critic's learning rates) and trl's PPO does not
+# clip gradients, so these fields would do nothing there.
+PPO_CONFIG_OWNED: dict[str, str] = {
+    key: "stage 3's own AdamW for PPO (rl.learning_rate, rl.value_learning_rate)"
+    for key in ("optim", "optim_args", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm")
 }
 
 
@@ -226,13 +256,13 @@ class RLParams:
     value_learning_rate: float = 1.0e-5  # PPO: the critic's own learning rate (full copy, zero-initialised head)
     kl_coef: float = 0.05
     missing_eos_penalty: Optional[float] = None  # trl: subtracted when a completion has no end token
-    lora: LoraParams = field(default_factory=lambda: LoraParams(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    lora: RLLoraParams = field(default_factory=RLLoraParams)
     # A completion that yields no instance gets the reward (mean - parse_penalty_sd * sd) of stage 2's
     # parsed candidates' content reward: the penalty is measured in the content signal's own spread.
     parse_penalty_sd: float = 2.0
     checkpoint_every: int = 4        # updates between checkpoints (a rerun resumes from the last)
     # Any other field of trl's config class for the algorithm (PPOConfig, GRPOConfig, RLOOConfig), passed
-    # through as given, e.g. {warmup_steps: 10, max_grad_norm: 0.5}; RL_CONFIG_OWNED's fields are refused.
+    # through as given, e.g. PPO's {cliprange: 0.1, vf_coef: 0.5}; RL_CONFIG_OWNED's fields are refused.
     trainer_args: dict[str, Any] = field(default_factory=dict)
 
 
@@ -246,7 +276,7 @@ class SFTParams:
     batch_size: int = 8
     gradient_accumulation_steps: int = 1
     max_length: int = 256            # prompt + output tokens; longer examples are truncated
-    lora: LoraParams = field(default_factory=lambda: LoraParams(lora_dropout=0.05))
+    lora: LoraParams = field(default_factory=LoraParams)
     save_steps: int = 20             # optimiser steps between checkpoints (a rerun resumes from the last)
     gradient_checkpointing: bool = False  # saves GPU memory on 7B+ models at about 30% more time
     equal_examples: bool = True      # subsample the larger arm (seeded) to the smaller arm's size
@@ -352,6 +382,11 @@ def _convert(value: Any, annotation: Any, key: str, source: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise wrong
+        try:  # plain YAML values only: they go into the fingerprint and config.json
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as error:
+            raise ParamsError(f"{source}: key '{key}' must hold plain values (numbers, strings, lists, "
+                              f"mappings), got {value!r} ({error})") from error
         return dict(value)
     if annotation is type(None):
         if value is None:
@@ -473,6 +508,9 @@ def trl_config_class(section: str, algorithm: str = "ppo") -> type:
         from trl import SFTConfig
         return SFTConfig
     if algorithm == "ppo":
+        import os
+
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # as stage 3 does: PPO lives in trl.experimental
         from trl.experimental.ppo import PPOConfig
         return PPOConfig
     from trl import GRPOConfig, RLOOConfig
@@ -481,7 +519,10 @@ def trl_config_class(section: str, algorithm: str = "ppo") -> type:
 
 def _check_trainer_args(params: Params, source: str) -> None:
     """Refuse a ``trainer_args`` key that trl's config class does not have, or that the package sets itself."""
-    for section, owned in (("rl", RL_CONFIG_OWNED), ("sft", SFT_CONFIG_OWNED)):
+    import tempfile
+
+    ppo = params.rl.algorithm == "ppo"
+    for section, owned in (("rl", {**RL_CONFIG_OWNED, **(PPO_CONFIG_OWNED if ppo else {})}), ("sft", SFT_CONFIG_OWNED)):
         extra = getattr(params, section).trainer_args
         if not extra:
             continue  # trl is imported only when there is something to check
@@ -494,6 +535,13 @@ def _check_trainer_args(params: Params, source: str) -> None:
             if key not in fields:
                 raise ParamsError(f"{source}: key '{section}.trainer_args.{key}' is not a field of trl's "
                                   f"{config.__name__}")
+        with tempfile.TemporaryDirectory() as scratch:  # trl checks the values now, not hours into the run
+            try:
+                config(**{"report_to": [], **extra, "output_dir": scratch, "use_cpu": True})
+            except (TypeError, ValueError) as error:
+                first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise ParamsError(f"{source}: key '{section}.trainer_args' is refused by trl's {config.__name__}: "
+                                  f"{first}") from error
 
 
 def params_from_dict(data: dict[str, Any], source: str = "<params>") -> Params:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import subprocess
 import json
 import os
+import subprocess
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -131,11 +131,12 @@ def stage_command_line(description: str, argv: Optional[Sequence[str]] = None) -
 def code_revision() -> str:
     """The package's git commit (``<sha>``, ``<sha>-dirty`` with uncommitted changes) or, outside a git
     checkout, its installed version (``refine-af <version>``); recorded in every stage marker."""
-    package = Path(__file__).resolve().parent
+    root = Path(__file__).resolve().parents[1]  # the checkout: the package and the notebooks the runner executes
     try:
-        sha = subprocess.run(["git", "-C", str(package), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
                              text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(package), "status", "--porcelain", "--untracked-files=no", "--", "."],
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--",
+                                "refine_af_utils", "notebooks"],
                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
         return f"{sha}-dirty" if dirty else sha
     except (OSError, subprocess.SubprocessError):

@@ -21,8 +21,8 @@ from refine_af_utils.layout import RunLayout, STAGE, stage_config
 from refine_af_utils.params import Params
 from refine_af_utils.reward import COMPONENTS, build_scorers, score_instances
 from refine_af_utils.scorers import InstanceText
-from refine_af_utils.seeds import SeedTask
 from refine_af_utils.seeding import derive_seed
+from refine_af_utils.seeds import SeedTask
 
 
 @dataclass
@@ -58,7 +58,6 @@ def _candidates(params: Params, instructions: Sequence[dict[str, Any]], seeds: S
     todo = [batch for batch in batches if any((r["id"], c) not in done for r, c in batch)]
     if todo:
         import torch
-
 
         model, tokenizer = load_causal_lm(params.model)
         for batch in tqdm(todo, desc="candidate instances"):

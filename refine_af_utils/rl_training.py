@@ -132,6 +132,26 @@ def _common_args(params: Params, output_dir: Path, seed: int, steps_or_episodes:
     }
 
 
+def ppo_config_args(params: Params, output_dir: Path, seed: int, updates: int) -> dict[str, Any]:
+    """trl ``PPOConfig``'s arguments for ``updates`` updates: ``rl.trainer_args`` under the package's own fields."""
+    cfg, decoding = params.rl, params.instance_generation
+    return {**_common_args(params, output_dir, seed, {"total_episodes": updates * cfg.batch_size}),
+            "num_ppo_epochs": cfg.ppo_epochs, "num_mini_batches": 1, "kl_coef": cfg.kl_coef,
+            "response_length": decoding.max_new_tokens, "temperature": decoding.temperature, "stop_token": "eos",
+            "missing_eos_penalty": cfg.missing_eos_penalty, "whiten_rewards": cfg.batch_size >= 8,
+            "local_rollout_forward_batch_size": cfg.batch_size, "num_sample_generations": 0,
+            "per_device_eval_batch_size": cfg.batch_size}
+
+
+def group_config_args(params: Params, output_dir: Path, seed: int, updates: int) -> dict[str, Any]:
+    """trl ``GRPOConfig``'s / ``RLOOConfig``'s arguments: ``rl.num_generations`` completions per prompt."""
+    cfg, decoding = params.rl, params.instance_generation
+    common = _common_args(params, output_dir, seed, {"max_steps": updates})
+    common["per_device_train_batch_size"] = cfg.batch_size * cfg.num_generations
+    return {**common, "num_generations": cfg.num_generations, "max_completion_length": decoding.max_new_tokens,
+            "temperature": decoding.temperature, "top_p": decoding.top_p, "beta": cfg.kl_coef}
+
+
 @dataclass
 class Segment:
     """What one training segment needs: the policy, its prompts, the scorer and where to log."""
@@ -185,13 +205,7 @@ def train_ppo_segment(segment: Segment) -> SegmentResult:
         {"params": [p for p in value_model.parameters() if p.requires_grad], "lr": cfg.value_learning_rate},
     ])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    args = PPOConfig(**_common_args(params, segment.output_dir, segment.seed,
-                                    {"total_episodes": segment.updates * cfg.batch_size}),
-                     num_ppo_epochs=cfg.ppo_epochs, num_mini_batches=1, kl_coef=cfg.kl_coef,
-                     response_length=decoding.max_new_tokens, temperature=decoding.temperature, stop_token="eos",
-                     missing_eos_penalty=cfg.missing_eos_penalty, whiten_rewards=cfg.batch_size >= 8,
-                     local_rollout_forward_batch_size=cfg.batch_size, num_sample_generations=0,
-                     per_device_eval_batch_size=cfg.batch_size)
+    args = PPOConfig(**ppo_config_args(params, segment.output_dir, segment.seed, segment.updates))
     trainer = PPOTrainer(args=args, processing_class=tokenizer, model=segment.policy, ref_model=None,
                          reward_model=reward_model, train_dataset=Dataset.from_list(encoded),
                          eval_dataset=Dataset.from_list(encoded[: cfg.batch_size]), value_model=value_model,
@@ -211,13 +225,9 @@ def _train_group_segment(segment: Segment, algorithm: str) -> SegmentResult:
         from trl import RLOOConfig as Config
         from trl import RLOOTrainer as Trainer
 
-    params, cfg = segment.params, segment.params.rl
-    decoding = params.instance_generation
-    common = _common_args(params, segment.output_dir, segment.seed, {"max_steps": segment.updates})
-    common["per_device_train_batch_size"] = cfg.batch_size * cfg.num_generations
-    config = Config(**common, num_generations=cfg.num_generations, max_completion_length=decoding.max_new_tokens,
-                    temperature=decoding.temperature, top_p=decoding.top_p, beta=cfg.kl_coef)
-    reward = group_reward_function(segment.scorer, segment.tokenizer, decoding.max_new_tokens)
+    params = segment.params
+    config = Config(**group_config_args(params, segment.output_dir, segment.seed, segment.updates))
+    reward = group_reward_function(segment.scorer, segment.tokenizer, params.instance_generation.max_new_tokens)
     trainer = Trainer(model=segment.policy, reward_funcs=[reward], args=config,
                       train_dataset=Dataset.from_list(segment.rows), processing_class=segment.tokenizer,
                       callbacks=[metrics_callback(segment.logger)])

@@ -230,27 +230,51 @@ def test_trainer_args_pass_through_to_trl_and_refuse_what_the_package_sets(tmp_p
     """``rl.trainer_args`` / ``sft.trainer_args``: any other trl config field, checked against trl's own class."""
     import torch
 
-    from refine_af_utils.params import RL_CONFIG_OWNED, SFT_CONFIG_OWNED, trl_config_class
+    from refine_af_utils.params import PPO_CONFIG_OWNED, RL_CONFIG_OWNED, SFT_CONFIG_OWNED, trl_config_class
     from refine_af_utils.rl_training import _common_args
     from refine_af_utils.sft import sft_config_args
 
     smoke = REPO_ROOT / "params" / "smoke.yaml"
     params = load_params(smoke, overrides={"sft.trainer_args.weight_decay": 0.01, "sft.trainer_args.report_to": ["none"],
-                                           "rl.trainer_args": {"max_grad_norm": 0.5}})
+                                           "rl.trainer_args": {"cliprange": 0.1, "vf_coef": 0.5}})
     args = sft_config_args(params.sft, tmp_path, 7, "cpu", torch.float32)
     assert (args["weight_decay"], args["report_to"], args["seed"], args["num_train_epochs"]) == (0.01, ["none"], 7, 1.0)
-    assert set(args) - {"report_to", "disable_tqdm", "weight_decay"} == set(SFT_CONFIG_OWNED)  # the package's own fields
+    assert set(args) - {"report_to", "disable_tqdm", "weight_decay"} <= set(SFT_CONFIG_OWNED)  # the package's own fields
     trl_config_class("sft")(**args)  # trl accepts them
-    assert _common_args(params, tmp_path, 7, {"total_episodes": 4})["max_grad_norm"] == 0.5
+    assert _common_args(params, tmp_path, 7, {"total_episodes": 4})["cliprange"] == 0.1
     rl_fields = set().union(*({f.name for f in dataclasses.fields(trl_config_class("rl", a))} for a in ("ppo", "grpo", "rloo")))
-    assert set(RL_CONFIG_OWNED) <= rl_fields and set(SFT_CONFIG_OWNED) <= {f.name for f in dataclasses.fields(trl_config_class("sft"))}
+    assert set(RL_CONFIG_OWNED) | set(PPO_CONFIG_OWNED) <= rl_fields  # no typo in the refused names
+    assert set(SFT_CONFIG_OWNED) <= {f.name for f in dataclasses.fields(trl_config_class("sft"))}
+    grpo = {"rl.algorithm": "grpo", "instance_generation.top_p": 0.9}
+    from refine_af_utils.rl_training import group_config_args, ppo_config_args
 
-    with pytest.raises(ParamsError, match=r"smoke\.yaml: key 'sft\.trainer_args\.learning_rate' is set by the package "
-                                          r"from sft\.learning_rate; set that instead"):
-        load_params(smoke, overrides={"sft.trainer_args.learning_rate": 1e-3})
-    with pytest.raises(ParamsError, match=r"key 'rl\.trainer_args\.warmup_stepz' is not a field of trl's PPOConfig"):
-        load_params(smoke, overrides={"rl.trainer_args.warmup_stepz": 3})
-    with pytest.raises(ParamsError, match=r"key 'rl\.trainer_args\.beta' is set by the package from rl\.kl_coef"):
-        load_params(smoke, overrides={"rl.algorithm": "grpo", "instance_generation.top_p": 0.9, "rl.trainer_args.beta": 0.1})
-    with pytest.raises(ParamsError, match=r"key 'sft\.trainer_args' must be a mapping of names to values, got 3"):
-        load_params(smoke, overrides={"sft.trainer_args": 3})
+    for algorithm, build in (("ppo", ppo_config_args), ("grpo", group_config_args), ("rloo", group_config_args)):
+        chosen = params if algorithm == "ppo" else load_params(smoke, overrides={**grpo, "rl.algorithm": algorithm})
+        rl_args = build(chosen, tmp_path, 7, 2)
+        assert set(rl_args) - {"report_to", "disable_tqdm"} - set(chosen.rl.trainer_args) <= set(RL_CONFIG_OWNED), algorithm
+        trl_config_class("rl", algorithm)(**rl_args)  # trl accepts what stage 3 passes
+    assert load_params(smoke, overrides={**grpo, "rl.trainer_args.max_grad_norm": 0.5}).rl.trainer_args == {"max_grad_norm": 0.5}
+
+    for overrides, message in [
+        ({"sft.trainer_args.learning_rate": 1e-3},
+         r"smoke\.yaml: key 'sft\.trainer_args\.learning_rate' is set by the package from sft\.learning_rate; set that instead"),
+        ({"sft.trainer_args.max_steps": 3}, r"key 'sft\.trainer_args\.max_steps' is set by the package from sft\.epochs"),
+        ({"rl.trainer_args.warmup_stepz": 3}, r"key 'rl\.trainer_args\.warmup_stepz' is not a field of trl's PPOConfig"),
+        ({**grpo, "rl.trainer_args.beta": 0.1}, r"key 'rl\.trainer_args\.beta' is set by the package from rl\.kl_coef"),
+        ({"rl.trainer_args.max_grad_norm": 0.5}, r"key 'rl\.trainer_args\.max_grad_norm' is set by the package from "
+                                                 r"stage 3's own AdamW for PPO"),
+        ({**grpo, "rl.trainer_args.top_k": 5}, r"'rl\.trainer_args\.top_k' is set by the package from instance_generation"),
+        ({"sft.trainer_args": 3}, r"key 'sft\.trainer_args' must be a mapping of names to values, got 3"),
+        ({"sft.trainer_args.lr_scheduler_type": "cosinee"}, r"key 'sft\.trainer_args' is refused by trl's SFTConfig: .*cosinee"),
+        (parse_overrides(["sft.trainer_args.run_name=2024-01-01"]), r"key 'sft\.trainer_args' must hold plain values"),
+    ]:
+        with pytest.raises(ParamsError, match=message) as error:
+            load_params(smoke, overrides=overrides)
+        assert "\n" not in str(error.value)
+
+
+def test_a_lora_section_given_in_part_keeps_its_own_stages_defaults():
+    params = params_from_dict({"run_name": "x", "rl": {"lora": {"r": 8}}, "sft": {"lora": {"r": 4}}})
+    assert (params.rl.lora.r, params.rl.lora.lora_dropout, params.rl.lora.target_modules) == \
+        (8, 0.0, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    assert (params.sft.lora.r, params.sft.lora.lora_dropout, params.sft.lora.target_modules) == (4, 0.05, "all-linear")

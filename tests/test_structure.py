@@ -76,38 +76,63 @@ def test_stage_config_is_the_registry_chain_less_what_a_stage_may_continue_under
     assert stage_config(STAGE["06"], evaluation_only) != stage_config(STAGE["06"], params)
 
 
-SEEDED_CALLS = {"Random", "manual_seed", "set_seed", "default_rng", "seed"}
+SEEDED_CALLS = {"Random", "RandomState", "manual_seed", "manual_seed_all", "set_seed", "default_rng", "seed", "shuffle"}
+
+
+def _seed_argument(node: ast.Call) -> ast.expr | None:
+    """The seed a seeding call gets: its ``seed=`` keyword or its first argument (``shuffle``: the keyword only)."""
+    for keyword in node.keywords:
+        if keyword.arg == "seed":
+            return keyword.value
+    name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+    return node.args[0] if node.args and name != "shuffle" else None
 
 
 def _seed_rule_offences(source: str) -> list[str]:
-    """Seeding calls whose seed is computed in place (arithmetic, an f-string, the raw run seed)."""
+    """Seeding calls that take no seed, or one computed in place (arithmetic, an f-string, the run's seed as is)."""
+    tree = ast.parse(source)
+    raw = {target.id for node in ast.walk(tree) if isinstance(node, ast.Assign)  # `seed = params.random_seed`
+           for target in node.targets if isinstance(target, ast.Name)
+           and isinstance(node.value, ast.Attribute) and node.value.attr == "random_seed"}
     offences = []
-    for node in ast.walk(ast.parse(source)):
+    for node in ast.walk(tree):
         if not isinstance(node, ast.Call):
             continue
         name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
-        if name not in SEEDED_CALLS or not node.args:
+        if name not in SEEDED_CALLS:
             continue
-        arg = node.args[0]
+        arg = _seed_argument(node)
+        if arg is None:
+            if name != "shuffle" and not node.args:  # an unseeded generator (rng.shuffle(items) is a draw, not a seed)
+                offences.append(f"line {node.lineno}: {ast.unparse(node)}")
+            continue
         derived = isinstance(arg, ast.Call) and getattr(arg.func, "id", "") == "derive_seed"
-        passed_in = isinstance(arg, ast.Name) and arg.id != "random_seed"  # a seed derived by the caller
+        passed_in = isinstance(arg, ast.Name) and arg.id not in {"random_seed", *raw}  # a seed derived by the caller
         if not (derived or passed_in):
             offences.append(f"line {node.lineno}: {ast.unparse(node)}")
     return offences
 
 
 def test_every_random_stream_comes_from_the_one_seed_rule():
-    """Every Random / manual_seed / set_seed / default_rng takes derive_seed(...) or a seed the caller derived."""
+    """Every Random / manual_seed / set_seed / default_rng / shuffle(seed=) takes derive_seed(...) or a seed the caller derived."""
     offenders = {path.name: found for path in sorted(PACKAGE.glob("*.py")) if (found := _seed_rule_offences(path.read_text()))}
     assert offenders == {}
 
 
 def test_the_seed_rule_check_can_fail():
     bad = ("import random, torch\n"
-           "def f(params, batch):\n"
+           "def f(params, batch, dataset):\n"
            "    random.Random(params.random_seed * 1_000_003 + batch)\n"
            "    torch.manual_seed(random_seed)\n"
-           "    random.Random(f'{random_seed}:{batch}')\n")
-    assert len(_seed_rule_offences(bad)) == 3
-    good = "random.Random(derive_seed(random_seed, '01', 'batch', 3))\ntorch.manual_seed(seed)\n"
+           "    random.Random(f'{random_seed}:{batch}')\n"
+           "    random.Random()\n"
+           "    np.random.default_rng()\n"
+           "    set_seed(seed=params.random_seed)\n"
+           "    dataset.shuffle(seed=42)\n"
+           "    seed = params.random_seed\n"
+           "    torch.cuda.manual_seed_all(seed)\n"
+           "    np.random.RandomState(random_seed + 1)\n")
+    assert len(_seed_rule_offences(bad)) == 9
+    good = ("random.Random(derive_seed(random_seed, '01', 'batch', 3))\ntorch.manual_seed(seed)\n"
+            "rng.shuffle(items)\ndataset.shuffle(seed=derive_seed(random_seed, '05', 'order'))\n")
     assert _seed_rule_offences(good) == []

@@ -243,6 +243,9 @@ def test_study_report_tables_spread_and_aa_control_from_hand_made_runs(tmp_path)
     _fake_evaluated_run(study_dir / "a-seed2", 2, shift=3.0)
     _fake_evaluated_run(study_dir / "b-seed1", 1, shift=-2.0)
     _fake_evaluated_run(study_dir / "b-seed2", 2, shift=0.0, eval_done=False)  # stopped after stage 4
+    for run, code in (("a-seed1", "abc123def456"), ("a-seed2", "abc123def456-dirty")):  # markers name the code
+        (study_dir / run / "stages").mkdir(parents=True, exist_ok=True)
+        (study_dir / run / "stages" / "00.json").write_text(json.dumps({"stage": "00", "code": code}))
 
     report = write_study_report(spec, study_dir)
     runs = pd.read_csv(study_dir / "study_runs.csv").set_index("run")
@@ -271,7 +274,9 @@ def test_study_report_tables_spread_and_aa_control_from_hand_made_runs(tmp_path)
     assert row.b_better_share == 0.5 and row.decided_share == 0.75
     assert row.mean_abs_difference == pytest.approx((2 + 5 + 1 + 0) / 4)
 
+    assert (runs.loc["a-seed1", "code"], runs.loc["a-seed2", "code"]) == ("abc123def456", "abc123def456-dirty")
     text = report.read_text()
+    assert "made by package revision(s) `abc123def456`, `abc123def456-dirty`" in text
     assert "## A/A control" in text and "a given seed's arm 'won' 38% of tasks" in text
     assert "| a-seed2 | " in text and "3.00 [2.50, 3.50]" in text
     assert "2.000 ± 1.414 (range 1.000 to 3.000, 2 seeds)" in text
