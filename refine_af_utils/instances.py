@@ -68,6 +68,12 @@ def parse_instances(text: str, classification: bool) -> list[Instance]:
     return parse_classification_instances(text) if classification else parse_generation_instances(text)
 
 
+# Every reason an instance is dropped (filter_instances, and extract_instances' token-limit cut): the
+# stages report each one, zeros included, so their metrics always have the same keys.
+FILTER_REASONS = ("empty_output", "input_equals_output", "ends_with_colon", "conflicting_outputs_task_dropped",
+                  "duplicate", "over_limit", "cut_by_token_limit")
+
+
 def filter_instances(instances: Sequence[Instance], max_instances: int = 5) -> tuple[list[Instance], dict[str, int]]:
     """Self-Instruct's instance filters; returns the kept instances and a count per reason.
 

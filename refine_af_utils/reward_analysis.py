@@ -76,9 +76,9 @@ def _candidates(params: Params, instructions: Sequence[dict[str, Any]], seeds: S
 
 
 def _parse_candidates(candidates: Sequence[dict[str, Any]], max_instances: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    from refine_af_utils.instances import extract_instances
+    from refine_af_utils.instances import FILTER_REASONS, extract_instances
 
-    rows, totals = [], {"candidates": len(candidates), "unparseable": 0}
+    rows, totals = [], {"candidates": len(candidates), "unparseable": 0, **dict.fromkeys(FILTER_REASONS, 0)}
     for candidate in candidates:
         kept, counts = extract_instances(candidate["text"], candidate["is_classification"],
                                          candidate["truncated"], max_instances)
