@@ -194,14 +194,19 @@ class RLLoraParams(LoraParams):
 
 
 # trl config fields that the package sets from its own keys (or needs as they are) and that
-# ``trainer_args`` may therefore not set: field -> where its value comes from.
+# ``trainer_args`` may therefore not set: field -> where its value comes from. Stages 3 and 5 set
+# the seed, device and precision fields alike.
+_SEED_DEVICE_DTYPE_OWNED: dict[str, str] = {
+    "seed": "random_seed", "data_seed": "random_seed", "use_cpu": "model.device", "bf16": "model.dtype",
+    "fp16": "model.dtype",
+}
 SFT_CONFIG_OWNED: dict[str, str] = {
+    **_SEED_DEVICE_DTYPE_OWNED,
     "output_dir": "the run layout (sft/<arm>)", "num_train_epochs": "sft.epochs", "learning_rate": "sft.learning_rate",
     "per_device_train_batch_size": "sft.batch_size", "gradient_accumulation_steps": "sft.gradient_accumulation_steps",
     "max_length": "sft.max_length", "gradient_checkpointing": "sft.gradient_checkpointing",
     "save_steps": "sft.save_steps", "save_strategy": "sft.save_steps (checkpoints every save_steps)",
-    "save_total_limit": "resume (the last whole checkpoint is kept)", "seed": "random_seed", "data_seed": "random_seed",
-    "use_cpu": "model.device", "bf16": "model.dtype", "fp16": "model.dtype",
+    "save_total_limit": "resume (the last whole checkpoint is kept)",
     "completion_only_loss": "the method (loss on the output only)", "logging_steps": "loss.csv (one row per step)",
     "logging_strategy": "loss.csv (one row per step)", "max_steps": "sft.epochs",
     "save_only_model": "resume (a checkpoint keeps its optimiser and data position)",
@@ -210,12 +215,12 @@ SFT_CONFIG_OWNED: dict[str, str] = {
     "eval_strategy": "stage 6 (SFT has no evaluation set)", "load_best_model_at_end": "stage 6 (SFT has no evaluation set)",
 }
 RL_CONFIG_OWNED: dict[str, str] = {
+    **_SEED_DEVICE_DTYPE_OWNED,
     "output_dir": "the run layout (rl/checkpoints)", "learning_rate": "rl.learning_rate",
     "lr_scheduler_type": "resume (constant: each segment starts a fresh optimiser)",
     "per_device_train_batch_size": "rl.batch_size", "gradient_accumulation_steps": "rl.batch_size",
     "logging_steps": "metrics.csv (one row per update)", "save_strategy": "rl.checkpoint_every",
-    "seed": "random_seed", "data_seed": "random_seed", "use_cpu": "model.device", "bf16": "model.dtype",
-    "fp16": "model.dtype", "total_episodes": "rl.updates", "max_steps": "rl.updates", "num_ppo_epochs": "rl.ppo_epochs",
+    "total_episodes": "rl.updates", "max_steps": "rl.updates", "num_ppo_epochs": "rl.ppo_epochs",
     "num_mini_batches": "rl.batch_size", "kl_coef": "rl.kl_coef", "beta": "rl.kl_coef",
     "response_length": "instance_generation.max_new_tokens", "max_completion_length": "instance_generation.max_new_tokens",
     "temperature": "instance_generation.temperature", "top_p": "instance_generation.top_p",

@@ -299,8 +299,9 @@ def run_stage(stage: Stage, params_path: Path, run_dir: Path, params: Params, fo
     if force:
         if stage.output_dir is not None:
             shutil.rmtree(run_dir / stage.output_dir, ignore_errors=True)
-        RunLayout(run_dir).metrics(stage.id).unlink(missing_ok=True)
-        RunLayout(run_dir).marker(stage.id).unlink(missing_ok=True)
+        layout = RunLayout(run_dir)
+        layout.metrics(stage.id).unlink(missing_ok=True)
+        layout.marker(stage.id).unlink(missing_ok=True)
     inputs = upstream_hashes(run_dir, stage)  # what the stage reads, as it starts
     executed = run_dir / "notebooks" / stage.notebook
     executed.parent.mkdir(parents=True, exist_ok=True)
