@@ -81,9 +81,13 @@ def stage_fingerprint(stage: Stage, params: "Params") -> str:
     """A hash of the params a stage depends on: its own sections and every earlier stage's.
 
     The pipeline is a chain, so a change to one stage's keys reruns it and the stages after
-    it, never the ones before (an evaluation-only change reruns stage 6 and the report).
+    it, never the ones before (an evaluation-only change reruns stage 6 and the report). Dtypes are
+    hashed as this machine resolves them (``auto`` is float32 here, bfloat16 there): a run continued
+    on a machine that resolves them differently reruns its stages instead of mixing dtypes.
     """
-    return params.fingerprint(*stage_sections(stage))
+    from refine_af_utils.environment import resolve_dtypes
+
+    return resolve_dtypes(params).fingerprint(*stage_sections(stage))
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -98,8 +102,11 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 def stage_config(stage: Stage, params: "Params") -> dict[str, Any]:
     """The settings a stage's folder is made with, for ``config.json``: every key of its sections and the
-    earlier stages' (as :func:`stage_fingerprint`), less the keys it may continue under (``resumable``)."""
-    settings = params.to_dict()
+    earlier stages' (as :func:`stage_fingerprint`, dtypes resolved), less the keys it may continue under
+    (``resumable``)."""
+    from refine_af_utils.environment import resolve_dtypes
+
+    settings = resolve_dtypes(params).to_dict()
     flat = flatten({section: settings[section] for section in stage_sections(stage)})
     return {key: value for key, value in flat.items()
             if not any(key == r or key.startswith(f"{r}.") for r in stage.resumable)}

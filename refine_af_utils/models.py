@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from refine_af_utils.environment import resolved_dtype_name
 from refine_af_utils.errors import RefineAFError
 from refine_af_utils.params import LoraParams, ModelParams
 from refine_af_utils.results import cache_dir
@@ -167,26 +168,13 @@ def ensure_distinct_pad_token(tokenizer: PreTrainedTokenizerBase, model: PreTrai
             model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX); else bf16 is emulated and slow."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def torch_dtype(name: str, device: str = "cpu") -> torch.dtype:
-    """``"bfloat16"`` -> ``torch.bfloat16`` and so on; ``"auto"`` picks by hardware.
-
-    Measured on this project's CI CPU (AVX2 only): bf16 prefill was 5x slower than fp32, so
-    ``auto`` keeps fp32 there; with AVX512-BF16 bf16 decoding is 2-3x faster than fp32.
-    """
-    if name == "auto":
-        if device.startswith("cuda"):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+    """``"bfloat16"`` -> ``torch.bfloat16`` and so on; ``"auto"`` picks by hardware
+    (:func:`refine_af_utils.environment.resolved_dtype_name`)."""
+    resolved = resolved_dtype_name(name, device)
+    if resolved == "auto":  # a CUDA device this machine lacks
+        check_device(device)
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[resolved]
 
 
 def lora_config(lora: LoraParams, task_type: str = "CAUSAL_LM") -> Any:

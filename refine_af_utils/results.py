@@ -106,6 +106,7 @@ def stage_command_line(description: str, argv: Optional[Sequence[str]] = None) -
     """
     import argparse
 
+    from refine_af_utils.environment import resolve_dtypes
     from refine_af_utils.errors import RefineAFError
     from refine_af_utils.params import load_params, parse_overrides
 
@@ -118,7 +119,7 @@ def stage_command_line(description: str, argv: Optional[Sequence[str]] = None) -
     args = parser.parse_args(argv)
     try:
         overrides = parse_overrides(args.overrides)
-        params = load_params(args.params, overrides=overrides)
+        params = resolve_dtypes(load_params(args.params, overrides=overrides))
         run_dir = run_folder(args.results_root, params.run_name)
     except RefineAFError as error:
         parser.exit(2, f"error: {error}\n")

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
+from refine_af_utils.environment import machine_environment, resolve_dtypes
 from refine_af_utils.errors import RefineAFError, RunLockedError, project_error_names
 from refine_af_utils.layout import OUTPUTS_VERSION, STAGES, RunLayout, Stage, flatten, stage_fingerprint, stage_sections
 from refine_af_utils.params import Params, load_params, parse_overrides
@@ -196,8 +197,13 @@ def stage_status(run_dir: str | Path, stage: Stage, params: Params) -> StageStat
         return StageStatus(True, f"its outputs changed since it ran: {_some(changed)}", from_scratch=True)
     if marker.get("params_fingerprint") != stage_fingerprint(stage, params):
         before = flatten(marker.get("params", {}))
-        now = flatten({section: params.to_dict()[section] for section in stage_sections(stage)})
+        now = flatten({section: resolve_dtypes(params).to_dict()[section] for section in stage_sections(stage)})
         keys = sorted(k for k in set(before) | set(now) if before.get(k, "<unset>") != now.get(k, "<unset>"))
+        dtypes = [k for k in keys if k.endswith(".dtype")]
+        if dtypes:  # never continue a float32 stage in bfloat16: its outputs would mix both
+            changes = ", ".join(f"{k} {before.get(k, '<unset>')} -> {now.get(k, '<unset>')}" for k in dtypes)
+            return StageStatus(True, f"the resolved dtype changed ({changes}; `auto` resolves by machine)",
+                               from_scratch=True)
         return StageStatus(True, f"params changed: {_some(keys, 6)}" if keys else "params changed")
     return StageStatus(False, "complete, skipped (outputs, inputs and params unchanged; --force reruns it)")
 
@@ -223,7 +229,8 @@ def write_marker(run_dir: str | Path, stage: Stage, params: Params, seconds: flo
         "outputs_version": OUTPUTS_VERSION,
         "code": code_revision(),
         "seconds": seconds,
-        "params": {section: params.to_dict()[section] for section in stage_sections(stage)},
+        "environment": machine_environment(params),
+        "params": {section: resolve_dtypes(params).to_dict()[section] for section in stage_sections(stage)},
         "inputs": upstream_hashes(run_dir, stage) if inputs is None else inputs,
         "outputs": hash_outputs(run_dir, stage),
     }
@@ -365,7 +372,7 @@ def run_pipeline(
     """
     params_path = Path(params_path)
     overrides = overrides or {}
-    params = load_params(params_path, overrides=overrides)
+    params = resolve_dtypes(load_params(params_path, overrides=overrides))  # params.yaml holds the dtypes used
     run_dir = run_folder(results_root, params.run_name)
     stages = select_stages(only, start)
     if dry:

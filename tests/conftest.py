@@ -62,6 +62,25 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
+@pytest.fixture(autouse=True)
+def no_auto_dtype(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail a test that loads a model with ``dtype: auto``: its numbers would depend on the CPU kind
+    (bfloat16 with native bf16, float32 elsewhere). Tests of the resolution itself are marked ``auto_dtype``."""
+    if request.node.get_closest_marker("auto_dtype"):
+        return
+    import refine_af_utils.models as models
+
+    real = models.torch_dtype
+
+    def explicit_only(name: str, device: str = "cpu") -> torch.dtype:
+        if name == "auto":
+            pytest.fail(f"{request.node.nodeid} loads a model with dtype 'auto', which resolves by CPU kind; "
+                        "give the test's params an explicit dtype (float32)", pytrace=False)
+        return real(name, device)
+
+    monkeypatch.setattr(models, "torch_dtype", explicit_only)
+
+
 @dataclass
 class SmokeRun:
     """The smoke pipeline (``params/smoke.yaml``) run once through the runner, and how it ended."""

@@ -7,16 +7,17 @@ and check it one test per stage: the stage's outputs, and the metrics it recorde
 the tolerances given there (microsoft/recommenders' habit). A stage that fails fails its own test;
 the tests of the stages after it skip.
 
-Re-recording the pins after an intended change (a new default, another model): run
+The pins are keyed by CPU kind and dtype (``tests/smoke_pins.py``): exact where the run's kind, read
+from its stage markers, has a recording, within a band derived from every kind's recordings elsewhere.
+Re-recording after an intended change (a new default, another model): run
 
     REFINE_AF_RECORD_METRICS=1 python -m pytest tests/test_notebooks.py -m slow
 
-which writes each pinned metric's new value into the fixture (tolerances and the set of pinned keys
-stay as they are; add a new metric there by hand), then review the diff of the fixture and commit it.
+which writes this kind's values of each pinned metric into the fixture (tolerances and the set of pinned
+keys stay as they are; add a new metric there by hand), then review the diff of the fixture and commit it.
 """
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -25,13 +26,13 @@ import nbformat
 import pandas as pd
 import pytest
 
+from refine_af_utils.environment import reproduction_key
 from refine_af_utils.params import load_params
 from refine_af_utils.results import read_metrics
 from refine_af_utils.run import NOTEBOOK_DIR, STAGES, main, run_pipeline, select_stages
+from smoke_pins import PINNED_METRICS, RECORD_ENV, any_kind_band, check_metrics, dump_pins, load_pins, tolerant
 
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
-PINNED_METRICS = Path(__file__).parent / "fixtures" / "smoke_metrics.json"
-RECORD_ENV = "REFINE_AF_RECORD_METRICS"
 COMPONENTS = ["reward_model", "understandability", "naturalness", "coherence"]
 ARMS = ("self_instruct", "refine_af")
 TIMING_WORDS = ("seconds", "per_second", "wall", "elapsed", "duration")  # machine-dependent: never pinned
@@ -69,71 +70,42 @@ def test_runner_reports_bad_params_without_a_traceback(tmp_path, capsys):
     assert f"{bad}: unknown key 'num_instrucions'" in capsys.readouterr().err
 
 
-def _pins() -> dict[str, Any]:
-    return json.loads(PINNED_METRICS.read_text())
-
-
-def _dump_pins(pins: dict[str, Any]) -> str:
-    """The fixture's layout: one line per pinned metric."""
-    blocks = []
-    for key, entries in pins.items():
-        if isinstance(entries, dict):
-            rows = [f"    {json.dumps(name)}: {json.dumps(pin)}" for name, pin in entries.items()]
-            blocks.append(f"  {json.dumps(key)}: {{\n" + ",\n".join(rows) + "\n  }")
-        else:  # the comment: a list of lines
-            blocks.append(f"  {json.dumps(key)}: [\n" + ",\n".join(f"    {json.dumps(line)}" for line in entries) + "\n  ]")
-    return "{\n" + ",\n".join(blocks) + "\n}\n"
-
-
-def _tolerant(pin: dict[str, Any]) -> bool:
-    return "rel" in pin or "abs" in pin
-
-
 def test_pinned_metrics_are_well_formed():
-    pins = _pins()
-    assert PINNED_METRICS.read_text() == _dump_pins(pins)  # the layout recording writes
-    assert list(pins) == ["_comment", *(s.id for s in STAGES)]
+    pins = load_pins()
+    assert PINNED_METRICS.read_text() == dump_pins(pins)  # the layout recording writes
+    assert list(pins) == ["_comment", "_kinds", *(s.id for s in STAGES)]
     for stage in (s.id for s in STAGES):
         assert pins[stage], f"stage {stage}: nothing pinned"
         for key, pin in pins[stage].items():
             assert not any(word in key for word in TIMING_WORDS), f"{stage}.{key}: timing is not pinned"
-            assert "value" in pin and set(pin) <= {"value", "rel", "abs"}, f"{stage}.{key}: {pin}"
-            value = pin["value"]
-            if _tolerant(pin):
-                assert isinstance(value, (int, float)) and not isinstance(value, bool), f"{stage}.{key}: {pin}"
-                assert all(pin[t] >= 0 for t in ("rel", "abs") if t in pin), f"{stage}.{key}: {pin}"
-            else:  # exact: counts and names, never a measured float
-                assert not isinstance(value, float), f"{stage}.{key}: a float needs a tolerance (rel or abs)"
+            assert set(pin) in ({"value"}, {"by_kind", "any_kind"}) or set(pin) - {"rel", "abs"} in (
+                {"value"}, {"by_kind", "any_kind"}), f"{stage}.{key}: {pin}"
+            values = [pin["value"]] if "value" in pin else list(pin["by_kind"].values())
+            if "by_kind" in pin:
+                assert set(pin["by_kind"]) <= set(pins["_kinds"]), f"{stage}.{key}: a kind not described in _kinds"
+                assert pin["any_kind"] == any_kind_band(pin), f"{stage}.{key}: the band does not follow the rule"
+                assert all(pin["any_kind"][0] <= v <= pin["any_kind"][1] for v in values)
+            for value in values:
+                if tolerant(pin):
+                    assert isinstance(value, (int, float)) and not isinstance(value, bool), f"{stage}.{key}: {pin}"
+                    assert all(pin[t] >= 0 for t in ("rel", "abs") if t in pin), f"{stage}.{key}: {pin}"
+                else:  # exact: counts and names, never a measured float
+                    assert not isinstance(value, float), f"{stage}.{key}: a float needs a tolerance (rel or abs)"
 
 
-def _within(value: Any, pin: dict[str, Any]) -> bool:
-    if not _tolerant(pin):
-        return value == pin["value"]
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        return False
-    return value == pytest.approx(pin["value"], rel=pin.get("rel", 0.0), abs=pin.get("abs", 0.0))
+def run_kind(run_dir: Path, stage: str) -> str:
+    """``<cpu kind>/<backbone dtype>`` of a stage as its marker recorded it; never ``auto``."""
+    marker = json.loads((run_dir / "stages" / f"{stage}.json").read_text())
+    kind = reproduction_key(marker["environment"])
+    assert not kind.endswith("/auto"), f"stage {stage} ran with an unresolved dtype ({kind})"
+    return kind
 
 
 def check_pinned_metrics(run_dir: Path, stage: str) -> dict[str, Any]:
-    """The stage's recorded metrics, after comparing them with the pins (or, when recording, re-pinning them)."""
-    metrics = read_metrics(run_dir, stage)
-    pins = _pins()
-    pinned = pins.get(stage, {})
-    assert pinned, f"no metrics of stage {stage} are pinned in {PINNED_METRICS.name}"
-    missing = sorted(set(pinned) - set(metrics))
-    assert not missing, f"stage {stage} no longer records the pinned metrics {missing}"
-    if os.environ.get(RECORD_ENV) == "1":
-        for key, pin in pinned.items():
-            value = metrics[key]
-            exact_integral = not _tolerant(pin) and isinstance(value, float) and value.is_integer()
-            pin["value"] = int(value) if exact_integral else value
-        PINNED_METRICS.write_text(_dump_pins(pins))
-        return metrics
-    off = {key: f"recorded {metrics[key]!r}, pinned {pin}" for key, pin in pinned.items()
-           if not _within(metrics[key], pin)}
-    assert not off, (f"stage {stage}'s metrics moved outside their tolerances: {off}; if the change is "
-                     f"intended, re-record with {RECORD_ENV}=1 (see this module's docstring)")
-    return metrics
+    """The stage's recorded metrics, after comparing them with the pins of the run's own CPU kind and dtype
+    (or, when recording, re-pinning that kind)."""
+    return check_metrics(read_metrics(run_dir, stage), stage, run_kind(run_dir, stage),
+                         record=os.environ.get(RECORD_ENV) == "1")
 
 
 def check_executed(run_dir: Path, stage_id: str) -> None:
