@@ -275,6 +275,20 @@ def compare_runs(run_a: str | Path, run_b: str | Path, seeds_study: Path = SEEDS
     return comparison
 
 
+def reference_check(reference_run: Optional[str | Path], run_dir: str | Path) -> str:
+    """Notebook 07's reproduction check as Markdown: the comparison of ``run_dir`` against ``reference_run``
+    (relative paths from the repository), or a line saying how to ask for one."""
+    if not reference_run:
+        return ("No reference run set: set `reference_run` in the parameters cell (e.g. `\"results/default\"`) "
+                "to check this run against it.")
+    reference = Path(reference_run).expanduser()
+    reference = reference if reference.is_absolute() else REPO_ROOT / reference
+    try:
+        return compare_runs(reference, run_dir).markdown()
+    except CompareError as error:
+        return f"**Not compared:** {error}"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point: print every quantity's judgement and the verdict; exit 0 unless an error."""
     parser = argparse.ArgumentParser(prog="python -m refine_af_utils.compare", description=__doc__.split("\n\n")[0])

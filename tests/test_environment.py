@@ -99,6 +99,13 @@ def test_machine_environment_records_what_the_issue_lists(monkeypatch):
     assert set(record["dtypes"]) == {"backbone (generation, RL, SFT, evaluation)", "reward.reward_model",
                                      "reward.understandability", "reward.naturalness", "reward.coherence"}
     assert reproduction_key(record) == "avx512_bf16/float32"
+    digest = record["embedded_llm_sha256"]  # the prepared weights: tells a different preparation from other kernels
+    from refine_af_utils.models import embedded_llm_dir
+
+    if (embedded_llm_dir() / "model.safetensors").is_file():
+        assert len(digest) == 64 and digest == machine_environment(load_params(SMOKE))["embedded_llm_sha256"]
+    else:
+        assert digest is None
 
 
 def _finished(run_dir: Path, params) -> None:

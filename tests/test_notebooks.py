@@ -259,7 +259,7 @@ def test_smoke_07_paper_tables(smoke_run):
     run_dir = smoke_run.require("07")
     report = (run_dir / "report.md").read_text()
     stage7 = check_pinned_metrics(run_dir, "07")
-    expected_tables = {"main", "tasks_improved", "per_category", "seeds", "filter_counts", "reward_components",
+    expected_tables = {"environment", "main", "tasks_improved", "per_category", "seeds", "filter_counts", "reward_components",
                        "reward_correlations", "rl_summary", "rl_heldout", "dataset_statistics", "arm_comparison",
                        "reward_by_arm", "sft_summary", "wall_time", "task_stats"}
     expected_figures = {"06_per_category", "06_task_deltas", "01_filter_counts", "01_novelty", "02_components",
@@ -272,6 +272,10 @@ def test_smoke_07_paper_tables(smoke_run):
     for name in expected_figures:
         assert f"](fig_{name}.png)" in report and (run_dir / f"fig_{name}.png").stat().st_size > 0
     assert "63-66%" in report and "not** Super-NI numbers" in report
+    assert report.split("\n\n")[2] == "## Environment"  # right after the title and its paragraph
+    environment = pd.read_csv(run_dir / "table_environment.csv").set_index("what")["value"]
+    assert environment["dtype: backbone (generation, RL, SFT, evaluation)"] == "float32"  # smoke.yaml pins it
+    assert environment["CPU kind"] == run_kind(run_dir, "06").split("/")[0]
     wall = pd.read_csv(run_dir / "table_wall_time.csv", dtype={"stage": str})
     assert wall["stage"].tolist() == ["00", "01", "02", "03", "04", "05", "06", "0-6"]
     assert wall["seconds"].iloc[-1] == pytest.approx(wall["seconds"].iloc[:-1].sum(), abs=0.2)
@@ -281,7 +285,31 @@ def test_smoke_07_paper_tables(smoke_run):
     assert {p.name: p.read_bytes() for p in run_dir.glob("fig_*.png")} == figures  # regenerated: byte-identical
 
 
-# These two rerun the smoke run and come last: they leave its outputs as they were.
+# These rerun the smoke run and come last: they leave its outputs as they were.
+
+
+@pytest.mark.slow
+def test_smoke_compare_a_second_real_run_is_identical(smoke_run):
+    """Two real smoke runs: a copy of stages 0-5 whose evaluation (stage 06) and report are run again from
+    scratch under another run name; greedy evaluation on the same machine reproduces every headline exactly."""
+    import shutil
+
+    from refine_af_utils.compare import compare_runs, main as compare_main, reference_check
+
+    run_dir = smoke_run.require("07")
+    second = smoke_run.results_root / "smoke-b"
+    shutil.rmtree(second, ignore_errors=True)
+    shutil.copytree(run_dir, second, ignore=shutil.ignore_patterns(".lock"))
+    run_pipeline(smoke_run.params_path, start="06", force=True, results_root=smoke_run.results_root,
+                 overrides={"run_name": "smoke-b"})
+    predictions = Path("eval") / "predictions_refine_af.jsonl"
+    assert (second / predictions).stat().st_mtime_ns > (run_dir / predictions).stat().st_mtime_ns  # made again
+    comparison = compare_runs(run_dir, second)
+    assert comparison.verdict == "identical", comparison.table[comparison.table["judgement"] != "identical"]
+    assert len(comparison.rows) > 40
+    assert compare_main([str(run_dir), str(second)]) == 0
+    assert "verdict: identical" in reference_check(str(run_dir), second)
+    assert reference_check(None, second).startswith("No reference run set")
 
 
 @pytest.mark.slow
