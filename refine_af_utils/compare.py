@@ -241,7 +241,8 @@ def _environment(run_dir: Path) -> str:
         return "environment not recorded"
     values = dict(pd.read_csv(path).itertuples(index=False, name=None))
     dtype = values.get("dtype: backbone (generation, RL, SFT, evaluation)", "unknown dtype")
-    return f"{values.get('CPU kind', 'unknown CPU kind')} CPU ({values.get('CPU', 'unknown')}), {dtype}"
+    return (f"{values.get('CPU kind', 'unknown CPU kind')} CPU ({values.get('CPU', 'unknown')}, "
+            f"{values.get('CPU identity', 'identity not recorded')}), {dtype}")
 
 
 def compare_runs(run_a: str | Path, run_b: str | Path, seeds_study: Path = SEEDS_STUDY_RUNS) -> Comparison:

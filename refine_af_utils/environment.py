@@ -10,8 +10,11 @@ tokens on an AVX2 machine and 290 on an AVX512-BF16 one, both float32). So:
   a machine that resolves ``auto`` differently reruns its stages instead of mixing float32 and bf16.
 - :func:`machine_environment` is what each stage marker records and the report's "Environment"
   section shows: CPU model, kind and flags, torch threads, versions, GPU name, resolved dtypes.
-- :func:`cpu_kind` names the class of machine whose results are expected to be identical (the smoke
-  test's exact pins are keyed by it and the dtype).
+- :func:`reproduction_key` names the class of machine whose results are expected to be identical:
+  the instruction-set kind, the CPU's identity (vendor, family, model) and the dtype. The kind alone is
+  not enough: measured on 2026-12-02, an AVX2-only AMD EPYC of family 25 model 1 gave the smoke run's
+  float32 stages 01-02 exactly as an AVX512-BF16 machine did (290 tokens), and differently from the AVX2
+  machine the earlier pins came from (304 tokens). The smoke test's exact pins are keyed by it.
 """
 
 from __future__ import annotations
@@ -65,6 +68,20 @@ def cpu_model(cpuinfo: Optional[str] = None) -> str:
         if line.startswith("model name"):
             return line.partition(":")[2].strip()
     return platform.processor() or platform.machine() or "unknown"
+
+
+def cpu_id(cpuinfo: Optional[str] = None) -> str:
+    """``<vendor> family <f> model <m>`` from ``/proc/cpuinfo`` (``unknown`` where it says nothing)."""
+    fields: dict[str, str] = {}
+    for line in _cpuinfo(cpuinfo).splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in ("vendor_id", "cpu family", "model") and key not in fields:
+            fields[key] = value.strip()
+    if not fields:
+        return "unknown"
+    return (f"{fields.get('vendor_id', 'unknown')} family {fields.get('cpu family', '?')} "
+            f"model {fields.get('model', '?')}")
 
 
 def cpu_has_native_bf16(cpuinfo: Optional[str] = None) -> bool:
@@ -133,6 +150,7 @@ def machine_environment(params: Optional["Params"] = None) -> dict[str, Any]:
     environment: dict[str, Any] = {
         "cpu_model": cpu_model(),
         "cpu_kind": cpu_kind(),
+        "cpu_id": cpu_id(),
         "cpu_flags": cpu_flags(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
@@ -155,12 +173,14 @@ def machine_environment(params: Optional["Params"] = None) -> dict[str, Any]:
     return environment
 
 
-def reproduction_key(environment: dict[str, Any]) -> str:
-    """``<cpu kind>/<backbone dtype>`` (e.g. ``avx2/float32``): runs with equal keys are expected to agree
-    exactly; runs with other keys only within noise (see :mod:`refine_af_utils.compare`)."""
+def reproduction_key(environment: dict[str, Any], coarse: bool = False) -> str:
+    """``<cpu kind> <cpu id>/<backbone dtype>`` (e.g. ``avx2 AuthenticAMD family 25 model 1/float32``):
+    runs with equal keys are expected to agree exactly, others only within noise (see
+    :mod:`refine_af_utils.compare`). ``coarse``: without the CPU identity (``avx2/float32``)."""
     dtypes = environment.get("dtypes") or {}
     backbone = next(iter(dtypes.values()), "unknown")
-    return f"{environment.get('cpu_kind', 'unknown')}/{backbone}"
+    kind = environment.get("cpu_kind", "unknown")
+    return f"{kind}/{backbone}" if coarse else f"{kind} {environment.get('cpu_id', 'unknown')}/{backbone}"
 
 
 def environment_lines(environment: dict[str, Any]) -> list[tuple[str, str]]:
@@ -169,6 +189,7 @@ def environment_lines(environment: dict[str, Any]) -> list[tuple[str, str]]:
     rows = [
         ("CPU", str(environment.get("cpu_model", "unknown"))),
         ("CPU kind", str(environment.get("cpu_kind", "unknown"))),
+        ("CPU identity", str(environment.get("cpu_id", "unknown"))),
         ("CPU flags", ", ".join(f"{flag} {'yes' if present else 'no'}" for flag, present in flags.items())),
         ("torch threads", str(environment.get("torch_threads", "unknown"))),
         ("GPU", str(environment.get("gpu") or "none")),

@@ -182,13 +182,15 @@ def environment_table(run_dir: Path) -> pd.DataFrame:
 def environment_sentence(table: pd.DataFrame) -> str:
     """What kind of reproduction to expect from this run's environment."""
     values = dict(zip(table["what"], table["value"]))
-    kind, dtype = values.get("CPU kind"), values.get("dtype: backbone (generation, RL, SFT, evaluation)")
-    if kind is None or dtype is None or "(stage" in f"{kind}{dtype}":
-        return ("The stages did not all record one CPU kind and dtype, so no exact reproduction is to be "
-                "expected; compare runs with `python -m refine_af_utils.compare`.")
-    return (f"Made on a `{kind}` CPU in `{dtype}`. The same params on another `{kind}` machine in `{dtype}` are "
-            "expected to give these numbers exactly; on another CPU kind or dtype they differ draw by draw, and "
-            "`python -m refine_af_utils.compare RUN_A RUN_B` tells whether two runs agree within noise.")
+    kind, identity = values.get("CPU kind"), values.get("CPU identity")
+    dtype = values.get("dtype: backbone (generation, RL, SFT, evaluation)")
+    if kind is None or identity is None or dtype is None or "(stage" in f"{kind}{identity}{dtype}":
+        return ("The stages did not all record one CPU kind, CPU identity and dtype, so no exact reproduction is "
+                "to be expected; compare runs with `python -m refine_af_utils.compare`.")
+    return (f"Made on a `{kind}` CPU ({identity}) in `{dtype}`. The same params on a machine with the same CPU "
+            f"kind and identity in `{dtype}` are expected to give these numbers exactly; elsewhere they differ "
+            "draw by draw (kernels round differently), and `python -m refine_af_utils.compare RUN_A RUN_B` tells "
+            "whether two runs agree within noise.")
 
 
 def _num(value: Any) -> float:

@@ -6,8 +6,13 @@ draw. So a pin is one of:
 
 - ``{"value": v}`` (with optional ``rel``/``abs``): the same on every kind, because rounding cannot move
   it (seed-task counts, the number of instructions asked for, updates, the bootstrap seed, names);
-- ``{"by_kind": {"avx2/float32": v, ...}, "any_kind": [low, high]}`` (optional ``rel``/``abs``): exact
+- ``{"by_kind": {"<kind>/<dtype>": v, ...}, "any_kind": [low, high]}`` (optional ``rel``/``abs``): exact
   (or within ``rel``/``abs``) on a kind that has a recording, and inside ``any_kind`` on any other kind.
+
+A kind is ``<cpu kind> <cpu identity>/<dtype>`` (``refine_af_utils.environment.reproduction_key``), e.g.
+``avx2 AuthenticAMD family 25 model 1/float32``; a recording whose CPU identity was not known is keyed by
+the coarse ``<cpu kind>/<dtype>`` and serves every machine of that kind, or, where a machine of that kind
+is known not to reproduce it, by ``<cpu kind> unidentified/<dtype>``, which serves none (bands only).
 
 ``any_kind`` follows one rule (:func:`any_kind_band`), from the recordings of every kind: their envelope,
 widened on each side by the larger of their cross-kind range and a floor (25% of the largest magnitude,
@@ -33,8 +38,9 @@ FLOOR_SHARE = 0.25
 COMMENT = [
     "Metrics of the smoke run (params/smoke.yaml, the embedded SmolLM2-135M-Instruct on CPU, float32) that",
     "tests/test_notebooks.py compares with <run>/metrics/NN.json; see tests/smoke_pins.py for the rules.",
-    "value: the same on every CPU kind. by_kind: exact (or within rel/abs) on the kind (CPU kind/dtype, from",
-    "the run's stage marker) it was recorded on; any_kind: the band on a kind without a recording.",
+    "value: the same on every machine. by_kind: exact (or within rel/abs) on the kind ('<cpu kind> <cpu",
+    "identity>/<dtype>' from the run's stage marker, or the coarse '<cpu kind>/<dtype>') it was recorded on;",
+    "any_kind: the band on a kind without a recording.",
     "Re-record after an intended change, on each kind you can reach: REFINE_AF_RECORD_METRICS=1 python -m",
     "pytest tests/test_notebooks.py -m slow (it rewrites this kind's values and every band, keeping the keys",
     "and tolerances; other kinds' values are then stale: say so in _kinds), review the diff and commit it.",
@@ -99,13 +105,28 @@ def within(value: Any, expected: Any, pin: dict[str, Any]) -> bool:
     return value == pytest.approx(expected, rel=pin.get("rel", 0.0), abs=pin.get("abs", 0.0))
 
 
+def coarse(kind: str) -> str:
+    """``avx2 AuthenticAMD family 25 model 1/float32`` -> ``avx2/float32``."""
+    machine, _, dtype = kind.rpartition("/")
+    return f"{machine.split(' ')[0]}/{dtype}"
+
+
+def recorded_kind(pin: dict[str, Any], kind: str) -> Optional[str]:
+    """The recording that applies to a run of ``kind``: its own, else its CPU kind's coarse one, else None."""
+    for key in (kind, coarse(kind)):
+        if key in pin["by_kind"]:
+            return key
+    return None
+
+
 def judge(key: str, value: Any, pin: dict[str, Any], kind: str) -> Optional[str]:
     """None when ``value`` meets the pin on ``kind``; else why not."""
     if "value" in pin:
         return None if within(value, pin["value"], pin) else f"recorded {value!r}, pinned {pin['value']!r} (any kind)"
-    if kind in pin["by_kind"]:
-        expected = pin["by_kind"][kind]
-        return None if within(value, expected, pin) else f"recorded {value!r}, pinned {expected!r} on {kind}"
+    recorded = recorded_kind(pin, kind)
+    if recorded is not None:
+        expected = pin["by_kind"][recorded]
+        return None if within(value, expected, pin) else f"recorded {value!r}, pinned {expected!r} on {recorded}"
     low, high = pin["any_kind"]
     if _number(value) and low <= value <= high:
         return None
