@@ -34,8 +34,9 @@ class ModelParams:
     """The backbone LLM: a hub id, a local folder, or ``embedded:smollm2-135m-instruct``."""
 
     name_or_path: str = "embedded:smollm2-135m-instruct"
-    # auto: bfloat16 on a GPU or a CPU with native bf16 (AVX512-BF16/AMX), else float32.
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    # float32 by default (results reproduce on more machines, docs/deviations.md); auto: bfloat16 on a GPU
+    # or a CPU with native bf16 (AVX512-BF16/AMX), else float32.
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "float32"
     device: str = "cpu"
     trust_remote_code: bool = False
     revision: Optional[str] = None

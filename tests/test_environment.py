@@ -63,9 +63,12 @@ def test_auto_resolves_by_cpu_kind_and_explicit_dtypes_stay(monkeypatch):
         fake_cpu(monkeypatch, kind)
         assert resolved_dtype_name("auto") == dtype
         assert resolved_dtype_name("float32") == "float32" and resolved_dtype_name("bfloat16") == "bfloat16"
-        params = resolve_dtypes(load_params(DEFAULT))
+        auto = load_params(DEFAULT, overrides={"model.dtype": "auto"})
+        params = resolve_dtypes(auto)
         assert params.model.dtype == dtype and params.reward.coherence.dtype == "float32"
-        assert set(model_dtypes(load_params(DEFAULT)).values()) == {dtype, "float32"}
+        assert auto.model.dtype == "auto"  # a copy: the loaded params keep what the file says
+        assert set(model_dtypes(auto).values()) == {dtype, "float32"}
+        assert resolve_dtypes(load_params(DEFAULT)).model.dtype == "float32"  # the default pins float32
     import torch
 
     if not torch.cuda.is_available():  # an absent GPU: left for the device check to refuse
@@ -152,7 +155,8 @@ def test_a_machine_that_resolves_auto_otherwise_reruns_the_stages_from_scratch(t
 def test_params_yaml_of_a_run_holds_the_resolved_dtypes(tmp_path, monkeypatch):
     for kind, dtype in (("avx2", "float32"), ("avx512_bf16", "bfloat16")):
         fake_cpu(monkeypatch, kind)
-        params, run_dir = stage_command_line("test", [str(DEFAULT), "--results-root", str(tmp_path / kind)])
+        params, run_dir = stage_command_line("test", [str(DEFAULT), "--results-root", str(tmp_path / kind),
+                                                      "--set", "model.dtype=auto"])
         written = yaml.safe_load((run_dir / "params.yaml").read_text())
         assert params.model.dtype == written["model"]["dtype"] == dtype
         assert "auto" not in json.dumps(written)
