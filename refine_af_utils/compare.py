@@ -12,14 +12,22 @@ change. So each headline quantity gets one of:
 - **consistent**: not equal, but within noise by one of three rules, named in the output: each
   estimate lies inside the other's 95% interval (``intervals``); the two estimates do not differ by a
   two-sided z-test at 0.05 whose standard errors come from the intervals (``z-test``); or the
-  difference is no larger than the spread of that quantity over the seeds of the committed seeds
-  study (``seeds``, ``results/studies/default_seeds/study_runs.csv``);
+  difference lies within the 95% band of the difference of two runs that differ only by their seed,
+  1.96 x sqrt(2) x the quantity's SD over the seeds of the committed seeds study (``seeds``,
+  ``results/studies/default_seeds/study_runs.csv``);
 - **different**: none of those holds: different beyond noise;
-- **not judged**: a quantity without an interval (counts and means of the datasets) that differs.
+- **not judged**: a quantity without an interval and without a seeds-study SD that differs.
 
-The verdict line is ``identical`` when every quantity is, ``consistent`` when none is different, and
-``different beyond noise`` otherwise. Two runs made with other params (beyond the run name, dtypes
-and devices) are not compared: that is one line naming the keys.
+Two tiers. The **headlines** (each model's ROUGE-L and exact match and the paired difference, the win
+share and its tests, the task counts, stage 3's held-out gains, stage 4's arm comparison) decide the
+verdict: ``identical`` when every quantity is; ``different beyond noise`` when more headlines are
+different than chance gives (each judgement is a test at 5%, so among 27 headlines one or two are
+expected to differ by chance: the limit is the fewest that a binomial with p = 0.05 reaches with
+probability at most 5%); ``consistent`` otherwise. The **details** (each category's difference, the dataset statistics) are judged
+and shown but do not decide it: their intervals cover only the evaluation's sampling of instances,
+not the generation of the data, so any run whose data differ (another seed, another machine) moves
+them beyond those intervals. Two runs made with other params (beyond the run name, dtypes and
+devices) are not compared: that is one line naming the keys.
 """
 
 from __future__ import annotations
@@ -73,6 +81,7 @@ class Quantity:
     estimate: float
     low: Optional[float] = None
     high: Optional[float] = None
+    headline: bool = True  # decides the verdict (details are shown and judged, see the module docstring)
 
     @property
     def has_interval(self) -> bool:
@@ -93,16 +102,25 @@ class Comparison:
     @property
     def table(self) -> pd.DataFrame:
         """One row per quantity: run A, run B, the judgement and the rule that decided it."""
-        return pd.DataFrame(self.rows, columns=["quantity", "run A", "run B", "judgement", "rule"])
+        return pd.DataFrame(self.rows, columns=["quantity", "tier", "run A", "run B", "judgement", "rule"])
 
-    def count(self, judgement: str) -> int:
-        """How many quantities got ``judgement``."""
-        return sum(row["judgement"] == judgement for row in self.rows)
+    def count(self, judgement: str, tier: str = "headline") -> int:
+        """How many quantities of ``tier`` got ``judgement``."""
+        return sum(row["judgement"] == judgement and row["tier"] == tier for row in self.rows)
+
+    @property
+    def chance_limit(self) -> int:
+        """The fewest different headlines that chance alone gives with probability at most 5%, when each
+        judged headline is a test at 5% (binomial; the headlines are correlated, so this is approximate)."""
+        from scipy.stats import binom
+
+        judged = sum(row["tier"] == "headline" and row["judgement"] != NOT_JUDGED for row in self.rows)
+        return next(k for k in range(judged + 2) if binom.sf(k - 1, judged, 0.05) <= 0.05)
 
     @property
     def verdict(self) -> str:
-        """``identical``, ``consistent`` or ``different beyond noise``."""
-        if self.count(DIFFERENT):
+        """``identical``, ``consistent`` or ``different beyond noise``, from the headlines."""
+        if self.count(DIFFERENT) >= self.chance_limit:
             return "different beyond noise"
         if all(row["judgement"] == IDENTICAL for row in self.rows):
             return IDENTICAL
@@ -110,8 +128,13 @@ class Comparison:
 
     def verdict_line(self) -> str:
         """The one-line verdict with its counts."""
-        counts = ", ".join(f"{self.count(j)} {j}" for j in (IDENTICAL, CONSISTENT, DIFFERENT, NOT_JUDGED))
-        return f"verdict: {self.verdict} ({len(self.rows)} quantities: {counts})"
+        parts = []
+        for tier in ("headline", "detail"):
+            total = sum(row["tier"] == tier for row in self.rows)
+            counts = ", ".join(f"{self.count(j, tier)} {j}" for j in (IDENTICAL, CONSISTENT, DIFFERENT, NOT_JUDGED))
+            parts.append(f"{total} {tier}s: {counts}")
+        return (f"verdict: {self.verdict} ({'; '.join(parts)}; {self.chance_limit} or more different headlines "
+                f"would be beyond chance)")
 
     def markdown(self) -> str:
         """The comparison as a Markdown page (what ``--output`` writes)."""
@@ -122,8 +145,10 @@ class Comparison:
             f"Made by `python -m refine_af_utils.compare {self.run_a} {self.run_b}`. Run A: {self.environment_a}. "
             f"Run B: {self.environment_b}. Rules: see `refine_af_utils/compare.py` (identical to the report's "
             "precision; consistent when each estimate lies inside the other's 95% interval, or a z-test on the "
-            "difference with standard errors from the intervals gives p >= 0.05, or the difference is within the "
-            "committed seeds study's spread over seeds; not judged: no interval).",
+            "difference with standard errors from the intervals gives p >= 0.05, or the difference lies within "
+            "1.96 x sqrt(2) x the quantity's SD over the committed seeds study's seeds; not judged: neither an "
+            "interval nor a seeds SD). Headlines decide the verdict; details (per category, dataset statistics) "
+            "are judged against intervals that cover the evaluation's sampling only, not the data's generation.",
             f"**{self.verdict_line()}**",
             markdown_table(self.table, index=False),
         ]) + "\n"
@@ -174,7 +199,8 @@ def run_quantities(run_dir: str | Path) -> list[Quantity]:
         match = _BRACKETED.match(str(row["refine_af - self_instruct"]))
         if match:
             estimate, low, high = (float(g) for g in match.groups())
-            quantities.append(Quantity(f"per category, REFINE-AF - Self-Instruct: {category}", estimate, low, high))
+            quantities.append(Quantity(f"per category, REFINE-AF - Self-Instruct: {category}", estimate, low, high,
+                                       headline=False))
     heldout = _table(run_dir, "rl_heldout", index_col="measure")
     for measure, row in heldout.iterrows():
         quantities.append(Quantity(f"stage 3 held-out gain: {measure}", float(row["mean_difference"]),
@@ -186,16 +212,17 @@ def run_quantities(run_dir: str | Path) -> list[Quantity]:
     statistics = _table(run_dir, "dataset_statistics", index_col=0)
     for statistic, row in statistics.iterrows():
         for arm, value in row.items():
-            quantities.append(Quantity(f"dataset {arm}: {statistic}", float(value)))
+            quantities.append(Quantity(f"dataset {arm}: {statistic}", float(value), headline=False))
     return quantities
 
 
-def _seeds_spread(path: Path = SEEDS_STUDY_RUNS) -> dict[str, float]:
-    """Per quantity, the largest difference between two seeds of the committed seeds study."""
+def _seeds_thresholds(path: Path = SEEDS_STUDY_RUNS) -> dict[str, float]:
+    """Per quantity, the 95% band of the difference of two runs that differ by their seed only:
+    1.96 x sqrt(2) x the quantity's SD over the seeds of the committed seeds study."""
     if not path.is_file():
         return {}
     runs = pd.read_csv(path)
-    return {name: float(runs[column].max() - runs[column].min())
+    return {name: float(Z_95 * math.sqrt(2) * runs[column].std(ddof=1))
             for name, column in SEEDS_COLUMNS.items() if column in runs and runs[column].notna().sum() >= 2}
 
 
@@ -203,7 +230,7 @@ def _standard_error(quantity: Quantity) -> float:
     return (quantity.high - quantity.low) / (2 * Z_95)
 
 
-def judge(a: Quantity, b: Quantity, seeds_spread: Optional[float] = None, decimals: int = 4) -> tuple[str, str]:
+def judge(a: Quantity, b: Quantity, seeds_threshold: Optional[float] = None, decimals: int = 4) -> tuple[str, str]:
     """``(judgement, rule)`` for one quantity of two runs (see the module docstring)."""
     same_interval = (a.has_interval == b.has_interval and (not a.has_interval or (
         round(a.low, decimals) == round(b.low, decimals) and round(a.high, decimals) == round(b.high, decimals))))
@@ -215,9 +242,9 @@ def judge(a: Quantity, b: Quantity, seeds_spread: Optional[float] = None, decima
         spread = math.hypot(_standard_error(a), _standard_error(b))
         if spread > 0 and abs(a.estimate - b.estimate) <= Z_95 * spread:
             return CONSISTENT, "z-test"
-    if seeds_spread is not None and abs(a.estimate - b.estimate) <= seeds_spread:
+    if seeds_threshold is not None and abs(a.estimate - b.estimate) <= seeds_threshold:
         return CONSISTENT, "seeds"
-    if not (a.has_interval and b.has_interval) and seeds_spread is None:
+    if not (a.has_interval and b.has_interval) and seeds_threshold is None:
         return NOT_JUDGED, "no interval"
     return DIFFERENT, "beyond noise"
 
@@ -259,20 +286,21 @@ def compare_runs(run_a: str | Path, run_b: str | Path, seeds_study: Path = SEEDS
         raise CompareError(f"{run_b} was made with other params than {run_a} ({shown} differ): a reproduction "
                            "check compares runs of the same params")
     comparison = Comparison(run_a, run_b, _environment(run_a), _environment(run_b))
-    spreads = _seeds_spread(seeds_study)
+    thresholds = _seeds_thresholds(seeds_study)
     quantities_b = {q.name: q for q in run_quantities(run_b)}
     for a in run_quantities(run_a):
         b = quantities_b.pop(a.name, None)
+        tier = "headline" if a.headline else "detail"
         if b is None:
-            comparison.rows.append({"quantity": a.name, "run A": _format(a), "run B": "missing",
+            comparison.rows.append({"quantity": a.name, "tier": tier, "run A": _format(a), "run B": "missing",
                                     "judgement": DIFFERENT, "rule": "missing in run B"})
             continue
-        judgement, rule = judge(a, b, spreads.get(a.name))
-        comparison.rows.append({"quantity": a.name, "run A": _format(a), "run B": _format(b),
+        judgement, rule = judge(a, b, thresholds.get(a.name))
+        comparison.rows.append({"quantity": a.name, "tier": tier, "run A": _format(a), "run B": _format(b),
                                 "judgement": judgement, "rule": rule})
     for name, b in quantities_b.items():
-        comparison.rows.append({"quantity": name, "run A": "missing", "run B": _format(b),
-                                "judgement": DIFFERENT, "rule": "missing in run A"})
+        comparison.rows.append({"quantity": name, "tier": "headline" if b.headline else "detail", "run A": "missing",
+                                "run B": _format(b), "judgement": DIFFERENT, "rule": "missing in run A"})
     return comparison
 
 

@@ -189,7 +189,7 @@ def environment_lines(environment: dict[str, Any]) -> list[tuple[str, str]]:
     rows = [
         ("CPU", str(environment.get("cpu_model", "unknown"))),
         ("CPU kind", str(environment.get("cpu_kind", "unknown"))),
-        ("CPU identity", str(environment.get("cpu_id", "unknown"))),
+        ("CPU identity", str(environment.get("cpu_id", "unknown (not recorded)"))),
         ("CPU flags", ", ".join(f"{flag} {'yes' if present else 'no'}" for flag, present in flags.items())),
         ("torch threads", str(environment.get("torch_threads", "unknown"))),
         ("GPU", str(environment.get("gpu") or "none")),

@@ -182,7 +182,8 @@ def environment_table(run_dir: Path) -> pd.DataFrame:
 def environment_sentence(table: pd.DataFrame) -> str:
     """What kind of reproduction to expect from this run's environment."""
     values = dict(zip(table["what"], table["value"]))
-    kind, identity = values.get("CPU kind"), values.get("CPU identity")
+    kind, identity = values.get("CPU kind"), values.get("CPU identity", "unknown")
+    identity = "identity not recorded" if identity.startswith("unknown") else identity
     dtype = values.get("dtype: backbone (generation, RL, SFT, evaluation)")
     if kind is None or identity is None or dtype is None or "(stage" in f"{kind}{identity}{dtype}":
         return ("The stages did not all record one CPU kind, CPU identity and dtype, so no exact reproduction is "

@@ -80,18 +80,37 @@ def test_moves_inside_the_intervals_are_consistent_and_another_dtype_may_be_comp
     assert comparison.verdict == CONSISTENT and comparison.count(DIFFERENT) == 0
 
 
-def test_a_difference_beyond_noise_is_different(tmp_path):
+def test_one_headline_off_is_chance_and_many_are_different(tmp_path):
     a, b = hand_made_run(tmp_path / "a"), hand_made_run(tmp_path / "b")
 
-    def far(table):  # the paired difference at +40 [35, 45]: outside +5.77 [-6.18, +16.97] and the seeds' spread
+    def far(table):  # the paired difference at +60 [55, 65]: outside its interval and the seeds' band
         last = table.index[-1]
-        table.loc[last, ["ROUGE-L", "ROUGE-L CI low", "ROUGE-L CI high"]] = [40.0, 35.0, 45.0]
+        table.loc[last, ["ROUGE-L", "ROUGE-L CI low", "ROUGE-L CI high"]] = [60.0, 55.0, 65.0]
     edit_table(b, "main", far)
     comparison = compare_runs(a, b)
     row = comparison.table.set_index("quantity").loc["ROUGE-L: refine_af - self_instruct"]
     assert (row["judgement"], row["rule"]) == (DIFFERENT, "beyond noise")
+    assert comparison.count(DIFFERENT) == 1 and comparison.chance_limit == 4
+    assert comparison.verdict == CONSISTENT  # one of 27 tests at 5% is what chance gives
+
+    def far_gains(table):  # RL's held-out gains far outside every interval
+        table[["mean_difference", "ci_low", "ci_high"]] = [[1.0, 0.9, 1.1]] * len(table)
+    edit_table(b, "rl_heldout", far_gains)
+    comparison = compare_runs(a, b)
+    assert comparison.count(DIFFERENT) == 4
     assert comparison.verdict == "different beyond noise"
-    assert comparison.verdict_line().startswith("verdict: different beyond noise (")
+    assert comparison.verdict_line().startswith("verdict: different beyond noise (27 headlines: ")
+
+
+def test_details_are_judged_but_do_not_decide(tmp_path):
+    a, b = hand_made_run(tmp_path / "a"), hand_made_run(tmp_path / "b")
+
+    def flip(table):  # every category's difference far from run A's
+        table["refine_af - self_instruct"] = "90.00 [89.00, 91.00]"
+    edit_table(b, "per_category", flip)
+    comparison = compare_runs(a, b)
+    assert comparison.count(DIFFERENT, "detail") == 12 and comparison.count(DIFFERENT) == 0
+    assert comparison.verdict == CONSISTENT
 
 
 def test_the_rules():
@@ -102,8 +121,8 @@ def test_the_rules():
     assert judge(Quantity("x", 1.0, 0.0, 2.0), Quantity("x", 2.5, 1.0, 4.0)) == (CONSISTENT, "z-test")
     assert judge(Quantity("x", 1.0, 0.0, 2.0), Quantity("x", 3.0, 1.5, 4.5)) == (DIFFERENT, "beyond noise")
     assert judge(Quantity("x", 0.0, 0.0, 0.0), Quantity("x", 3.0, 2.9, 3.1)) == (DIFFERENT, "beyond noise")
-    assert judge(Quantity("x", 0.0, 0.0, 0.0), Quantity("x", 3.0, 2.9, 3.1), seeds_spread=5.0) == (CONSISTENT,
-                                                                                                   "seeds")
+    assert judge(Quantity("x", 0.0, 0.0, 0.0), Quantity("x", 3.0, 2.9, 3.1), seeds_threshold=5.0) == (CONSISTENT,
+                                                                                                      "seeds")
     assert judge(Quantity("n", 36.0), Quantity("n", 42.0)) == (NOT_JUDGED, "no interval")
 
 
@@ -144,6 +163,5 @@ def test_notebook_07_s_reference_check(tmp_path):
 
     run = hand_made_run(tmp_path / "run")
     assert reference_check(None, run).startswith("No reference run set")
-    assert "**verdict: identical" in reference_check("results/default", run) or \
-        "Not compared" in reference_check("results/default", run)  # relative to the repository
+    assert "**verdict: identical" in reference_check("results/default", run)  # relative to the repository
     assert reference_check(str(tmp_path / "nowhere"), run) == f"**Not compared:** {tmp_path / 'nowhere'}: no such run folder"
