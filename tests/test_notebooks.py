@@ -275,7 +275,7 @@ def test_smoke_07_paper_tables(smoke_run):
     assert report.split("\n\n")[2] == "## Environment"  # right after the title and its paragraph
     environment = pd.read_csv(run_dir / "table_environment.csv").set_index("what")["value"]
     assert environment["dtype: backbone (generation, RL, SFT, evaluation)"] == "float32"  # smoke.yaml pins it
-    assert environment["CPU kind"] == run_kind(run_dir, "06").split("/")[0]
+    assert f"{environment['CPU kind']} {environment['CPU identity']}" == run_kind(run_dir, "06").rpartition("/")[0]
     wall = pd.read_csv(run_dir / "table_wall_time.csv", dtype={"stage": str})
     assert wall["stage"].tolist() == ["00", "01", "02", "03", "04", "05", "06", "0-6"]
     assert wall["seconds"].iloc[-1] == pytest.approx(wall["seconds"].iloc[:-1].sum(), abs=0.2)
