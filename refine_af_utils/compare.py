@@ -82,6 +82,7 @@ class Quantity:
     low: Optional[float] = None
     high: Optional[float] = None
     headline: bool = True  # decides the verdict (details are shown and judged, see the module docstring)
+    text: Optional[str] = None  # what the report wrote where it is not a number ("n/a (no non-tied tasks)")
 
     @property
     def has_interval(self) -> bool:
@@ -154,7 +155,17 @@ class Comparison:
         ]) + "\n"
 
 
+def _number(cell: Any) -> tuple[float, Optional[str]]:
+    """A report cell as a float, or NaN and the cell's text where the report wrote words."""
+    try:
+        return float(cell), None
+    except (TypeError, ValueError):
+        return math.nan, str(cell)
+
+
 def _format(quantity: Quantity) -> str:
+    if quantity.text is not None:
+        return quantity.text
     text = f"{quantity.estimate:.4g}"
     return f"{text} [{quantity.low:.4g}, {quantity.high:.4g}]" if quantity.has_interval else text
 
@@ -193,7 +204,8 @@ def run_quantities(run_dir: str | Path) -> list[Quantity]:
             numerator = int(count.group(3) or count.group(1))
             quantities.append(Quantity(f"tasks: {label}", float(numerator)))
         elif str(label).startswith(("sign test", "Wilcoxon")):
-            quantities.append(Quantity(f"{str(label).split()[0].rstrip(',')} test p", float(cell)))
+            value, text = _number(cell)
+            quantities.append(Quantity(f"{str(label).split()[0].rstrip(',')} test p", value, text=text))
     categories = _table(run_dir, "per_category", index_col="category")
     for category, row in categories.iterrows():
         match = _BRACKETED.match(str(row["refine_af - self_instruct"]))
@@ -232,6 +244,10 @@ def _standard_error(quantity: Quantity) -> float:
 
 def judge(a: Quantity, b: Quantity, seeds_threshold: Optional[float] = None, decimals: int = 4) -> tuple[str, str]:
     """``(judgement, rule)`` for one quantity of two runs (see the module docstring)."""
+    if math.isnan(a.estimate) or math.isnan(b.estimate):  # words ("n/a ...") or an empty cell in a report
+        if math.isnan(a.estimate) and math.isnan(b.estimate) and a.text == b.text:
+            return IDENTICAL, "equal"
+        return NOT_JUDGED, "not a number"
     same_interval = (a.has_interval == b.has_interval and (not a.has_interval or (
         round(a.low, decimals) == round(b.low, decimals) and round(a.high, decimals) == round(b.high, decimals))))
     if round(a.estimate, decimals) == round(b.estimate, decimals) and same_interval:

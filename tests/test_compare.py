@@ -126,6 +126,10 @@ def test_the_rules():
     assert judge(Quantity("x", 0.0, 0.0, 0.0), Quantity("x", 3.0, 2.9, 3.1), seeds_threshold=5.0) == (CONSISTENT,
                                                                                                       "seeds")
     assert judge(Quantity("n", 36.0), Quantity("n", 42.0)) == (NOT_JUDGED, "no interval")
+    words = Quantity("p", float("nan"), text="n/a (no non-tied tasks)")  # what a report writes without a test
+    assert judge(words, Quantity("p", float("nan"), text="n/a (no non-tied tasks)")) == (IDENTICAL, "equal")
+    assert judge(words, Quantity("p", 0.5)) == (NOT_JUDGED, "not a number")
+    assert judge(Quantity("x", float("nan")), Quantity("x", float("nan"))) == (IDENTICAL, "equal")
 
 
 def test_bad_input_gets_one_line(tmp_path, capsys):
