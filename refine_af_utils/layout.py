@@ -100,14 +100,20 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def stage_params(stage: Stage, params: "Params") -> dict[str, Any]:
+    """``{section: settings}`` of the sections a stage depends on, dtypes resolved on this machine (what its
+    marker records and :func:`stage_fingerprint` hashes)."""
+    from refine_af_utils.environment import resolve_dtypes
+
+    settings = resolve_dtypes(params).to_dict()
+    return {section: settings[section] for section in stage_sections(stage)}
+
+
 def stage_config(stage: Stage, params: "Params") -> dict[str, Any]:
     """The settings a stage's folder is made with, for ``config.json``: every key of its sections and the
     earlier stages' (as :func:`stage_fingerprint`, dtypes resolved), less the keys it may continue under
     (``resumable``)."""
-    from refine_af_utils.environment import resolve_dtypes
-
-    settings = resolve_dtypes(params).to_dict()
-    flat = flatten({section: settings[section] for section in stage_sections(stage)})
+    flat = flatten(stage_params(stage, params))
     return {key: value for key, value in flat.items()
             if not any(key == r or key.startswith(f"{r}.") for r in stage.resumable)}
 

@@ -41,7 +41,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 from refine_af_utils.environment import machine_environment, resolve_dtypes
 from refine_af_utils.errors import RefineAFError, RunLockedError, project_error_names
-from refine_af_utils.layout import OUTPUTS_VERSION, STAGES, RunLayout, Stage, flatten, stage_fingerprint, stage_sections
+from refine_af_utils.layout import OUTPUTS_VERSION, STAGES, RunLayout, Stage, flatten, stage_fingerprint, stage_params
 from refine_af_utils.params import Params, load_params, parse_overrides
 from refine_af_utils.results import RESOLVED_PARAMS, code_revision, run_folder, sha256_file, write_resolved_params
 
@@ -197,7 +197,7 @@ def stage_status(run_dir: str | Path, stage: Stage, params: Params) -> StageStat
         return StageStatus(True, f"its outputs changed since it ran: {_some(changed)}", from_scratch=True)
     if marker.get("params_fingerprint") != stage_fingerprint(stage, params):
         before = flatten(marker.get("params", {}))
-        now = flatten({section: resolve_dtypes(params).to_dict()[section] for section in stage_sections(stage)})
+        now = flatten(stage_params(stage, params))
         keys = sorted(k for k in set(before) | set(now) if before.get(k, "<unset>") != now.get(k, "<unset>"))
         dtypes = [k for k in keys if k.endswith(".dtype")]
         if dtypes:  # never continue a float32 stage in bfloat16: its outputs would mix both
@@ -230,7 +230,7 @@ def write_marker(run_dir: str | Path, stage: Stage, params: Params, seconds: flo
         "code": code_revision(),
         "seconds": seconds,
         "environment": machine_environment(params),
-        "params": {section: resolve_dtypes(params).to_dict()[section] for section in stage_sections(stage)},
+        "params": stage_params(stage, params),
         "inputs": upstream_hashes(run_dir, stage) if inputs is None else inputs,
         "outputs": hash_outputs(run_dir, stage),
     }
