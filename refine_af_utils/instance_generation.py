@@ -17,15 +17,13 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
-from tqdm.auto import tqdm
 
 from refine_af_utils.figures import arm_comparison_figure, arm_rewards_figure
 from refine_af_utils.instances import extract_instances, generate_instances, instance_prompts
-from refine_af_utils.jsonl import append_jsonl, read_jsonl, truncate_torn_tail
 from refine_af_utils.layout import ARMS, RunLayout, STAGE, stage_config
 from refine_af_utils.params import Params
 from refine_af_utils.results import sha256_file
+from refine_af_utils.resumable import resume_batches
 from refine_af_utils.reward import COMPONENTS, build_scorers, score_instances
 from refine_af_utils.scorers import InstanceText
 from refine_af_utils.seeding import derive_seed
@@ -47,21 +45,20 @@ def generate_arm(params: Params, arm: str, records: Sequence[dict[str, Any]], ru
     """
     cfg = params.instance_generation
     layout = RunLayout(run_dir)
-    path = layout.arm_raw(arm)
-    truncate_torn_tail(path)
-    done = {r["instruction"] for r in read_jsonl(path)}
-    batches = [records[i:i + cfg.batch_size] for i in range(0, len(records), cfg.batch_size)]
-    todo = [batch for batch in batches if any(r["instruction"] not in done for r in batch)]
-    if todo:
-        model, tokenizer = load_generator(params, arm, run_dir)
-        seeds = layout.seed_tasks()
-        for batch in tqdm(todo, desc=f"instances ({arm})"):
-            torch.manual_seed(derive_seed(params.random_seed, "04", batch[0]["instruction"]))
-            generations = generate_instances(model, tokenizer, instance_prompts(batch, seeds, cfg, params.random_seed), cfg)
-            append_jsonl(path, [{"instruction_id": r["id"], "instruction": r["instruction"], "text": g.text,
-                                 "truncated": g.truncated}
-                                for r, g in zip(batch, generations) if r["instruction"] not in done])
-    by_instruction = {r["instruction"]: r for r in read_jsonl(path)}
+    seeds = layout.seed_tasks()
+
+    def generate(model_and_tokenizer: tuple[Any, Any], batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        generations = generate_instances(*model_and_tokenizer, instance_prompts(batch, seeds, cfg, params.random_seed),
+                                         cfg)
+        return [{"instruction_id": r["id"], "instruction": r["instruction"], "text": g.text, "truncated": g.truncated}
+                for r, g in zip(batch, generations)]
+
+    rows = resume_batches(layout.arm_raw(arm), records, job_key=lambda r: r["instruction"],
+                          record_key=lambda r: r["instruction"], batch_size=cfg.batch_size,
+                          load=lambda: load_generator(params, arm, run_dir), generate=generate,
+                          seed=lambda batch: derive_seed(params.random_seed, "04", batch[0]["instruction"]),
+                          desc=f"instances ({arm})")
+    by_instruction = {r["instruction"]: r for r in rows}
     return [{**r, "text": by_instruction[r["instruction"]]["text"],
              "truncated": by_instruction[r["instruction"]]["truncated"]} for r in records]
 

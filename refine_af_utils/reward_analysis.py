@@ -13,12 +13,11 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from refine_af_utils.figures import component_histograms_figure, correlations_figure
-from refine_af_utils.jsonl import append_jsonl, read_jsonl, truncate_torn_tail
 from refine_af_utils.layout import RunLayout, STAGE, stage_config
 from refine_af_utils.params import Params
+from refine_af_utils.resumable import resume_batches
 from refine_af_utils.reward import COMPONENTS, build_scorers, score_instances
 from refine_af_utils.scorers import InstanceText
 from refine_af_utils.seeding import derive_seed
@@ -49,30 +48,19 @@ def _candidates(params: Params, instructions: Sequence[dict[str, Any]], seeds: S
     rng = random.Random(derive_seed(params.random_seed, "02", "instruction-sample"))
     chosen = rng.sample(instructions, min(analysis.num_instructions, len(instructions)))
     jobs = [(record, c) for record in chosen for c in range(analysis.candidates_per_instruction)]
-    path = out / "candidates.jsonl"
-    truncate_torn_tail(path)
-    done = {(r["instruction_id"], r["candidate"]) for r in read_jsonl(path)}
-    # Batches are cut from the full job list and seeded by their first job, so a resumed stage
-    # regenerates a half-written batch whole, with the same noise, and appends only what is missing.
-    batches = [jobs[i:i + cfg.batch_size] for i in range(0, len(jobs), cfg.batch_size)]
-    todo = [batch for batch in batches if any((r["id"], c) not in done for r, c in batch)]
-    if todo:
-        import torch
 
-        model, tokenizer = load_causal_lm(params.model)
-        for batch in tqdm(todo, desc="candidate instances"):
-            first, candidate = batch[0]
-            torch.manual_seed(derive_seed(params.random_seed, "02", first["instruction"], candidate))
-            prompts = instance_prompts([r for r, _ in batch], seeds, cfg, params.random_seed)
-            generations = generate_instances(model, tokenizer, prompts, cfg)
-            append_jsonl(path, [
-                {"instruction_id": r["id"], "instruction": r["instruction"],
-                 "is_classification": r["is_classification"], "candidate": c, "text": g.text,
-                 "truncated": g.truncated}
-                for (r, c), g in zip(batch, generations) if (r["id"], c) not in done
-            ])
-    wanted = {(r["id"], c) for r, c in jobs}
-    return [r for r in read_jsonl(path) if (r["instruction_id"], r["candidate"]) in wanted]
+    def generate(model_and_tokenizer: tuple[Any, Any], batch: list[tuple[dict[str, Any], int]]) -> list[dict[str, Any]]:
+        prompts = instance_prompts([r for r, _ in batch], seeds, cfg, params.random_seed)
+        return [{"instruction_id": r["id"], "instruction": r["instruction"], "is_classification": r["is_classification"],
+                 "candidate": c, "text": g.text, "truncated": g.truncated}
+                for (r, c), g in zip(batch, generate_instances(*model_and_tokenizer, prompts, cfg))]
+
+    return resume_batches(out / "candidates.jsonl", jobs, job_key=lambda job: (job[0]["id"], job[1]),
+                          record_key=lambda r: (r["instruction_id"], r["candidate"]), batch_size=cfg.batch_size,
+                          load=lambda: load_causal_lm(params.model), generate=generate,
+                          seed=lambda batch: derive_seed(params.random_seed, "02", batch[0][0]["instruction"],
+                                                         batch[0][1]),
+                          desc="candidate instances")
 
 
 def _parse_candidates(candidates: Sequence[dict[str, Any]], max_instances: int) -> tuple[pd.DataFrame, pd.DataFrame]:

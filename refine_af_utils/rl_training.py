@@ -37,7 +37,6 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from refine_af_utils.figures import components_figure, heldout_figure, reward_kl_figure
 from refine_af_utils.generation import Generation
@@ -411,35 +410,36 @@ def heldout_samples(params: Params, run_dir: Path, adapter_dir: Path) -> list[di
     from peft import PeftModel
 
     from refine_af_utils.instances import generate_instances
-    from refine_af_utils.jsonl import append_jsonl, read_jsonl, truncate_torn_tail
     from refine_af_utils.models import load_causal_lm
+    from refine_af_utils.resumable import resume_batches
 
     cfg, decoding = params.rl, params.instance_generation
-    path = RunLayout(run_dir).heldout_samples_file
-    truncate_torn_tail(path)
-    done = {(r["generator"], r["instruction"], r["sample"]) for r in read_jsonl(path)}
     records = [r for r in rl_prompts(params, run_dir) if r["split"] == "heldout"]
-    batches = [records[i:i + decoding.batch_size] for i in range(0, len(records), decoding.batch_size)]
-    jobs = [(generator, sample, batch) for generator in GENERATORS for sample in range(cfg.heldout_samples)
-            for batch in batches]
-    todo = [job for job in jobs if any((job[0], r["instruction"], job[1]) not in done for r in job[2])]
-    if todo:
+    # One job per (generator, sample, instruction), in batches of one generator and sample, so both
+    # generators see the same batches and the same noise.
+    jobs = [(generator, sample, r) for generator in GENERATORS for sample in range(cfg.heldout_samples) for r in records]
+
+    def load() -> tuple[Any, Any]:
         base, tokenizer = load_causal_lm(params.model)
-        model = PeftModel.from_pretrained(base, adapter_dir)
-        for generator, sample, batch in tqdm(todo, desc="held-out samples"):
-            torch.manual_seed(derive_seed(params.random_seed, "03", "heldout", sample, batch[0]["instruction"]))
-            prompts = [r["prompt"] for r in batch]
-            if generator == "base":
-                with model.disable_adapter():
-                    generations = generate_instances(model, tokenizer, prompts, decoding)
-            else:
+        return PeftModel.from_pretrained(base, adapter_dir), tokenizer
+
+    def generate(context: tuple[Any, Any], batch: list[tuple[str, int, dict[str, Any]]]) -> list[dict[str, Any]]:
+        model, tokenizer = context
+        generator, sample = batch[0][0], batch[0][1]
+        prompts = [r["prompt"] for _, _, r in batch]
+        if generator == "base":
+            with model.disable_adapter():
                 generations = generate_instances(model, tokenizer, prompts, decoding)
-            append_jsonl(path, [
-                {"generator": generator, "instruction": r["instruction"], "is_classification": r["is_classification"],
-                 "sample": sample, "text": g.text, "truncated": g.truncated}
-                for r, g in zip(batch, generations) if (generator, r["instruction"], sample) not in done])
-    wanted = {(g, r["instruction"], s) for g, s, batch in jobs for r in batch}
-    return [r for r in read_jsonl(path) if (r["generator"], r["instruction"], r["sample"]) in wanted]
+        else:
+            generations = generate_instances(model, tokenizer, prompts, decoding)
+        return [{"generator": generator, "instruction": r["instruction"], "is_classification": r["is_classification"],
+                 "sample": sample, "text": g.text, "truncated": g.truncated} for (_, _, r), g in zip(batch, generations)]
+
+    return resume_batches(
+        RunLayout(run_dir).heldout_samples_file, jobs, job_key=lambda job: (job[0], job[2]["instruction"], job[1]),
+        record_key=lambda r: (r["generator"], r["instruction"], r["sample"]), batch_size=decoding.batch_size,
+        load=load, generate=generate, desc="held-out samples", group=lambda job: job[:2],
+        seed=lambda batch: derive_seed(params.random_seed, "03", "heldout", batch[0][1], batch[0][2]["instruction"]))
 
 
 def heldout_table(samples: Sequence[dict[str, Any]], scorer: CompletionScorer) -> pd.DataFrame:

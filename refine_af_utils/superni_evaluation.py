@@ -17,7 +17,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from refine_af_utils.comparison import (
     EvaluationStatistics,
@@ -85,31 +84,29 @@ def _clip_prompt(tokenizer: Any, prompt: str, max_tokens: int) -> str:
 def predict(params: Params, name: str, tasks: Sequence[SuperNITask], run_dir: str | Path) -> pd.DataFrame:
     """One model's scored predictions for every instance, resuming from ``predictions_<name>.jsonl``."""
     from refine_af_utils.generation import generate_batch
-    from refine_af_utils.jsonl import append_jsonl, read_jsonl, truncate_torn_tail
+    from refine_af_utils.resumable import resume_batches
 
     cfg = params.evaluation
     run_dir = Path(run_dir)
-    path = RunLayout(run_dir).predictions(name)
-    truncate_torn_tail(path)
-    done = {(r["task"], r["id"]) for r in read_jsonl(path)}
-    todo = [(task, instance) for task in tasks for instance in task.instances if (task.name, instance.id) not in done]
-    if todo:
-        model, tokenizer = load_evaluated_model(params, name, run_dir)
-        prompts = [_clip_prompt(tokenizer, evaluation_prompt(t, i), cfg.max_prompt_tokens) for t, i in todo]
-        order = sorted(range(len(todo)), key=lambda k: len(prompts[k]))  # similar lengths batch with less padding
-        batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
-        for batch in tqdm(batches, desc=f"Super-NI predictions ({name})"):
-            outputs = generate_batch(model, tokenizer, [prompts[k] for k in batch], cfg.max_new_tokens)
-            records = []
-            for k, output in zip(batch, outputs):
-                task, instance = todo[k]
-                prediction = output.text.strip()
-                records.append({"task": task.name, "category": task.category, "id": instance.id,
-                                "prompt": prompts[k], "prediction": prediction, "references": instance.references,
-                                **score(prediction, instance.references)})
-            append_jsonl(path, records)
-    wanted = {(t.name, i.id) for t in tasks for i in t.instances}
-    table = pd.DataFrame([r for r in read_jsonl(path) if (r["task"], r["id"]) in wanted])
+    jobs = [(task, instance) for task in tasks for instance in task.instances]
+
+    def prepare(context: tuple[Any, Any], pending: list[tuple[SuperNITask, Any]]) -> list[tuple[Any, Any, str]]:
+        prompts = [_clip_prompt(context[1], evaluation_prompt(t, i), cfg.max_prompt_tokens) for t, i in pending]
+        order = sorted(range(len(pending)), key=lambda k: len(prompts[k]))  # similar lengths batch with less padding
+        return [(*pending[k], prompts[k]) for k in order]
+
+    def generate(context: tuple[Any, Any], batch: list[tuple[Any, Any, str]]) -> list[dict[str, Any]]:
+        outputs = generate_batch(*context, [prompt for _, _, prompt in batch], cfg.max_new_tokens)
+        return [{"task": task.name, "category": task.category, "id": instance.id, "prompt": prompt,
+                 "prediction": output.text.strip(), "references": instance.references,
+                 **score(output.text.strip(), instance.references)}
+                for (task, instance, prompt), output in zip(batch, outputs)]
+
+    records = resume_batches(RunLayout(run_dir).predictions(name), jobs, job_key=lambda j: (j[0].name, j[1].id),
+                             record_key=lambda r: (r["task"], r["id"]), batch_size=cfg.batch_size,
+                             load=lambda: load_evaluated_model(params, name, run_dir), generate=generate,
+                             prepare=prepare, desc=f"Super-NI predictions ({name})")
+    table = pd.DataFrame(records)
     return table.sort_values(["task", "id"], kind="stable").reset_index(drop=True)
 
 
