@@ -108,7 +108,7 @@ def resolved_dtype_name(name: str, device: str = "cpu") -> str:
     return "bfloat16" if cpu_has_native_bf16() else "float32"
 
 
-def _scorers(params: "Params") -> dict[str, Any]:
+def scorer_params(params: "Params") -> dict[str, Any]:
     """``{component: ScorerParams}`` of the reward section (every field but the intercept)."""
     return {f.name: getattr(params.reward, f.name) for f in dataclasses.fields(params.reward)
             if hasattr(getattr(params.reward, f.name), "dtype")}
@@ -118,7 +118,7 @@ def resolve_dtypes(params: "Params") -> "Params":
     """A copy of ``params`` with every ``dtype: auto`` (the backbone's and each scorer's) resolved here."""
     resolved = copy.deepcopy(params)
     resolved.model.dtype = resolved_dtype_name(resolved.model.dtype, resolved.model.device)
-    for scorer in _scorers(resolved).values():
+    for scorer in scorer_params(resolved).values():
         scorer.dtype = resolved_dtype_name(scorer.dtype, scorer.device)
     return resolved
 
@@ -131,7 +131,7 @@ def model_dtypes(params: "Params") -> dict[str, str]:
     """
     resolved = resolve_dtypes(params)
     dtypes = {"backbone (generation, RL, SFT, evaluation)": resolved.model.dtype}
-    for name, scorer in _scorers(resolved).items():
+    for name, scorer in scorer_params(resolved).items():
         dtypes[f"reward.{name}"] = scorer.dtype
     return dtypes
 
@@ -159,14 +159,8 @@ def machine_environment(params: Optional["Params"] = None) -> dict[str, Any]:
     devices = ["cpu"]
     if params is not None:
         environment["dtypes"] = model_dtypes(params)
-        devices = sorted({params.model.device, *(scorer.device for scorer in _scorers(params).values())})
+        devices = sorted({params.model.device, *(scorer.device for scorer in scorer_params(params).values())})
         environment["devices"] = devices
-    if params is not None:
-        from refine_af_utils.models import EMBEDDED_LLM, EMBEDDED_PREFIX, embedded_llm_sha256
-
-        names = {params.model.name_or_path, *(scorer.model for scorer in _scorers(params).values())}
-        if f"{EMBEDDED_PREFIX}{EMBEDDED_LLM}" in names:
-            environment["embedded_llm_sha256"] = embedded_llm_sha256()
     gpus = sorted({torch.cuda.get_device_name(torch.device(d)) for d in devices
                    if d.startswith("cuda") and torch.cuda.is_available()})
     environment["gpu"] = ", ".join(gpus) if gpus else None

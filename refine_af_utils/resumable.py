@@ -90,7 +90,8 @@ def resume_batches(
             if seed is not None:
                 import torch
 
-                torch.manual_seed(seed(batch))
+                batch_seed = seed(batch)  # the caller's derive_seed(...) of the batch's content
+                torch.manual_seed(batch_seed)
             records = generate(context, batch)
             if len(records) != len(batch):
                 raise RuntimeError(f"{path}: a batch of {len(batch)} gave {len(records)} records")

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from refine_af_utils.errors import RefineAFError, decode_utf8
-from refine_af_utils.prompts import evaluation_prompt  # noqa: F401  (defined in prompts.py, importable from here)
 from refine_af_utils.rouge import rouge_l
 
 EXCLUDED_TASKS = ("task1415",)  # excluded by Tk-Instruct's evaluation (prefix match)

@@ -40,8 +40,8 @@ def resolve_superni_dir(value: str) -> Path:
     """``bundled`` -> our offline set; otherwise a natural-instructions checkout (it must exist)."""
     if value == "bundled":
         return BUNDLED_SUPERNI
-    if value.startswith("superni@"):  # downloaded by `python -m refine_af_utils.data superni --commit <sha>`
-        from refine_af_utils.data import resolve_superni_ref
+    if value.startswith("superni@"):  # downloaded by `python -m refine_af_utils.downloads superni --commit <sha>`
+        from refine_af_utils.downloads import resolve_superni_ref
         return resolve_superni_ref(value)
     path = Path(value).expanduser()
     if not path.is_dir():

@@ -106,11 +106,12 @@ def test_machine_environment_records_what_the_issue_lists(monkeypatch):
                                      "reward.understandability", "reward.naturalness", "reward.coherence"}
     assert reproduction_key(record) == "avx512_bf16 AuthenticAMD family 25 model 1/float32"
     assert reproduction_key(record, coarse=True) == "avx512_bf16/float32"
-    digest = record["embedded_llm_sha256"]  # the prepared weights: tells a different preparation from other kernels
-    from refine_af_utils.models import embedded_llm_dir
+    from refine_af_utils.models import embedded_llm_dir, embedded_weights_record
 
+    # The prepared weights (markers add them to the environment): tells a different preparation from other kernels.
+    digest = embedded_weights_record(load_params(SMOKE))["embedded_llm_sha256"]
     if (embedded_llm_dir() / "model.safetensors").is_file():
-        assert len(digest) == 64 and digest == machine_environment(load_params(SMOKE))["embedded_llm_sha256"]
+        assert len(digest) == 64 and digest == embedded_weights_record(load_params(SMOKE))["embedded_llm_sha256"]
     else:
         assert digest is None
 

@@ -95,11 +95,8 @@ def test_prompt_is_definition_only_zero_shot(tmp_path):
     assert evaluation_prompt(task, SuperNIInstance("i", "a claim", ["Yes"])).endswith("Input: a claim.\nOutput:")
 
 
-def test_the_evaluation_prompt_is_defined_with_the_other_prompts_and_still_importable_from_superni():
-    from refine_af_utils import superni
-
+def test_the_evaluation_prompt_is_defined_with_the_other_prompts():
     assert evaluation_prompt.__module__ == "refine_af_utils.prompts"
-    assert superni.evaluation_prompt is evaluation_prompt
 
 
 def test_bundled_evaluation_set_covers_the_12_test_categories():

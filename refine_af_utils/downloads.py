@@ -1,7 +1,7 @@
 """The paper recipes' real data, one command: Super-NI's test tasks and Self-Instruct's files at pinned commits.
 
-    python -m refine_af_utils.data superni --commit <sha> [--max-instances 100]
-    python -m refine_af_utils.data self-instruct [--commit <sha>]
+    python -m refine_af_utils.downloads superni --commit <sha> [--max-instances 100]
+    python -m refine_af_utils.downloads self-instruct [--commit <sha>]
 
 ``superni`` downloads ``splits/default/test_tasks.txt`` of allenai/natural-instructions at the commit and
 only the task files it lists (not the whole repository), keeps the first ``max_instances`` instances of each
@@ -293,7 +293,7 @@ def resolve_superni_ref(value: str) -> Path:
     from refine_af_utils.superni import SuperNIError
 
     commit = value[len(SUPERNI_REF):]
-    command = f"python -m refine_af_utils.data superni --commit {commit}"
+    command = f"python -m refine_af_utils.downloads superni --commit {commit}"
     try:
         folder = superni_folder(commit)
     except DataError as error:
@@ -312,7 +312,7 @@ def resolve_superni_ref(value: str) -> Path:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point: ``superni --commit SHA`` or ``self-instruct [--commit SHA]``."""
-    parser = argparse.ArgumentParser(prog="python -m refine_af_utils.data", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m refine_af_utils.downloads", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="source", required=True)
     superni = sub.add_parser("superni", help=f"{SUPERNI_REPO}: the default test split's task files")
     superni.add_argument("--commit", required=True, help="natural-instructions commit sha to pin")

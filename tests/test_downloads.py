@@ -1,4 +1,4 @@
-"""``python -m refine_af_utils.data``: downloads from a real HTTP server on 127.0.0.1 serving fixture files.
+"""``python -m refine_af_utils.downloads``: downloads from a real HTTP server on 127.0.0.1 serving fixture files.
 
 The fixture tree mirrors raw.githubusercontent.com: ``<owner>/<repo>/<commit>/<path>``. The server can cut
 a response mid-body (full Content-Length, half the bytes) or stall in the middle of one, so a cut
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from refine_af_utils.data import (
+from refine_af_utils.downloads import (
     MANIFEST,
     SELF_INSTRUCT_COMMIT,
     SUPERNI_SPLIT,
@@ -183,7 +183,7 @@ def test_a_cut_download_leaves_nothing_complete_and_resumes(server, capsys):
     assert not (folder / "tasks" / f"{server.names[3]}.json").exists()
     manifest = json.loads((folder / MANIFEST).read_text())
     assert not manifest["complete"] and len(manifest["files"]) == 4  # the split and three tasks
-    with pytest.raises(SuperNIError, match="is not downloaded .*python -m refine_af_utils.data superni --commit"):
+    with pytest.raises(SuperNIError, match="is not downloaded .*python -m refine_af_utils.downloads superni --commit"):
         resolve_superni_dir(f"superni@{COMMIT}")
 
     server.requests.clear()
@@ -196,7 +196,7 @@ def test_a_killed_download_resumes(server, tmp_path):
     stalled = _task_path(server.names[5])
     server.stall.add(stalled)
     env = {**os.environ, "REFINE_AF_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(REPO_ROOT)}
-    command = [sys.executable, "-m", "refine_af_utils.data", "superni", "--commit", COMMIT, "--base-url", server.url]
+    command = [sys.executable, "-m", "refine_af_utils.downloads", "superni", "--commit", COMMIT, "--base-url", server.url]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         assert server.stalled.wait(60), "the download never reached the stalled file"
