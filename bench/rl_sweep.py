@@ -31,7 +31,7 @@ import pandas as pd
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from refine_af_utils.jsonl import append_jsonl, read_jsonl  # noqa: E402
+from refine_af_utils.files import append_jsonl, read_jsonl  # noqa: E402
 from refine_af_utils.layout import RunLayout  # noqa: E402
 from refine_af_utils.params import Params, load_params  # noqa: E402
 from refine_af_utils.rl_reward import CompletionScorer  # noqa: E402

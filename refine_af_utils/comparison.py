@@ -177,20 +177,19 @@ def evaluation_statistics(predictions: dict[str, pd.DataFrame], seed: int,
     return EvaluationStatistics(overall, tasks, per_category, improvement)
 
 
-STATISTICS_FILES = {"overall": "overall_ci.csv", "tasks": "task_stats.csv", "per_category": "per_category_ci.csv"}
+STATISTICS_FILES = {"overall": "overall_ci", "tasks": "task_stats", "per_category": "per_category_ci"}  # layout names
 
 
-def write_statistics(out: Path, statistics: EvaluationStatistics, improvement: dict[str, Any]) -> None:
-    """Write ``overall_ci.csv``, ``task_stats.csv``, ``per_category_ci.csv`` and ``tasks_improved.csv`` to ``out``.
+def write_statistics(layout: RunLayout, statistics: EvaluationStatistics, improvement: dict[str, Any]) -> None:
+    """Write stage 6's ``overall_ci``, ``task_stats``, ``per_category_ci`` and ``tasks_improved`` tables.
 
     ``improvement`` is :func:`tasks_improved`'s counts; the statistics' rows follow them in
-    ``tasks_improved.csv`` (one ``measure,value`` table).
+    ``tasks_improved`` (one ``measure,value`` table).
     """
-    statistics.overall.to_csv(out / STATISTICS_FILES["overall"], index=False)
-    statistics.tasks.to_csv(out / STATISTICS_FILES["tasks"], index=False)
-    statistics.per_category.to_csv(out / STATISTICS_FILES["per_category"], index=False)
+    for key, name in STATISTICS_FILES.items():
+        getattr(statistics, key).to_csv(layout.file("06", name), index=False)
     pd.Series({**improvement, **statistics.improvement}, dtype=object).to_csv(
-        out / "tasks_improved.csv", header=["value"], index_label="measure")
+        layout.file("06", "tasks_improved"), header=["value"], index_label="measure")
 
 
 def bootstrap_seed(random_seed: int) -> int:
@@ -200,7 +199,7 @@ def bootstrap_seed(random_seed: int) -> int:
 
 def statistics_from_run(run_dir: str | Path, random_seed: int) -> EvaluationStatistics:
     """Stage 6's statistics again from ``eval/predictions_<model>.jsonl`` (same seed rule, same numbers)."""
-    from refine_af_utils.jsonl import read_jsonl
+    from refine_af_utils.files import read_jsonl
 
     predictions = {}
     for name in MODELS:

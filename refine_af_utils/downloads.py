@@ -8,7 +8,7 @@ only the task files it lists (not the whole repository), keeps the first ``max_i
 and checks every file with :func:`refine_af_utils.superni.load_task` as it arrives. ``self-instruct``
 downloads yizhongw/self-instruct's ``data/seed_tasks.jsonl`` (checked with the seed loader) and
 ``human_eval/user_oriented_instructions.jsonl``. Files go to ``<cache>/<source>/<commit>/``
-(:func:`refine_af_utils.results.cache_dir`) with a ``manifest.json``: commit, and per file its sha256, its
+(:func:`refine_af_utils.run_folder.cache_dir`) with a ``manifest.json``: commit, and per file its sha256, its
 instance count and, for Super-NI tasks, the ``Instance License``.
 
 Every file is written to a partial name and renamed once complete and checked, and the manifest is rewritten
@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from refine_af_utils.errors import RefineAFError
-from refine_af_utils.results import cache_dir, sha256_file
+from refine_af_utils.files import cache_dir, sha256_file
 
 BASE_URL_ENV = "REFINE_AF_DATA_URL"
 DEFAULT_BASE_URL = "https://raw.githubusercontent.com"

@@ -15,6 +15,10 @@ class RefineAFError(Exception):
     """Base class of the project's own, expected errors (bad input or state, one-line message)."""
 
 
+class ParamsError(RefineAFError, ValueError):
+    """A params file that does not match the schema (importable from :mod:`refine_af_utils.params` too)."""
+
+
 class StageConfigError(RefineAFError, RuntimeError):
     """A stage folder whose outputs were made with other settings (rerun the stage with --force)."""
 

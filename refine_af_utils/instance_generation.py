@@ -18,15 +18,19 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from refine_af_utils.files import atomic_write_text
 from refine_af_utils.figures import arm_comparison_figure, arm_rewards_figure
 from refine_af_utils.instances import extract_instances, generate_instances, instance_prompts
-from refine_af_utils.layout import ARMS, RunLayout, STAGE, stage_config
+from refine_af_utils.layout import ARMS, RunLayout, stage_of_module
 from refine_af_utils.params import Params
-from refine_af_utils.results import sha256_file
+from refine_af_utils.files import sha256_file
 from refine_af_utils.resumable import resume_batches
+from refine_af_utils.run_folder import open_stage
 from refine_af_utils.reward import COMPONENTS, build_scorers, score_instances
 from refine_af_utils.scorers import InstanceText
 from refine_af_utils.seeding import derive_seed
+
+_STAGE = stage_of_module(__name__)  # this module's stage in the registry
 
 
 def load_generator(params: Params, arm: str, run_dir: Path) -> tuple[Any, Any]:
@@ -56,7 +60,7 @@ def generate_arm(params: Params, arm: str, records: Sequence[dict[str, Any]], ru
     rows = resume_batches(layout.arm_raw(arm), records, job_key=lambda r: r["instruction"],
                           record_key=lambda r: r["instruction"], batch_size=cfg.batch_size,
                           load=lambda: load_generator(params, arm, run_dir), generate=generate,
-                          seed=lambda batch: derive_seed(params.random_seed, "04", batch[0]["instruction"]),
+                          seed=lambda batch: derive_seed(params.random_seed, _STAGE.id, batch[0]["instruction"]),
                           desc=f"instances ({arm})")
     by_instruction = {r["instruction"]: r for r in rows}
     return [{**r, "text": by_instruction[r["instruction"]]["text"],
@@ -108,7 +112,7 @@ def arm_comparison(table: pd.DataFrame, random_seed: int) -> pd.DataFrame:
         if rows.empty:
             continue
         summary = paired_summary(rows, {m: (f"{ARMS[0]}_{m}", f"{ARMS[1]}_{m}") for m in ARM_MEASURES},
-                                 derive_seed(random_seed, "04", "ci", group))
+                                 derive_seed(random_seed, _STAGE.id, "ci", group))
         parts.append(summary.assign(group=group, instructions=len(rows)))
     columns = ["group", "instructions", "measure", "mean_before", "mean_after", "mean_difference", "ci_low",
                "ci_high", "pairs"]
@@ -153,11 +157,10 @@ class ArmsResult:
 def run_instance_stage(params: Params, run_dir: str | Path) -> ArmsResult:
     """Stage 4: generate, filter, score and export both arms' datasets under ``<run_dir>/data``."""
     from refine_af_utils.models import check_model_params
-    from refine_af_utils.results import check_stage_config, record_metrics
     from refine_af_utils.reward import check_scorers, unparsed_reward
 
-    run_dir = Path(run_dir)
-    layout = RunLayout(run_dir)
+    stage = open_stage(__name__, params, run_dir)
+    run_dir, layout = stage.run_dir, stage.layout
     layout.seed_tasks()  # every input is checked before the stage writes anything
     records = layout.instructions()
     split = layout.rl_split()
@@ -167,9 +170,7 @@ def run_instance_stage(params: Params, run_dir: str | Path) -> ArmsResult:
         raise FileNotFoundError(f"{adapter}: stage 3's trained adapter is missing; run stage 03 first")
     check_model_params(params.model)
     check_scorers(params.reward)
-    out = layout.stage_folder("04", create=True)
-    check_stage_config(out, {  # the REFINE-AF arm's completions belong to one trained adapter
-        **stage_config(STAGE["04"], params), "adapter_sha256": sha256_file(adapter)})
+    stage.check_config(adapter_sha256=sha256_file(adapter))  # the REFINE-AF arm's completions belong to one adapter
     scorers = build_scorers(params.reward, layout.score_cache)
     instances, stats = {}, {}
     for arm in ARMS:
@@ -180,22 +181,22 @@ def run_instance_stage(params: Params, run_dir: str | Path) -> ArmsResult:
         scores = score_instances(scorers, texts, ids, params.reward) if texts else pd.DataFrame(
             columns=[*COMPONENTS, "reward"])
         table = pd.concat([table.reset_index(drop=True), scores.reset_index(drop=True)], axis=1)
-        layout.arm_data(arm).write_text(table.to_json(orient="records", lines=True, force_ascii=False))
+        atomic_write_text(layout.arm_data(arm), table.to_json(orient="records", lines=True, force_ascii=False))
         instances[arm] = table
         stats[arm] = dataset_statistics(table, len(records))
     statistics = pd.DataFrame(stats)
-    statistics.to_csv(out / "dataset_statistics.csv")
+    statistics.to_csv(stage.file("statistics"))
     summary = pd.DataFrame({arm: table[[*COMPONENTS, "reward"]].mean() for arm, table in instances.items()}).round(4)
-    summary.to_csv(out / "reward_by_arm.csv")
+    summary.to_csv(stage.file("reward_by_arm"))
     per_instruction = per_instruction_rewards(records, instances, split, unparsed)
-    per_instruction.to_csv(out / "per_instruction.csv", index=False)
+    per_instruction.to_csv(stage.file("per_instruction"), index=False)
     comparison = arm_comparison(per_instruction, params.random_seed)
-    comparison.to_csv(out / "arm_comparison.csv", index=False)
+    comparison.to_csv(stage.file("arm_comparison"), index=False)
     figures = {"rewards": arm_rewards_figure({arm: t["reward"] for arm, t in instances.items()},
-                                             out / "reward_by_arm.png"),
-               "comparison": arm_comparison_figure(comparison, out / "arm_comparison.png")}
+                                             stage.file("fig_rewards")),
+               "comparison": arm_comparison_figure(comparison, stage.file("fig_comparison"))}
     overall = comparison[comparison["group"] == "all"].set_index("measure")
-    record_metrics(run_dir, "04", {
+    stage.record_metrics({
         **{f"{arm}_instances": len(t) for arm, t in instances.items()},
         **{f"{arm}_mean_reward": round(float(t["reward"].mean()), 6) if len(t) else None
            for arm, t in instances.items()},

@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 
 from refine_af_utils.figures import filter_counts_figure, novelty_figure
 from refine_af_utils.generation import generate_batch
-from refine_af_utils.jsonl import append_jsonl, read_jsonl, truncate_to_records, truncate_torn_tail
-from refine_af_utils.layout import BATCHES_FILE, INSTRUCTIONS_FILE, STAGE, RunLayout, stage_config
+from refine_af_utils.files import append_jsonl, read_jsonl, truncate_to_records, truncate_torn_tail
+from refine_af_utils.layout import BATCHES_FILE, INSTRUCTIONS_FILE, stage_config, stage_of_module
 from refine_af_utils.params import Params
 from refine_af_utils.prompts import (
     INSTRUCTION_STOP_STRINGS,
@@ -43,7 +43,7 @@ from refine_af_utils.prompts import (
     instruction_generation_prompt,
     parse_yes_no,
 )
-from refine_af_utils.results import check_stage_config
+from refine_af_utils.run_folder import check_stage_config
 from refine_af_utils.rouge import NoveltyPool
 from refine_af_utils.seeding import derive_seed
 from refine_af_utils.seeds import SeedTask
@@ -66,6 +66,8 @@ FILTERS = [
     "starts_with_non_ascii",
     "too_similar",
 ]
+
+_STAGE = stage_of_module(__name__)  # this module's stage in the registry
 
 
 def parse_continuation(text: str) -> list[str]:
@@ -172,7 +174,7 @@ def bootstrap_instructions(
     cfg, clf = params.instruction_generation, params.classification
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    check_stage_config(out_dir, stage_config(STAGE["01"], params))
+    check_stage_config(out_dir, stage_config(_STAGE, params))
     state = load_state(out_dir)
     pool = NoveltyPool(s.instruction for s in seeds)
     for record in state.instructions:
@@ -180,7 +182,7 @@ def bootstrap_instructions(
     machine = [r["instruction"] for r in state.instructions]
     seed_texts = _prompt_seeds(seeds, cfg.prompt_variant)
     examples = classification_examples(seeds, clf.num_examples,
-                                      random.Random(derive_seed(params.random_seed, "01", "classification-examples")))
+                                      random.Random(derive_seed(params.random_seed, _STAGE.id, "classification-examples")))
     num_from_seeds = cfg.num_prompt_instructions - cfg.num_machine_in_prompt
     if len(seed_texts) < num_from_seeds:
         raise ValueError(f"{num_from_seeds} seed instructions per prompt asked for, {len(seed_texts)} available")
@@ -193,7 +195,7 @@ def bootstrap_instructions(
             print(f"stopping at max_batches={cfg.max_batches} with {len(machine)} instructions", file=sys.stderr)
             break
         started = time.time()
-        batch_seed = derive_seed(params.random_seed, "01", "batch", batch)  # a batch number: the same on resume
+        batch_seed = derive_seed(params.random_seed, _STAGE.id, "batch", batch)  # a batch number: the same on resume
         rng = random.Random(batch_seed)
         prompts = []
         for _ in range(cfg.batch_size):
@@ -318,26 +320,25 @@ def run_instruction_stage(params: Params, run_dir: str | Path) -> InstructionSta
     """Stage 1: bootstrap instructions into ``<run_dir>/instructions`` with tables and figures."""
     from refine_af_utils.models import load_causal_lm
     from refine_af_utils.plots import histogram, save_figure
-    from refine_af_utils.results import record_metrics
+    from refine_af_utils.run_folder import open_stage
 
-    layout = RunLayout(run_dir)
-    out = layout.stage_folder("01", create=True)
-    seeds = layout.seed_tasks()
+    stage = open_stage(__name__, params, run_dir)
+    seeds = stage.layout.seed_tasks()
     model, tokenizer = load_causal_lm(params.model)
-    state = bootstrap_instructions(params, seeds, out, model, tokenizer)
+    state = bootstrap_instructions(params, seeds, stage.folder, model, tokenizer)
     table = instruction_table(state.instructions)
     counts = filter_counts(state.batches)
     throughput = generation_throughput(state.batches)
-    table.to_csv(out / "instructions.csv", index=False)
-    counts.to_csv(out / "filter_counts.csv", index=False)
+    table.to_csv(stage.file("table"), index=False)
+    counts.to_csv(stage.file("filter_counts"), index=False)
     figures = {
-        "filter_counts": filter_counts_figure(counts, out / "filter_counts.png"),
+        "filter_counts": filter_counts_figure(counts, stage.file("fig_filter_counts")),
         "novelty": novelty_figure(table["max_rouge_l"], params.instruction_generation.novelty_threshold,
-                                  out / "novelty_rouge_l.png"),
+                                  stage.file("fig_novelty")),
         "lengths": save_figure(histogram(table["words"], "Length of the new instructions", "words"),
-                               out / "instruction_lengths.png"),
+                               stage.file("fig_lengths")),
     }
-    record_metrics(run_dir, "01", {
+    stage.record_metrics({
         "instructions": len(table),
         "classification_share": round(float(table["is_classification"].mean()), 3) if len(table) else 0.0,
         "mean_max_rouge_l": round(float(table["max_rouge_l"].mean()), 4) if len(table) else 0.0,

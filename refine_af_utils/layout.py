@@ -30,8 +30,6 @@ if TYPE_CHECKING:
     from refine_af_utils.params import Params
     from refine_af_utils.seeds import SeedTask
 
-INSTRUCTIONS_FILE = "instructions.jsonl"  # stage 1's instructions, in whatever folder it bootstraps into
-BATCHES_FILE = "batches.jsonl"  # stage 1's batch commits (one record per batch, the commit marker)
 ARMS = ("self_instruct", "refine_af")  # stage 4's two datasets: the untrained and the RL-trained generator
 MODELS = ("base", *ARMS)  # stage 6's models: the backbone, then its SFT on each arm's dataset
 
@@ -64,6 +62,53 @@ STAGES = [
     Stage("07", "07_paper_tables.ipynb", "report", None, "report"),
 ]
 STAGE = {stage.id: stage for stage in STAGES}
+
+# Every file a stage writes into its folder, by name; ``{arm}``, ``{model}`` and ``{name}`` are filled
+# in by the caller (:meth:`RunLayout.file`). Writers and readers (the stage, later stages, the report,
+# the study, compare) all find files here; a structure test refuses file-name literals elsewhere.
+STAGE_FILES: dict[str, dict[str, str]] = {
+    "00": {"seed_tasks": "seed_tasks.jsonl", "summary": "seed_summary.csv"},
+    "01": {"instructions": "instructions.jsonl", "batches": "batches.jsonl", "table": "instructions.csv",
+           "filter_counts": "filter_counts.csv", "fig_filter_counts": "filter_counts.png",
+           "fig_novelty": "novelty_rouge_l.png", "fig_lengths": "instruction_lengths.png"},
+    "02": {"candidates": "candidates.jsonl", "scores": "scores.csv", "filter_counts": "filter_counts.csv",
+           "correlations": "correlations.csv", "reward_by_type": "reward_by_type.csv",
+           "best_examples": "best_examples.csv", "worst_examples": "worst_examples.csv", "score_cache": "cache",
+           "fig_components": "component_histograms.png", "fig_correlations": "component_correlations.png",
+           "fig_reward": "reward_distribution.png"},
+    "03": {"prompts": "prompts.jsonl", "metrics": "metrics.csv", "checkpoints": "checkpoints", "adapter": "adapter",
+           "heldout_samples": "heldout_samples.jsonl", "heldout_eval": "heldout_eval.csv",
+           "heldout_summary": "heldout_summary.csv", "fig_heldout": "heldout_gain.png",
+           "fig_reward_kl": "reward_kl.png", "fig_components": "components.png"},
+    "04": {"raw": "raw_{arm}.jsonl", "dataset": "{arm}.jsonl", "statistics": "dataset_statistics.csv",
+           "reward_by_arm": "reward_by_arm.csv", "per_instruction": "per_instruction.csv",
+           "arm_comparison": "arm_comparison.csv", "fig_rewards": "reward_by_arm.png",
+           "fig_comparison": "arm_comparison.png"},
+    "05": {"arm": "{arm}", "model": "{arm}/model", "complete": "{arm}/complete", "arm_loss": "{arm}/loss.csv",
+           "loss": "loss.csv", "summary": "summary.csv", "fig_loss": "loss.png"},
+    "06": {"predictions": "predictions_{model}.jsonl", "per_task": "per_task.csv", "per_category": "per_category.csv",
+           "overall": "overall.csv", "task_comparison": "task_comparison.csv", "overall_ci": "overall_ci.csv",
+           "task_stats": "task_stats.csv", "per_category_ci": "per_category_ci.csv",
+           "tasks_improved": "tasks_improved.csv", "figure": "{name}.png"},
+}
+# Stage 1 bootstraps into any folder (tests use a temporary one): its two append-only files by name.
+INSTRUCTIONS_FILE, BATCHES_FILE = STAGE_FILES["01"]["instructions"], STAGE_FILES["01"]["batches"]
+CONFIG_FILE = "config.json"  # in every stage folder: the settings it was made with (run_folder.check_stage_config)
+RESOLVED_PARAMS = "params.yaml"  # at the top of a run folder: the params it runs with, every key resolved
+SCORE_CACHE_FILE = "{name}-{digest}.jsonl"  # in stage 2's score cache: one scorer's scores
+# Inside one SFT output folder (stage 5's <arm>/, or any folder sft.fine_tune writes).
+SFT_MODEL, SFT_LOSS, SFT_COMPLETE = "model", "loss.csv", "complete"
+# Inside one RL checkpoint folder (rl/checkpoints/update-<n>/).
+RL_CHECKPOINT, RL_CHECKPOINT_COMPLETE = "update-{update}", "complete"
+
+
+def stage_of_module(module: str) -> Stage:
+    """The registry's stage whose module is ``module`` (a stage module passes its ``__name__``)."""
+    name = module.rsplit(".", 1)[-1]
+    for stage in STAGES:
+        if stage.module.rsplit(".", 1)[-1] == name:
+            return stage
+    raise KeyError(f"{module}: no stage in layout.STAGES runs this module")
 
 
 def stage_sections(stage: Stage) -> list[str]:
@@ -170,6 +215,14 @@ class RunLayout:
     def eval(self) -> Path:
         return self.stage_folder("06")
 
+    def file(self, stage_id: str, name: str, **fields: Any) -> Path:
+        """A stage's file by its name in :data:`STAGE_FILES` (``file("04", "raw", arm="refine_af")``)."""
+        try:
+            pattern = STAGE_FILES[stage_id][name]
+        except KeyError:
+            raise KeyError(f"stage {stage_id} has no file named {name!r} in layout.STAGE_FILES") from None
+        return self.stage_folder(stage_id) / pattern.format(**fields)
+
     # --- the runner's files -------------------------------------------------------------------------
     def marker(self, stage_id: str) -> Path:
         """The runner's completion marker of a stage."""
@@ -186,79 +239,79 @@ class RunLayout:
     # --- artefacts one stage hands another ----------------------------------------------------------
     @property
     def seed_tasks_file(self) -> Path:
-        return self.seeds / "seed_tasks.jsonl"
+        return self.file("00", "seed_tasks")
 
     @property
     def instructions_file(self) -> Path:
-        return self.instructions_dir / INSTRUCTIONS_FILE
+        return self.file("01", "instructions")
 
     @property
     def instruction_config(self) -> Path:
-        return self.instructions_dir / "config.json"
+        return self.instructions_dir / CONFIG_FILE
 
     @property
     def scores_file(self) -> Path:
         """Stage 2's per-instance component scores (``scores.csv``)."""
-        return self.reward_analysis / "scores.csv"
+        return self.file("02", "scores")
 
     @property
     def score_cache(self) -> Path:
         """The scorers' cache: filled by stage 2, read and extended by stages 3 and 4."""
-        return self.reward_analysis / "cache"
+        return self.file("02", "score_cache")
 
     @property
     def rl_prompts_file(self) -> Path:
         """Stage 3's split of the instructions (train, held-out, unused)."""
-        return self.rl / "prompts.jsonl"
+        return self.file("03", "prompts")
 
     @property
     def rl_metrics_file(self) -> Path:
-        return self.rl / "metrics.csv"
+        return self.file("03", "metrics")
 
     @property
     def rl_checkpoints(self) -> Path:
-        return self.rl / "checkpoints"
+        return self.file("03", "checkpoints")
 
     @property
     def adapter(self) -> Path:
         """Stage 3's trained LoRA adapter (the REFINE-AF instance generator)."""
-        return self.rl / "adapter"
+        return self.file("03", "adapter")
 
     @property
     def heldout_samples_file(self) -> Path:
-        return self.rl / "heldout_samples.jsonl"
+        return self.file("03", "heldout_samples")
 
     @property
     def heldout_eval_file(self) -> Path:
-        return self.rl / "heldout_eval.csv"
+        return self.file("03", "heldout_eval")
 
     @property
     def heldout_summary_file(self) -> Path:
-        return self.rl / "heldout_summary.csv"
+        return self.file("03", "heldout_summary")
 
     def arm_raw(self, arm: str) -> Path:
         """Stage 4's raw completions of one arm (append-only, resumable)."""
-        return self.data / f"raw_{arm}.jsonl"
+        return self.file("04", "raw", arm=arm)
 
     def arm_data(self, arm: str) -> Path:
         """Stage 4's dataset of one arm: the instances stage 5 trains on."""
-        return self.data / f"{arm}.jsonl"
+        return self.file("04", "dataset", arm=arm)
 
     def sft_arm(self, arm: str) -> Path:
         """Stage 5's folder for one arm (checkpoints, ``model/``, ``complete``)."""
-        return self.sft / arm
+        return self.file("05", "arm", arm=arm)
 
     def sft_model(self, arm: str) -> Path:
         """Where stage 5 saves an arm's fine-tuned adapter (or full model)."""
-        return self.sft_arm(arm) / "model"
+        return self.file("05", "model", arm=arm)
 
     def sft_complete(self, arm: str) -> Path:
         """Written when an arm's stage 5 model is whole."""
-        return self.sft_arm(arm) / "complete"
+        return self.file("05", "complete", arm=arm)
 
     def predictions(self, model: str) -> Path:
         """Stage 6's scored predictions of one model (append-only, resumable)."""
-        return self.eval / f"predictions_{model}.jsonl"
+        return self.file("06", "predictions", model=model)
 
     @property
     def report(self) -> Path:
@@ -283,7 +336,7 @@ class RunLayout:
 
     def instructions(self) -> list[dict[str, Any]]:
         """The instruction records stage 1 wrote (a clear error when there are none)."""
-        from refine_af_utils.jsonl import read_jsonl
+        from refine_af_utils.files import read_jsonl
 
         records = read_jsonl(self.instructions_file)
         if not records:
@@ -292,7 +345,7 @@ class RunLayout:
 
     def rl_split(self) -> dict[str, str]:
         """Stage 3's split: instruction text -> ``train``, ``heldout`` or ``unused``."""
-        from refine_af_utils.jsonl import read_jsonl
+        from refine_af_utils.files import read_jsonl
 
         if not self.rl_prompts_file.is_file():
             raise _missing(self.rl_prompts_file, "03", "stage 3's prompt split")
@@ -300,7 +353,7 @@ class RunLayout:
 
     def arm_instances(self, arm: str) -> list[dict[str, Any]]:
         """Stage 4's dataset of one arm, each record checked to have string instruction, input, output."""
-        from refine_af_utils.jsonl import read_jsonl
+        from refine_af_utils.files import read_jsonl
 
         path = self.arm_data(arm)
         if not path.is_file():

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from refine_af_utils.environment import resolved_dtype_name, scorer_params
 from refine_af_utils.errors import RefineAFError
 from refine_af_utils.params import LoraParams, ModelParams, Params
-from refine_af_utils.results import cache_dir, sha256_file
+from refine_af_utils.files import cache_dir, sha256_file
 
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_LLM = "smollm2-135m-instruct"

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import matplotlib
 
@@ -179,4 +180,44 @@ def difference_chart(summary: pd.DataFrame, title: str) -> plt.Figure:
     fig.suptitle(title, fontsize=10)
     fig.supxlabel("mean paired difference (95% bootstrap CI)", fontsize=9)
     fig.tight_layout()
+    return fig
+
+
+def spread_by_group(table: pd.DataFrame, group: str, columns: Sequence[str], titles: Mapping[str, str],
+                    references: Mapping[str, float], title: str) -> plt.Figure:
+    """One panel per column: per value of ``group``, each row as a dot (with its ``<column>_ci_low`` to
+    ``<column>_ci_high`` bar where the table has them) and their mean as a line; a dotted reference line
+    at ``references[column]`` (default 0)."""
+    fig, axes = plt.subplots(1, len(columns), figsize=(4.5 * len(columns), 3.6), squeeze=False)
+    groups = list(dict.fromkeys(table[group]))
+    for ax, key in zip(axes[0], columns):
+        for i, name in enumerate(groups):
+            part = table[table[group] == name]
+            values = part[key].astype(float)
+            ax.scatter([i] * len(values), values, color="tab:blue", alpha=0.7, s=18)
+            low, high = f"{key}_ci_low", f"{key}_ci_high"
+            if low in part and high in part:
+                for lo, hi in zip(part[low].astype(float), part[high].astype(float)):
+                    if math.isfinite(lo) and math.isfinite(hi):
+                        ax.plot([i, i], [lo, hi], color="tab:blue", alpha=0.25, linewidth=3)
+            if values.notna().any():
+                ax.hlines(values.mean(), i - 0.3, i + 0.3, color="black")
+        ax.axhline(references.get(key, 0.0), color="grey", linestyle=":", linewidth=1)
+        ax.set_xticks(range(len(groups)), groups, rotation=45, ha="right")
+        ax.set_title(titles.get(key, key), fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def density_histograms(samples: Sequence[tuple[str, Sequence[float], float]], title: str, xlabel: str,
+                       bins: int = 20) -> plt.Figure:
+    """Density histograms of labelled samples, ``(label, values, alpha)``, over each other, with a dotted zero line."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, values, alpha in samples:
+        ax.hist(values, bins=bins, alpha=alpha, label=label, density=True)
+    ax.axvline(0.0, color="grey", linestyle=":")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("density")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
     return fig

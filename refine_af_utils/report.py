@@ -34,7 +34,7 @@ from refine_af_utils.figures import (
     reward_kl_figure,
     sft_loss_figure,
 )
-from refine_af_utils.jsonl import read_jsonl
+from refine_af_utils.files import read_jsonl
 from refine_af_utils.layout import ARMS, MODELS, STAGES, RunLayout
 from refine_af_utils.reward import COMPONENTS
 
@@ -126,13 +126,13 @@ def evaluation_statistics_tables(run_dir: Path, improvement: pd.Series, random_s
     computed from its predictions with the run's seed (``random_seed``), in memory, the same numbers
     stage 6 would write.
     """
-    paths = {key: RunLayout(run_dir).eval / name for key, name in STATISTICS_FILES.items()}
+    paths = {key: RunLayout(run_dir).file("06", name) for key, name in STATISTICS_FILES.items()}
     missing = [path for path in paths.values() if not path.is_file()]
     if not missing and "sign_test_p" in improvement.index:
         tests = {str(key): value for key, value in improvement.items()}
         return (pd.read_csv(paths["overall"]), pd.read_csv(paths["tasks"]), pd.read_csv(paths["per_category"]), tests)
     if random_seed is None:
-        where = missing[0] if missing else RunLayout(run_dir).eval / "tasks_improved.csv"
+        where = missing[0] if missing else RunLayout(run_dir).file("06", "tasks_improved")
         raise FileNotFoundError(f"{where}: missing stage 6 statistics; run the stage that writes them before stage 7 "
                                 "(or give the run's random_seed to compute them from the predictions)")
     statistics = statistics_from_run(run_dir, int(random_seed))
@@ -468,7 +468,7 @@ def build_report(run_dir: str | Path, run_name: str | None = None, random_seed: 
 
 def run_report_stage(params: Any, run_dir: str | Path) -> Report:
     """Stage 7 for the notebook: build the report and record what it contains."""
-    from refine_af_utils.results import record_metrics
+    from refine_af_utils.run_folder import record_metrics
 
     report = build_report(run_dir, params.run_name, params.random_seed)
     record_metrics(run_dir, "07", {"tables": sorted(report.tables), "figures": sorted(report.figures)})

@@ -4,7 +4,7 @@ Stages 2 (candidate instances), 3 (held-out samples), 4 (instances per arm) and 
 predictions) all decode many jobs in batches and must survive a SIGKILL at any moment with no
 duplicate and no loss. They share this loop:
 
-1. cut the torn tail a crash may have left (:func:`refine_af_utils.jsonl.truncate_torn_tail`);
+1. cut the torn tail a crash may have left (:func:`refine_af_utils.files.truncate_torn_tail`);
 2. collect the keys of the records already written;
 3. cut the batches still to do;
 4. load the model only if there is work;
@@ -29,7 +29,7 @@ from typing import Any, Callable, Hashable, Optional, Sequence, TypeVar
 
 from tqdm.auto import tqdm
 
-from refine_af_utils.jsonl import append_jsonl, read_jsonl, truncate_torn_tail
+from refine_af_utils.files import append_jsonl, read_jsonl, truncate_torn_tail
 
 Job = TypeVar("Job")
 Context = TypeVar("Context")

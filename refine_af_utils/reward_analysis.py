@@ -15,12 +15,11 @@ import numpy as np
 import pandas as pd
 
 from refine_af_utils.figures import component_histograms_figure, correlations_figure
-from refine_af_utils.layout import RunLayout, STAGE, stage_config
 from refine_af_utils.params import Params
 from refine_af_utils.resumable import resume_batches
+from refine_af_utils.run_folder import StageRun, open_stage
 from refine_af_utils.reward import COMPONENTS, build_scorers, score_instances
 from refine_af_utils.scorers import InstanceText
-from refine_af_utils.seeding import derive_seed
 from refine_af_utils.seeds import SeedTask
 
 
@@ -38,14 +37,15 @@ class RewardAnalysisResult:
     figures: dict[str, Path]
 
 
-def _candidates(params: Params, instructions: Sequence[dict[str, Any]], seeds: Sequence[SeedTask],
-                out: Path) -> list[dict[str, Any]]:
+def _candidates(stage: StageRun, instructions: Sequence[dict[str, Any]], seeds: Sequence[SeedTask]
+                ) -> list[dict[str, Any]]:
     """Sampled instructions' raw candidate continuations, generated once and appended batch by batch."""
     from refine_af_utils.instances import generate_instances, instance_prompts
     from refine_af_utils.models import load_causal_lm
 
+    params = stage.params
     analysis, cfg = params.reward_analysis, params.instance_generation
-    rng = random.Random(derive_seed(params.random_seed, "02", "instruction-sample"))
+    rng = random.Random(stage.derive_seed("instruction-sample"))
     chosen = rng.sample(instructions, min(analysis.num_instructions, len(instructions)))
     jobs = [(record, c) for record in chosen for c in range(analysis.candidates_per_instruction)]
 
@@ -55,11 +55,10 @@ def _candidates(params: Params, instructions: Sequence[dict[str, Any]], seeds: S
                  "candidate": c, "text": g.text, "truncated": g.truncated}
                 for (r, c), g in zip(batch, generate_instances(*model_and_tokenizer, prompts, cfg))]
 
-    return resume_batches(out / "candidates.jsonl", jobs, job_key=lambda job: (job[0]["id"], job[1]),
+    return resume_batches(stage.file("candidates"), jobs, job_key=lambda job: (job[0]["id"], job[1]),
                           record_key=lambda r: (r["instruction_id"], r["candidate"]), batch_size=cfg.batch_size,
                           load=lambda: load_causal_lm(params.model), generate=generate,
-                          seed=lambda batch: derive_seed(params.random_seed, "02", batch[0][0]["instruction"],
-                                                         batch[0][1]),
+                          seed=lambda batch: stage.derive_seed(batch[0][0]["instruction"], batch[0][1]),
                           desc="candidate instances")
 
 
@@ -90,48 +89,47 @@ def run_reward_analysis(params: Params, run_dir: str | Path) -> RewardAnalysisRe
     """Stage 2: candidate instances from the untrained backbone, every component scored, figures."""
     from refine_af_utils.plots import histogram, save_figure
     from refine_af_utils.models import check_model_params
-    from refine_af_utils.results import check_stage_config, record_metrics
     from refine_af_utils.reward import check_scorers
 
-    run_dir = Path(run_dir)
-    layout = RunLayout(run_dir)
+    stage = open_stage(__name__, params, run_dir)
+    layout = stage.layout
     instructions, seeds = layout.instructions(), layout.seed_tasks()  # inputs first: a failed run leaves no config
     check_model_params(params.model)
     check_scorers(params.reward)
-    out = layout.stage_folder("02", create=True)
-    check_stage_config(out, stage_config(STAGE["02"], params))
-    candidates = _candidates(params, instructions, seeds, out)
+    stage.check_config()
+    candidates = _candidates(stage, instructions, seeds)
     instances, filter_counts = _parse_candidates(candidates, params.instance_generation.max_instances_per_task)
+    filter_counts.to_csv(stage.file("filter_counts"), index=False)
     if instances.empty:
-        raise RuntimeError(f"{out}: no candidate instance survived parsing and filtering; see filter_counts.csv")
+        raise RuntimeError(f"{stage.folder}: no candidate instance survived parsing and filtering; see "
+                           f"{stage.file('filter_counts').name}")
     texts = [InstanceText(r.instruction, r.input, r.output) for r in instances.itertuples()]
     scorers = build_scorers(params.reward, layout.score_cache)
     components = score_instances(scorers, texts, list(instances["instance_id"]), params.reward)
     scores = pd.concat([instances.reset_index(drop=True), components], axis=1)
-    scores.to_csv(out / "scores.csv", index=False)
-    filter_counts.to_csv(out / "filter_counts.csv", index=False)
+    scores.to_csv(stage.file("scores"), index=False)
 
     columns = [*COMPONENTS, "reward"]
     correlations = scores[columns].corr()
-    correlations.to_csv(out / "correlations.csv")
+    correlations.to_csv(stage.file("correlations"))
     grouped = scores.assign(type=np.where(scores["is_classification"], "classification", "generation")).groupby("type")
     by_type = grouped[columns].mean().round(4)
     by_type.insert(0, "instances", grouped.size())
-    by_type.to_csv(out / "reward_by_type.csv")
+    by_type.to_csv(stage.file("reward_by_type"))
     shown = ["instruction", "input", "output", *columns]
     ranked = scores.sort_values("reward", ascending=False, kind="stable")
     best = ranked.head(params.reward_analysis.num_examples_shown)[shown]
     worst = ranked.tail(params.reward_analysis.num_examples_shown)[shown].iloc[::-1]
-    best.to_csv(out / "best_examples.csv", index=False)
-    worst.to_csv(out / "worst_examples.csv", index=False)
+    best.to_csv(stage.file("best_examples"), index=False)
+    worst.to_csv(stage.file("worst_examples"), index=False)
     figures = {
-        "components": component_histograms_figure(scores, out / "component_histograms.png"),
-        "correlations": correlations_figure(correlations, out / "component_correlations.png"),
+        "components": component_histograms_figure(scores, stage.file("fig_components")),
+        "correlations": correlations_figure(correlations, stage.file("fig_correlations")),
         "reward": save_figure(histogram(scores["reward"], "Composite REFINE-AF reward (Eq. 1)", "reward"),
-                              out / "reward_distribution.png"),
+                              stage.file("fig_reward")),
     }
     truncated = {name: scorer.truncated for name, scorer in scorers.items()}
-    record_metrics(run_dir, "02", {
+    stage.record_metrics({
         "instances": len(scores),
         "instructions": int(scores["instruction_id"].nunique()),
         "mean_reward": round(float(scores["reward"].mean()), 6),

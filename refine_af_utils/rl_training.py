@@ -354,7 +354,7 @@ def train_generator(params: Params, run_dir: str | Path, scorers: Optional[dict[
     from transformers import set_seed
 
     from refine_af_utils.models import check_model_params, load_causal_lm, lora_config
-    from refine_af_utils.results import check_stage_config
+    from refine_af_utils.run_folder import check_stage_config
 
     cfg = params.rl
     run_dir = Path(run_dir)
@@ -477,7 +477,7 @@ def evaluate_heldout(params: Params, run_dir: str | Path, adapter_dir: Path,
 
 def run_rl_stage(params: Params, run_dir: str | Path) -> RLTrainingResult:
     """Stage 3 for the notebook: train (or resume), evaluate on held-out instructions, record headlines."""
-    from refine_af_utils.results import record_metrics
+    from refine_af_utils.run_folder import record_metrics
 
     run_dir = Path(run_dir)
     scorer = _stage_scorer(params, run_dir, None)
@@ -505,7 +505,7 @@ def run_rl_stage(params: Params, run_dir: str | Path) -> RLTrainingResult:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """``python -m refine_af_utils.rl_training PARAMS`` (or under ``accelerate launch``): stage 3's training alone."""
-    from refine_af_utils.results import stage_command_line
+    from refine_af_utils.run_folder import stage_command_line
 
     params, run_dir = stage_command_line(main.__doc__, argv)
     metrics, _ = train_generator(params, run_dir)

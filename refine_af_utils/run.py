@@ -43,7 +43,8 @@ from refine_af_utils.environment import machine_environment, resolve_dtypes
 from refine_af_utils.errors import RefineAFError, RunLockedError, project_error_names
 from refine_af_utils.layout import OUTPUTS_VERSION, STAGES, RunLayout, Stage, flatten, stage_fingerprint, stage_params
 from refine_af_utils.params import Params, load_params, parse_overrides
-from refine_af_utils.results import RESOLVED_PARAMS, code_revision, run_folder, sha256_file, write_resolved_params
+from refine_af_utils.files import sha256_file
+from refine_af_utils.run_folder import RESOLVED_PARAMS, code_revision, run_folder, write_resolved_params
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
@@ -122,7 +123,8 @@ def hash_outputs(run_dir: str | Path, stage: Stage, known: Optional[dict[str, di
     return hashes
 
 
-def _read_marker(run_dir: Path, stage: Stage) -> Optional[dict[str, Any]]:
+def read_marker(run_dir: Path, stage: Stage) -> Optional[dict[str, Any]]:
+    """A stage's marker as written (None when it is absent or torn)."""
     path = RunLayout(run_dir).marker(stage.id)
     if not path.is_file():
         return None
@@ -142,7 +144,7 @@ def upstream_hashes(run_dir: str | Path, stage: Stage) -> dict[str, dict[str, st
     run_dir = Path(run_dir)
     result = {}
     for earlier in STAGES[: STAGES.index(stage)]:
-        marker = _read_marker(run_dir, earlier) or {}
+        marker = read_marker(run_dir, earlier) or {}
         result[earlier.id] = _sha_map(hash_outputs(run_dir, earlier, marker.get("outputs")))
     return result
 
@@ -178,7 +180,7 @@ def stage_status(run_dir: str | Path, stage: Stage, params: Params) -> StageStat
     """Complete (skip) or not, and why: no marker; an upstream output or one of its own outputs that
     changed since the marker was written (from scratch); params keys that changed (in place)."""
     run_dir = Path(run_dir)
-    marker = _read_marker(run_dir, stage)
+    marker = read_marker(run_dir, stage)
     if marker is None:
         return StageStatus(True, "not run yet (no marker)")
     if "outputs" not in marker or "inputs" not in marker:
@@ -219,6 +221,8 @@ def write_marker(run_dir: str | Path, stage: Stage, params: Params, seconds: flo
 
     ``inputs`` are the upstream hashes taken when the stage started (now, when not given).
     """
+    from refine_af_utils.models import embedded_weights_record
+
     run_dir = Path(run_dir)
     marker = RunLayout(run_dir).marker(stage.id)
     marker.parent.mkdir(parents=True, exist_ok=True)
@@ -229,7 +233,7 @@ def write_marker(run_dir: str | Path, stage: Stage, params: Params, seconds: flo
         "outputs_version": OUTPUTS_VERSION,
         "code": code_revision(),
         "seconds": seconds,
-        "environment": machine_environment(params),
+        "environment": {**machine_environment(params), **embedded_weights_record(params)},
         "params": stage_params(stage, params),
         "inputs": upstream_hashes(run_dir, stage) if inputs is None else inputs,
         "outputs": hash_outputs(run_dir, stage),
@@ -289,6 +293,21 @@ def run_lock(run_dir: str | Path) -> Iterator[Path]:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def is_locked(run_dir: str | Path) -> bool:
+    """True while a runner (or a study copying into it) holds ``run_dir``'s lock; nothing is written."""
+    path = Path(run_dir) / LOCK_FILE
+    if not path.is_file():
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops a lock just taken
+    return False
 
 
 def run_stage(stage: Stage, params_path: Path, run_dir: Path, params: Params, force: bool = False) -> float:

@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from refine_af_utils.errors import RefineAFError
-from refine_af_utils.jsonl import append_jsonl, read_jsonl, truncate_torn_tail
+from refine_af_utils.files import append_jsonl, read_jsonl, truncate_torn_tail
 from refine_af_utils.params import ScorerParams
 
 

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from refine_af_utils.layout import RunLayout
 from refine_af_utils.params import Params
-from refine_af_utils.results import record_metrics
+from refine_af_utils.run_folder import open_stage
 from refine_af_utils.seeds import SeedTask, load_seed_tasks, write_seed_tasks
 
 
@@ -40,12 +39,11 @@ def seed_summary(tasks: list[SeedTask]) -> pd.DataFrame:
 def run_seed_stage(params: "Params", run_dir: str | Path) -> tuple[list[SeedTask], pd.DataFrame]:
     """Stage 0: load and validate the seed tasks, write them and their summary under ``<run_dir>/seeds``."""
     tasks = load_seed_tasks(params.seed_tasks)
-    layout = RunLayout(run_dir)
-    out = layout.stage_folder("00", create=True)
-    write_seed_tasks(tasks, layout.seed_tasks_file)
+    stage = open_stage(__name__, params, run_dir)
+    write_seed_tasks(tasks, stage.file("seed_tasks"))
     summary = seed_summary(tasks)
-    summary.to_csv(out / "seed_summary.csv", index=False)
-    record_metrics(run_dir, "00", dict(zip(summary["statistic"], summary["value"].tolist())))
+    summary.to_csv(stage.file("summary"), index=False)
+    stage.record_metrics(dict(zip(summary["statistic"], summary["value"].tolist())))
     return tasks, summary
 
 

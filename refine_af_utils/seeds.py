@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from refine_af_utils.errors import RefineAFError, decode_utf8
-from refine_af_utils.results import cache_dir
+from refine_af_utils.files import atomic_write_text, cache_dir, partial_path
 
 if TYPE_CHECKING:
     pass
@@ -76,7 +76,7 @@ def _fetch(url: str) -> Path:
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(target.suffix + ".partial")
+    partial = partial_path(target)
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
             out.write(response.read())
@@ -176,10 +176,6 @@ def load_seed_tasks(source: str | Path) -> list[SeedTask]:
 
 def write_seed_tasks(tasks: list[SeedTask], path: str | Path) -> None:
     """Write tasks as JSONL in the seed schema (the stage 0 artefact)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        for task in tasks:
-            handle.write(json.dumps(task.to_dict(), ensure_ascii=False) + "\n")
+    atomic_write_text(path, "".join(json.dumps(task.to_dict(), ensure_ascii=False) + "\n" for task in tasks))
 
 

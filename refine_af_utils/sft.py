@@ -26,7 +26,7 @@ from refine_af_utils.figures import sft_loss_figure
 from refine_af_utils.layout import ARMS, RunLayout, STAGE, stage_config
 from refine_af_utils.params import ModelParams, Params, SFTParams
 from refine_af_utils.prompts import sft_prompt
-from refine_af_utils.results import sha256_file
+from refine_af_utils.files import sha256_file
 from refine_af_utils.seeding import derive_seed
 
 
@@ -45,7 +45,7 @@ def _last_whole_checkpoint(folder: Path) -> Optional[Path]:
 
 def sft_config_args(cfg: SFTParams, output_dir: Path, seed: int, device: str, dtype: Any) -> dict[str, Any]:
     """trl ``SFTConfig``'s arguments: ``sft.trainer_args`` as given, under the fields the package sets itself
-    (``params.SFT_CONFIG_OWNED``, which ``trainer_args`` may not name)."""
+    (``trl_bridge.SFT_CONFIG_OWNED``, which ``trainer_args`` may not name)."""
     return {
         "report_to": [], "disable_tqdm": False, **cfg.trainer_args,
         "output_dir": str(output_dir), "num_train_epochs": cfg.epochs, "learning_rate": cfg.learning_rate,
@@ -129,7 +129,7 @@ def training_sets(params: Params, run_dir: str | Path) -> dict[str, list[dict[st
 def train_arms(params: Params, run_dir: str | Path) -> dict[str, pd.DataFrame]:
     """Fine-tune the base backbone on each arm's training set (resuming); the loss table per arm."""
     from refine_af_utils.models import check_model_params
-    from refine_af_utils.results import check_stage_config
+    from refine_af_utils.run_folder import check_stage_config
 
     run_dir = Path(run_dir)
     layout = RunLayout(run_dir)
@@ -155,7 +155,7 @@ class SFTStageResult:
 
 def run_sft_stage(params: Params, run_dir: str | Path) -> SFTStageResult:
     """Stage 5 for the notebook: train both arms, write ``sft/loss.csv`` and the loss figure."""
-    from refine_af_utils.results import record_metrics
+    from refine_af_utils.run_folder import record_metrics
 
     run_dir = Path(run_dir)
     per_arm = train_arms(params, run_dir)
@@ -180,7 +180,7 @@ def run_sft_stage(params: Params, run_dir: str | Path) -> SFTStageResult:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """``python -m refine_af_utils.sft PARAMS`` (or under ``accelerate launch``): stage 5's training alone."""
-    from refine_af_utils.results import stage_command_line
+    from refine_af_utils.run_folder import stage_command_line
 
     params, run_dir = stage_command_line(main.__doc__, argv)
     for arm, table in train_arms(params, run_dir).items():

@@ -30,7 +30,7 @@ from refine_af_utils.comparison import (
     write_statistics,
 )
 from refine_af_utils.figures import EVALUATION_FIGURES, evaluation_figure
-from refine_af_utils.layout import MODELS, RunLayout, STAGE, stage_config
+from refine_af_utils.layout import MODELS, RunLayout
 from refine_af_utils.params import ModelParams, Params
 from refine_af_utils.prompts import evaluation_prompt
 from refine_af_utils.superni import BUNDLED_SUPERNI, SuperNIError, SuperNITask, load_tasks, score
@@ -127,18 +127,17 @@ class EvaluationResult:
 def run_evaluation_stage(params: Params, run_dir: str | Path) -> EvaluationResult:
     """Stage 6 for the notebook: predict with the three models, score, tabulate and draw."""
     from refine_af_utils.models import check_device, resolve_model_path
-    from refine_af_utils.results import check_stage_config, record_metrics
+    from refine_af_utils.run_folder import open_stage
 
-    run_dir = Path(run_dir)
-    layout = RunLayout(run_dir)
+    stage = open_stage(__name__, params, run_dir)
+    run_dir, layout = stage.run_dir, stage.layout
     # Inputs first: a run that fails on them must not leave a config.json that refuses the corrected run.
     superni_dir = resolve_superni_dir(params.evaluation.superni_dir)
     tasks = load_tasks(superni_dir, params.evaluation.max_instances)
     check_device(params.model.device)
     resolve_model_path(params.model.name_or_path)
     models_sha256 = {f"{arm}_model_sha256": _model_files_sha256(layout.sft_model(arm)) for arm in MODELS[1:]}
-    out = layout.stage_folder("06", create=True)
-    check_stage_config(out, {**stage_config(STAGE["06"], params), **models_sha256})
+    stage.check_config(**models_sha256)
     predictions = {name: predict(params, name, tasks, run_dir) for name in MODELS}
     per_task = per_task_scores(predictions)
     per_category = grouped_scores(predictions, "category", metric="rougeL")
@@ -149,14 +148,14 @@ def run_evaluation_stage(params: Params, run_dir: str | Path) -> EvaluationResul
     improvement = tasks_improved(comparison)
     statistics = evaluation_statistics(predictions, bootstrap_seed(params.random_seed))
     winners = category_winners(per_category)
-    per_task.round(4).to_csv(out / "per_task.csv", index=False)
-    winners.to_csv(out / "per_category.csv", index_label="category")
-    overall.to_csv(out / "overall.csv", index_label="model")
-    comparison.round(4).to_csv(out / "task_comparison.csv", index=False)
-    write_statistics(out, statistics, improvement)
-    figures = {name: evaluation_figure(name, per_category, comparison, out / f"{name}.png")
+    per_task.round(4).to_csv(stage.file("per_task"), index=False)
+    winners.to_csv(stage.file("per_category"), index_label="category")
+    overall.to_csv(stage.file("overall"), index_label="model")
+    comparison.round(4).to_csv(stage.file("task_comparison"), index=False)
+    write_statistics(layout, statistics, improvement)
+    figures = {name: evaluation_figure(name, per_category, comparison, stage.file("figure", name=name))
                for name in EVALUATION_FIGURES}
-    record_metrics(run_dir, "06", {
+    stage.record_metrics({
         **{f"{name}_rougeL": float(overall.loc[name, "rougeL"]) for name in MODELS},
         **{f"{name}_exact_match": float(overall.loc[name, "exact_match"]) for name in MODELS},
         **improvement, "superni_dir": params.evaluation.superni_dir,

@@ -22,7 +22,7 @@ from refine_af_utils.compare import (
     run_quantities,
 )
 from refine_af_utils.params import load_params
-from refine_af_utils.results import write_resolved_params
+from refine_af_utils.run_folder import write_resolved_params
 
 from conftest import REPO_ROOT
 

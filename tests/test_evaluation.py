@@ -4,7 +4,8 @@ import pandas as pd
 import pytest
 
 from refine_af_utils.comparison import category_winners, compare_arms, grouped_scores, per_task_scores, tasks_improved
-from refine_af_utils.jsonl import read_jsonl
+from refine_af_utils.files import read_jsonl
+from refine_af_utils.layout import RunLayout
 from refine_af_utils.params import params_from_dict
 from refine_af_utils.superni import BUNDLED_SUPERNI, load_tasks, score
 from refine_af_utils.superni_evaluation import predict, resolve_superni_dir
@@ -169,9 +170,11 @@ def test_statistics_files_extend_tasks_improved(tmp_path):
     from refine_af_utils.comparison import evaluation_statistics, write_statistics
 
     improvement = tasks_improved(compare_arms(per_task_scores(PREDICTIONS)))
-    write_statistics(tmp_path, evaluation_statistics(PREDICTIONS, seed=2), improvement)
+    layout = RunLayout(tmp_path)
+    layout.stage_folder("06", create=True)
+    write_statistics(layout, evaluation_statistics(PREDICTIONS, seed=2), improvement)
     for name in ("overall_ci.csv", "task_stats.csv", "per_category_ci.csv"):
-        assert len(pd.read_csv(tmp_path / name)) > 0
-    values = pd.read_csv(tmp_path / "tasks_improved.csv", index_col="measure")["value"]
+        assert len(pd.read_csv(layout.eval / name)) > 0
+    values = pd.read_csv(layout.eval / "tasks_improved.csv", index_col="measure")["value"]
     assert int(float(values["wins"])) == 1 and int(float(values["ties"])) == 2
     assert float(values["sign_test_p"]) == 1.0 and float(values["win_share_ci_high"]) > 0.9

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from refine_af_utils.layout import BATCHES_FILE, INSTRUCTIONS_FILE
 from refine_af_utils.instruction_generation import bootstrap_instructions, filter_counts, filter_reason, load_state, parse_continuation
-from refine_af_utils.jsonl import append_jsonl, read_jsonl
+from refine_af_utils.files import append_jsonl, read_jsonl
 from refine_af_utils.models import load_causal_lm
 from refine_af_utils.params import params_from_dict
 from refine_af_utils.prompts import classification_prompt, instruction_generation_prompt

@@ -28,7 +28,7 @@ import pytest
 
 from refine_af_utils.environment import reproduction_key
 from refine_af_utils.params import load_params
-from refine_af_utils.results import read_metrics
+from refine_af_utils.run_folder import read_metrics
 from refine_af_utils.run import NOTEBOOK_DIR, STAGES, main, run_pipeline, select_stages
 from smoke_pins import PINNED_METRICS, RECORD_ENV, any_kind_band, check_metrics, dump_pins, load_pins, tolerant
 

@@ -230,7 +230,7 @@ def test_trainer_args_pass_through_to_trl_and_refuse_what_the_package_sets(tmp_p
     """``rl.trainer_args`` / ``sft.trainer_args``: any other trl config field, checked against trl's own class."""
     import torch
 
-    from refine_af_utils.params import PPO_CONFIG_OWNED, RL_CONFIG_OWNED, SFT_CONFIG_OWNED, trl_config_class
+    from refine_af_utils.trl_bridge import PPO_CONFIG_OWNED, RL_CONFIG_OWNED, SFT_CONFIG_OWNED, trl_config_class
     from refine_af_utils.rl_training import _common_args
     from refine_af_utils.sft import sft_config_args
 
@@ -278,3 +278,26 @@ def test_a_lora_section_given_in_part_keeps_its_own_stages_defaults():
     assert (params.rl.lora.r, params.rl.lora.lora_dropout, params.rl.lora.target_modules) == \
         (8, 0.0, ["q_proj", "k_proj", "v_proj", "o_proj"])
     assert (params.sft.lora.r, params.sft.lora.lora_dropout, params.sft.lora.target_modules) == (4, 0.05, "all-linear")
+
+
+def test_ranges_belong_to_fields_not_to_field_names():
+    """A field is range-checked only when its own metadata says so, whatever its name."""
+    from refine_af_utils.params_validation import build, check_ranges, positive
+
+    @dataclasses.dataclass
+    class Unchecked:
+        batch_size: int = 8  # the name of ranged fields elsewhere, but no range of its own
+
+    @dataclasses.dataclass
+    class Checked:
+        batch_size: int = positive(8)
+        novel_size: int = positive(8)  # a name no other section has: checked all the same
+
+    assert build(Unchecked, {"batch_size": 0}, "t.yaml").batch_size == 0
+    check_ranges(Unchecked(batch_size=-1), "t.yaml")
+    for key in ("batch_size", "novel_size"):
+        with pytest.raises(ParamsError, match=rf"^t\.yaml: key 'sec\.{key}' must be positive, got 0$"):
+            build(Checked, {key: 0}, "t.yaml", "sec.")
+        with pytest.raises(ParamsError, match=rf"^t\.yaml: key '{key}' must be positive, got -1$"):
+            check_ranges(Checked(**{key: -1}), "t.yaml")
+    assert build(Checked, {"batch_size": 1, "novel_size": 2}, "t.yaml") == Checked(1, 2)

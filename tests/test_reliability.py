@@ -14,7 +14,7 @@ import pytest
 from refine_af_utils.errors import RefineAFError, StageConfigError, decode_utf8
 from refine_af_utils.models import DeviceUnavailableError, ModelNotFoundError, check_device
 from refine_af_utils.params import ParamsError, load_params, params_from_dict
-from refine_af_utils.results import check_stage_config, run_folder
+from refine_af_utils.run_folder import check_stage_config, run_folder
 from refine_af_utils.errors import RunLockedError
 from refine_af_utils.run import main, run_lock
 from refine_af_utils.seeds import MAX_SEED_LINE_BYTES, SeedTaskError, load_seed_tasks

@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 
 from refine_af_utils.comparison import evaluation_statistics
+from refine_af_utils.layout import RunLayout
 from refine_af_utils.report import (
     chance_sentence,
     main_table,
@@ -80,7 +81,7 @@ def test_tables_round_trip_through_csv(tmp_path):
 
     stats = evaluation_statistics(_predictions(shift=1.0), seed=4)
     (tmp_path / "eval").mkdir()
-    write_statistics(tmp_path / "eval", stats, {"tasks": 12, "wins": 0, "ties": 0, "losses": 0})
+    write_statistics(RunLayout(tmp_path), stats, {"tasks": 12, "wins": 0, "ties": 0, "losses": 0})
     improvement = pd.read_csv(tmp_path / "eval" / "tasks_improved.csv", index_col="measure")["value"]
     overall, tasks, per_category, tests = evaluation_statistics_tables(tmp_path, improvement, None)
     assert chance_sentence(overall, tests) == chance_sentence(stats.overall, stats.improvement)

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from refine_af_utils.jsonl import read_jsonl
+from refine_af_utils.files import read_jsonl
 from refine_af_utils.resumable import cut_batches, resume_batches
 
 JOBS = [f"job-{n}" for n in range(7)]

@@ -14,7 +14,7 @@ from trl.experimental.utils import get_reward
 from refine_af_utils.instance_generation import arm_instances
 from refine_af_utils.generation import decode_completion
 from refine_af_utils.instances import Instance, extract_instances, instance_prompts
-from refine_af_utils.jsonl import append_jsonl
+from refine_af_utils.files import append_jsonl
 from refine_af_utils.models import load_causal_lm
 from refine_af_utils.params import params_from_dict
 from refine_af_utils.prompts import INSTANCE_STOP_STRINGS

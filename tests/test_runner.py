@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from refine_af_utils.params import load_params
-from refine_af_utils.results import stage_command_line
+from refine_af_utils.run_folder import stage_command_line
 from refine_af_utils.layout import STAGES
 from refine_af_utils.run import hash_outputs, main, run_pipeline, stage_outputs, stage_status, write_marker
 

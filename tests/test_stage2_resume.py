@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from refine_af_utils.jsonl import append_jsonl, read_jsonl
+from refine_af_utils.files import append_jsonl, read_jsonl
 from refine_af_utils.seeds import load_seed_tasks, write_seed_tasks
 
 from conftest import REPO_ROOT

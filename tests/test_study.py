@@ -72,6 +72,22 @@ def test_a_bad_spec_is_one_line_naming_the_file_and_key(tmp_path, change, messag
     assert message in text and str(path) in text and "\n" not in text
 
 
+def test_a_key_given_twice_in_a_spec_is_refused_like_in_a_params_file(tmp_path):
+    """The spec is read by the params loader's strict YAML reader: a duplicate key is not "the last wins"."""
+    path = _write_spec(tmp_path, SMOKE)
+    text = path.read_text()
+    path.write_text(text + "seeds: [7]\n")  # `seeds` again, after the first
+    line = len(text.splitlines()) + 1
+    with pytest.raises(StudySpecError) as error:
+        load_spec(path)
+    first = 1 + next(i for i, row in enumerate(text.splitlines()) if row.startswith("seeds:"))
+    assert str(error.value) == f"{path}:{line}: duplicate key 'seeds' (first given on line {first})"
+    path.write_text(text + "grid_note: !!python/name:os.system ''\n")  # a tag the safe loader refuses
+    with pytest.raises(StudySpecError, match="not valid YAML") as error:
+        load_spec(path)
+    assert str(error.value).startswith(f"{path}:{line}: ") and "\n" not in str(error.value)
+
+
 def test_a_spec_gives_runs_seeds_and_per_setting_params_files(tmp_path):
     path = _write_spec(tmp_path, SMOKE, until=1)  # an int until reads as a stage id
     spec = load_spec(path)
@@ -140,22 +156,22 @@ def test_reuse_copies_the_longest_shared_chain_and_a_cut_copy_never_looks_comple
     params = runs["b-seed1"].load()
 
     # a kill in the middle of the copy (here: as the marker, the last file, is written) leaves no marker
-    import refine_af_utils.study as study
+    import refine_af_utils.study.reuse as reuse  # copy_stage calls the reuse module's _replace_file
 
-    real = study._replace_file
+    real = reuse._replace_file
 
     def crash_on_marker(source, target, tmp):
         if target.parent.name == "stages":
             raise KeyboardInterrupt("killed")
         real(source, target, tmp)
 
-    monkeypatch.setattr(study, "_replace_file", crash_on_marker)
+    monkeypatch.setattr(reuse, "_replace_file", crash_on_marker)
     with pytest.raises(KeyboardInterrupt):
         reuse_stages(study_dir, runs["b-seed1"], params, spec.stages)
     run_dir = study_dir / "b-seed1"
     assert (run_dir / "seeds" / "out.txt").is_file() and not (run_dir / "stages" / "00.json").exists()
     assert stage_status(run_dir, STAGE["00"], params).run
-    monkeypatch.setattr(study, "_replace_file", real)
+    monkeypatch.setattr(reuse, "_replace_file", real)
 
     # the rerun copies stages 00 and 01 from a-seed1 (02 reads the changed reward), keeping times
     copied = reuse_stages(study_dir, runs["b-seed1"], params, spec.stages)

@@ -1,39 +1,39 @@
-"""Where a run's outputs live, and the per-stage metrics the tests and the report read."""
+"""The run folder's mechanics: where a run lives, what a stage opens, its config check and metrics.
+
+A stage's entry point starts with :func:`open_stage` (its folder, its file names, the config check,
+its metrics record and its seeds, found from the registry by the stage's module, so no stage spells
+its own id); the runner and the stage entry points share one command line (:func:`add_run_arguments`).
+"""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from refine_af_utils.errors import StageConfigError
+from refine_af_utils.files import atomic_write_text
+from refine_af_utils.layout import CONFIG_FILE, RESOLVED_PARAMS, RunLayout, Stage, stage_config, stage_of_module
 
+if TYPE_CHECKING:
+    import argparse
 
-def stage_dir(run_dir: str | Path, name: str) -> Path:
-    """``<run_dir>/<name>``, created if missing."""
-    path = Path(run_dir) / name
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    from refine_af_utils.params import Params
+
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout: the package, the notebooks, results/
+DEFAULT_RESULTS_ROOT = REPO_ROOT / "results"
 
 
 def record_metrics(run_dir: str | Path, stage: str, metrics: dict[str, Any]) -> Path:
-    """Write a stage's headline numbers to ``<run_dir>/metrics/<stage>.json``."""
-    path = stage_dir(run_dir, "metrics") / f"{stage}.json"
-    path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    return path
+    """Write a stage's headline numbers to ``<run_dir>/metrics/<stage>.json`` (whole or absent)."""
+    return atomic_write_text(RunLayout(run_dir).metrics(stage), json.dumps(metrics, indent=2, sort_keys=True) + "\n")
 
 
 def read_metrics(run_dir: str | Path, stage: str) -> dict[str, Any]:
     """The metrics a stage recorded (see :func:`record_metrics`)."""
-    return json.loads((Path(run_dir) / "metrics" / f"{stage}.json").read_text())
-
-
-def cache_dir() -> Path:
-    """The cache folder for prepared models and downloads: ``$REFINE_AF_CACHE`` or ``~/.cache/refine-af``."""
-    return Path(os.environ.get("REFINE_AF_CACHE", Path.home() / ".cache" / "refine-af"))
+    return json.loads(RunLayout(run_dir).metrics(stage).read_text())
 
 
 def run_folder(results_root: str | Path, run_name: str) -> Path:
@@ -62,7 +62,7 @@ def check_stage_config(out_dir: str | Path, config: dict[str, Any]) -> None:
     passed validation, so that a run that fails on bad input leaves no config that blocks the
     corrected run.
     """
-    path = Path(out_dir) / "config.json"
+    path = Path(out_dir) / CONFIG_FILE
     config = json.loads(json.dumps(config, sort_keys=True))
     if path.is_file():
         before = json.loads(path.read_text())
@@ -72,15 +72,8 @@ def check_stage_config(out_dir: str | Path, config: dict[str, Any]) -> None:
                 f"{out_dir} was made with other settings ({', '.join(changed)} differ); "
                 "rerun the stage with --force to start it again"
             )
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # write-then-rename: processes under accelerate never read a half-written file
-        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-        partial.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        partial.replace(path)
-
-
-RESOLVED_PARAMS = "params.yaml"
+    else:  # whole or absent: processes under accelerate never read a half-written file
+        atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def write_resolved_params(run_dir: str | Path, params: Any, header: str = "") -> Path:
@@ -90,19 +83,24 @@ def write_resolved_params(run_dir: str | Path, params: Any, header: str = "") ->
     """
     from refine_af_utils.params import params_yaml
 
-    path = Path(run_dir) / RESOLVED_PARAMS
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    partial.write_text(params_yaml(params, header))
-    partial.replace(path)
-    return path
+    return atomic_write_text(Path(run_dir) / RESOLVED_PARAMS, params_yaml(params, header))
+
+
+def add_run_arguments(parser: "argparse.ArgumentParser", example: str = "evaluation.max_new_tokens=64") -> None:
+    """The arguments the runner and every stage entry point share: ``PARAMS [--set KEY=VALUE ...]
+    [--results-root DIR]`` (one default: the checkout's ``results/``)."""
+    parser.add_argument("params", help="params YAML file, e.g. params/default.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override a params key (dotted, e.g. {example}; the value is read as YAML and "
+                             "checked by the schema); repeatable")
+    parser.add_argument("--results-root", default=str(DEFAULT_RESULTS_ROOT), help="where run folders go")
 
 
 def stage_command_line(description: str, argv: Optional[Sequence[str]] = None) -> tuple[Any, Path]:
-    """Parse ``PARAMS [--set KEY=VALUE ...] [--results-root DIR]`` for a stage's own entry point.
+    """Parse a stage entry point's command line (:func:`add_run_arguments`); return (params, run_dir).
 
-    Returns (params, run_dir). ``--set`` works as on the runner (dotted keys, YAML values, checked by
-    the schema); the resolved params are written to ``<run_dir>/params.yaml``.
+    ``--set`` works as on the runner (dotted keys, YAML values, checked by the schema); the resolved
+    params are written to ``<run_dir>/params.yaml``.
     """
     import argparse
 
@@ -111,11 +109,7 @@ def stage_command_line(description: str, argv: Optional[Sequence[str]] = None) -
     from refine_af_utils.params import load_params, parse_overrides
 
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("params", help="params YAML file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a params key (dotted, e.g. rl.updates=800; the value is read as YAML); "
-                             "repeatable")
-    parser.add_argument("--results-root", default="results", help="where run folders go")
+    add_run_arguments(parser, example="rl.updates=800")
     args = parser.parse_args(argv)
     try:
         overrides = parse_overrides(args.overrides)
@@ -132,7 +126,7 @@ def stage_command_line(description: str, argv: Optional[Sequence[str]] = None) -
 def code_revision() -> str:
     """The package's git commit (``<sha>``, ``<sha>-dirty`` with uncommitted changes) or, outside a git
     checkout, its installed version (``refine-af <version>``); recorded in every stage marker."""
-    root = Path(__file__).resolve().parents[1]  # the checkout: the package and the notebooks the runner executes
+    root = REPO_ROOT
     try:
         sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
                              text=True, timeout=10, check=True).stdout.strip()
@@ -148,10 +142,43 @@ def code_revision() -> str:
             return "unknown"
 
 
-def sha256_file(path: str | Path) -> str:
-    """sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+@dataclass(frozen=True)
+class StageRun:
+    """What a stage's entry point works with: its folder and files, the config check, metrics and seeds."""
+
+    stage: Stage
+    layout: RunLayout
+    params: "Params"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.layout.run_dir
+
+    @property
+    def folder(self) -> Path:
+        """The stage's own folder (created)."""
+        return self.layout.stage_folder(self.stage.id, create=True)
+
+    def file(self, name: str, **fields: Any) -> Path:
+        """One of the stage's files by its name in ``layout.STAGE_FILES``."""
+        return self.layout.file(self.stage.id, name, **fields)
+
+    def check_config(self, **extra: Any) -> None:
+        """Refuse to continue a folder made with other settings (:func:`check_stage_config`): the stage's
+        params chain plus ``extra`` (e.g. the sha256 of an upstream model). Call it after the inputs are checked."""
+        check_stage_config(self.folder, {**stage_config(self.stage, self.params), **extra})
+
+    def record_metrics(self, metrics: dict[str, Any]) -> Path:
+        """The stage's headline numbers, for the tests, the report and ``compare``."""
+        return record_metrics(self.run_dir, self.stage.id, metrics)
+
+    def derive_seed(self, *parts: Any) -> int:
+        """The seed of one random stream of this stage (the one seed rule, :func:`derive_seed`)."""
+        from refine_af_utils.seeding import derive_seed
+
+        return derive_seed(self.params.random_seed, self.stage.id, *parts)
+
+
+def open_stage(module: str, params: "Params", run_dir: str | Path) -> StageRun:
+    """The :class:`StageRun` a stage's entry point starts with: ``open_stage(__name__, params, run_dir)``."""
+    return StageRun(stage_of_module(module), RunLayout(run_dir), params)

@@ -1,16 +1,49 @@
-"""Append-only JSONL files that survive a crash (kill -9) at any moment.
+"""Files that survive a crash (kill -9) at any moment, and where the package caches downloads.
 
-Writers append whole batches of lines with one write, then flush and fsync. A crash can
-leave at most one torn (newline-less) line at the end; readers ignore it and
-:func:`truncate_torn_tail` removes it before the next append.
+* Whole or absent: :func:`atomic_write_text` writes ``<name>.<pid>.partial`` and renames it into
+  place (the pid keeps processes under accelerate apart); readers never see half a file.
+* Append-only JSONL: writers append whole batches of lines with one write, then flush and fsync.
+  A crash can leave at most one torn (newline-less) line at the end; readers ignore it and
+  :func:`truncate_torn_tail` removes it before the next append.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any, Iterable
+
+
+def cache_dir() -> Path:
+    """The cache folder for prepared models and downloads: ``$REFINE_AF_CACHE`` or ``~/.cache/refine-af``."""
+    return Path(os.environ.get("REFINE_AF_CACHE", Path.home() / ".cache" / "refine-af"))
+
+
+def partial_path(path: str | Path) -> Path:
+    """Where a whole-or-absent write of ``path`` (a file or a folder) is made before it is renamed into place."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.{os.getpid()}.partial")
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` whole or not at all (write a partial file, then rename); return ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = partial_path(path)
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(path)
+    return path
+
+
+def sha256_file(path: str | Path) -> str:
+    """sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def append_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> None:

@@ -1,0 +1,115 @@
+"""The bridge from the params schema to trl's config classes: what ``trainer_args`` may and may not set.
+
+``sft.trainer_args`` and ``rl.trainer_args`` pass any other field of trl's config class (``SFTConfig``,
+or ``PPOConfig`` / ``GRPOConfig`` / ``RLOOConfig`` for ``rl.algorithm``) through to trl as given. The
+tables here name the trl fields that the package sets itself from its own keys, with where each value
+comes from: a ``trainer_args`` key among them would silently change (or be overwritten by) what the
+package decides, so :func:`check_trainer_args` refuses it when the params are loaded, as well as a key
+that is not a field of trl's class at all, or a value that trl's class itself refuses, instead of
+hours into a run.
+
+The tables must stay in step with the config builders, ``sft.sft_config_args`` and
+``rl_training._common_args`` / ``ppo_config_args`` / ``group_config_args``: every field a builder sets
+is in its table (tests/test_params.py checks both ways against trl).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from typing import Any
+
+from refine_af_utils.errors import ParamsError
+
+# trl config fields that the package sets from its own keys (or needs as they are) and that
+# ``trainer_args`` may therefore not set: field -> where its value comes from. Stages 3 and 5 set
+# the seed, device and precision fields alike.
+_SEED_DEVICE_DTYPE_OWNED: dict[str, str] = {
+    "seed": "random_seed", "data_seed": "random_seed", "use_cpu": "model.device", "bf16": "model.dtype",
+    "fp16": "model.dtype",
+}
+SFT_CONFIG_OWNED: dict[str, str] = {
+    **_SEED_DEVICE_DTYPE_OWNED,
+    "output_dir": "the run layout (sft/<arm>)", "num_train_epochs": "sft.epochs", "learning_rate": "sft.learning_rate",
+    "per_device_train_batch_size": "sft.batch_size", "gradient_accumulation_steps": "sft.gradient_accumulation_steps",
+    "max_length": "sft.max_length", "gradient_checkpointing": "sft.gradient_checkpointing",
+    "save_steps": "sft.save_steps", "save_strategy": "sft.save_steps (checkpoints every save_steps)",
+    "save_total_limit": "resume (the last whole checkpoint is kept)",
+    "completion_only_loss": "the method (loss on the output only)", "logging_steps": "loss.csv (one row per step)",
+    "logging_strategy": "loss.csv (one row per step)", "max_steps": "sft.epochs",
+    "save_only_model": "resume (a checkpoint keeps its optimiser and data position)",
+    "ignore_data_skip": "resume (a resumed run equals an uninterrupted one)",
+    "resume_from_checkpoint": "resume (the runner resumes from the last whole checkpoint)",
+    "eval_strategy": "stage 6 (SFT has no evaluation set)", "load_best_model_at_end": "stage 6 (SFT has no evaluation set)",
+}
+RL_CONFIG_OWNED: dict[str, str] = {
+    **_SEED_DEVICE_DTYPE_OWNED,
+    "output_dir": "the run layout (rl/checkpoints)", "learning_rate": "rl.learning_rate",
+    "lr_scheduler_type": "resume (constant: each segment starts a fresh optimiser)",
+    "per_device_train_batch_size": "rl.batch_size", "gradient_accumulation_steps": "rl.batch_size",
+    "logging_steps": "metrics.csv (one row per update)", "save_strategy": "rl.checkpoint_every",
+    "total_episodes": "rl.updates", "max_steps": "rl.updates", "num_ppo_epochs": "rl.ppo_epochs",
+    "num_mini_batches": "rl.batch_size", "kl_coef": "rl.kl_coef", "beta": "rl.kl_coef",
+    "response_length": "instance_generation.max_new_tokens", "max_completion_length": "instance_generation.max_new_tokens",
+    "temperature": "instance_generation.temperature", "top_p": "instance_generation.top_p",
+    "stop_token": "the method (rollouts stop at the end token)", "missing_eos_penalty": "rl.missing_eos_penalty",
+    "num_generations": "rl.num_generations", "whiten_rewards": "rl.batch_size (on from 8 prompts per update)",
+    "local_rollout_forward_batch_size": "rl.batch_size", "per_device_eval_batch_size": "rl.batch_size",
+    "num_sample_generations": "the held-out evaluation (stage 3's own)", "stop_token_id": "the method (rollouts stop at the end token)",
+    "logging_strategy": "metrics.csv (one row per update)",
+    "warmup_steps": "resume (constant learning rate: each segment starts a fresh optimiser)",
+    "lr_scheduler_kwargs": "resume (constant learning rate: each segment starts a fresh optimiser)",
+    "steps_per_generation": "rl.batch_size (one generation per update)", "generation_batch_size": "rl.batch_size",
+    "num_iterations": "rl.ppo_epochs (one pass per generation with GRPO/RLOO)",
+    **{key: "instance_generation (RL rollouts and stage 4 decode alike)"
+       for key in ("top_k", "min_p", "repetition_penalty", "generation_kwargs", "use_vllm")},
+}
+# PPO runs on stage 3's own AdamW (the policy's and the critic's learning rates) and trl's PPO does not
+# clip gradients, so these fields would do nothing there.
+PPO_CONFIG_OWNED: dict[str, str] = {
+    key: "stage 3's own AdamW for PPO (rl.learning_rate, rl.value_learning_rate)"
+    for key in ("optim", "optim_args", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm")
+}
+
+
+def trl_config_class(section: str, algorithm: str = "ppo") -> type:
+    """trl's config class that ``<section>.trainer_args`` pass through to: SFTConfig, or the RL algorithm's."""
+    if section == "sft":
+        from trl import SFTConfig
+        return SFTConfig
+    if algorithm == "ppo":
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # as stage 3 does: PPO lives in trl.experimental
+        from trl.experimental.ppo import PPOConfig
+        return PPOConfig
+    from trl import GRPOConfig, RLOOConfig
+    return GRPOConfig if algorithm == "grpo" else RLOOConfig
+
+
+def check_trainer_args(params: Any, source: str) -> None:
+    """Refuse a ``trainer_args`` key that trl's config class does not have, or that the package sets itself.
+
+    ``params`` is a :class:`~refine_af_utils.params.Params` (not imported: params imports this module).
+    trl is imported only when a ``trainer_args`` mapping is not empty; its config class then checks the values.
+    """
+    ppo = params.rl.algorithm == "ppo"
+    for section, owned in (("rl", {**RL_CONFIG_OWNED, **(PPO_CONFIG_OWNED if ppo else {})}), ("sft", SFT_CONFIG_OWNED)):
+        extra = getattr(params, section).trainer_args
+        if not extra:
+            continue  # trl is imported only when there is something to check
+        config = trl_config_class(section, params.rl.algorithm)
+        fields = {f.name for f in dataclasses.fields(config)}
+        for key in extra:
+            if key in owned:
+                raise ParamsError(f"{source}: key '{section}.trainer_args.{key}' is set by the package from "
+                                  f"{owned[key]}; set that instead")
+            if key not in fields:
+                raise ParamsError(f"{source}: key '{section}.trainer_args.{key}' is not a field of trl's "
+                                  f"{config.__name__}")
+        with tempfile.TemporaryDirectory() as scratch:  # trl checks the values now, not hours into the run
+            try:
+                config(**{"report_to": [], **extra, "output_dir": scratch, "use_cpu": True})
+            except (TypeError, ValueError) as error:
+                first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise ParamsError(f"{source}: key '{section}.trainer_args' is refused by trl's {config.__name__}: "
+                                  f"{first}") from error
