@@ -44,9 +44,10 @@ import pandas as pd
 import yaml
 
 from refine_af_utils.errors import RefineAFError
+from refine_af_utils.layout import STUDY_TABLE, RunLayout
+from refine_af_utils.run_folder import DEFAULT_RESULTS_ROOT, REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SEEDS_STUDY_RUNS = REPO_ROOT / "results" / "studies" / "default_seeds" / "study_runs.csv"
+SEEDS_STUDY_RUNS = DEFAULT_RESULTS_ROOT / "studies" / "default_seeds" / STUDY_TABLE.format(name="runs")
 Z_95 = 1.959963984540054
 IDENTICAL, CONSISTENT, DIFFERENT, NOT_JUDGED = "identical", "consistent", "different", "not judged"
 # Keys that may differ between two runs of the same experiment: the run's name, and where and in what
@@ -171,7 +172,7 @@ def _format(quantity: Quantity) -> str:
 
 
 def _table(run_dir: Path, name: str, **kwargs: Any) -> pd.DataFrame:
-    path = run_dir / f"table_{name}.csv"
+    path = RunLayout(run_dir).table(name)
     if not path.is_file():
         raise CompareError(f"{path}: missing; is {run_dir} a run whose report (stage 07) has been made?")
     return pd.read_csv(path, **kwargs)
@@ -279,7 +280,7 @@ def _run_params(run_dir: Path) -> dict[str, Any]:
 
 
 def _environment(run_dir: Path) -> str:
-    path = run_dir / "table_environment.csv"
+    path = RunLayout(run_dir).table("environment")
     if not path.is_file():
         return "environment not recorded"
     values = dict(pd.read_csv(path).itertuples(index=False, name=None))

@@ -63,6 +63,9 @@ STAGES = [
 ]
 STAGE = {stage.id: stage for stage in STAGES}
 
+# Inside one SFT output folder (stage 5's <arm>/, or any folder sft.fine_tune writes); transformers writes
+# a checkpoint's trainer state last, so a checkpoint without it was cut short.
+SFT_MODEL, SFT_LOSS, SFT_COMPLETE, TRAINER_STATE = "model", "loss.csv", "complete", "trainer_state.json"
 # Every file a stage writes into its folder, by name; ``{arm}``, ``{model}`` and ``{name}`` are filled
 # in by the caller (:meth:`RunLayout.file`). Writers and readers (the stage, later stages, the report,
 # the study, compare) all find files here; a structure test refuses file-name literals elsewhere.
@@ -84,7 +87,8 @@ STAGE_FILES: dict[str, dict[str, str]] = {
            "reward_by_arm": "reward_by_arm.csv", "per_instruction": "per_instruction.csv",
            "arm_comparison": "arm_comparison.csv", "fig_rewards": "reward_by_arm.png",
            "fig_comparison": "arm_comparison.png"},
-    "05": {"arm": "{arm}", "model": "{arm}/model", "complete": "{arm}/complete", "arm_loss": "{arm}/loss.csv",
+    "05": {"arm": "{arm}", "model": f"{{arm}}/{SFT_MODEL}", "complete": f"{{arm}}/{SFT_COMPLETE}",
+           "arm_loss": f"{{arm}}/{SFT_LOSS}",
            "loss": "loss.csv", "summary": "summary.csv", "fig_loss": "loss.png"},
     "06": {"predictions": "predictions_{model}.jsonl", "per_task": "per_task.csv", "per_category": "per_category.csv",
            "overall": "overall.csv", "task_comparison": "task_comparison.csv", "overall_ci": "overall_ci.csv",
@@ -93,11 +97,15 @@ STAGE_FILES: dict[str, dict[str, str]] = {
 }
 # Stage 1 bootstraps into any folder (tests use a temporary one): its two append-only files by name.
 INSTRUCTIONS_FILE, BATCHES_FILE = STAGE_FILES["01"]["instructions"], STAGE_FILES["01"]["batches"]
+# A study folder (results/<study>/) holds one run folder per setting and seed, and the study's report.
+STUDY_REPORT, STUDY_TABLE, STUDY_FIGURE = "study.md", "study_{name}.csv", "fig_{name}.png"
 CONFIG_FILE = "config.json"  # in every stage folder: the settings it was made with (run_folder.check_stage_config)
 RESOLVED_PARAMS = "params.yaml"  # at the top of a run folder: the params it runs with, every key resolved
+LOCK_FILE = ".lock"  # at the top of a run (or study) folder: one runner at a time (run_folder.run_lock)
+# A study's own files, hidden (never a stage's output): per run, its setting, seed and the stages copied from
+# other runs, and the copies in progress; in the study folder, the submitit jobs' folder.
+STUDY_FILE, STUDY_TMP_DIR, STUDY_JOBS_DIR = ".study.json", ".study-tmp", ".submitit"
 SCORE_CACHE_FILE = "{name}-{digest}.jsonl"  # in stage 2's score cache: one scorer's scores
-# Inside one SFT output folder (stage 5's <arm>/, or any folder sft.fine_tune writes).
-SFT_MODEL, SFT_LOSS, SFT_COMPLETE = "model", "loss.csv", "complete"
 # Inside one RL checkpoint folder (rl/checkpoints/update-<n>/).
 RL_CHECKPOINT, RL_CHECKPOINT_COMPLETE = "update-{update}", "complete"
 
@@ -224,9 +232,19 @@ class RunLayout:
         return self.stage_folder(stage_id) / pattern.format(**fields)
 
     # --- the runner's files -------------------------------------------------------------------------
+    @property
+    def markers(self) -> Path:
+        """The folder of the stages' completion markers (``stages/``)."""
+        return self.run_dir / "stages"
+
     def marker(self, stage_id: str) -> Path:
         """The runner's completion marker of a stage."""
-        return self.run_dir / "stages" / f"{stage_id}.json"
+        return self.markers / f"{stage_id}.json"
+
+    @property
+    def lock(self) -> Path:
+        """The runner's lock file (``.lock``, hidden: never a stage's output)."""
+        return self.run_dir / LOCK_FILE
 
     def metrics(self, stage_id: str) -> Path:
         """A stage's headline numbers (``metrics/<id>.json``)."""

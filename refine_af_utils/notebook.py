@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from refine_af_utils.errors import RefineAFError
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from refine_af_utils.run_folder import REPO_ROOT
 PARAMS_ENV = "REFINE_AF_PARAMS"
 RUN_DIR_ENV = "REFINE_AF_RUN_DIR"
 DEFAULT_PARAMS = "params/default.yaml"
@@ -88,7 +87,7 @@ def prepare_stage(stage_id: str, params_path: str | os.PathLike, run_dir: str | 
     :class:`StageNotReady` when the params file is missing or an earlier stage has not finished (its
     ``metrics/<stage>.json`` is missing); the message says which command produces it.
     """
-    from refine_af_utils.layout import STAGES
+    from refine_af_utils.layout import STAGES, RunLayout
 
     ids = [stage.id for stage in STAGES]
     if stage_id not in ids:
@@ -100,7 +99,7 @@ def prepare_stage(stage_id: str, params_path: str | os.PathLike, run_dir: str | 
             f"{params}: params file not found. Set params_path in the parameters cell (or ${PARAMS_ENV}) "
             f"to a file in params/, e.g. {DEFAULT_PARAMS}.")
     os.chdir(REPO_ROOT)
-    missing = [stage for stage in STAGES[:ids.index(stage_id)] if not (run / "metrics" / f"{stage.id}.json").is_file()]
+    missing = [stage for stage in STAGES[:ids.index(stage_id)] if not RunLayout(run).metrics(stage.id).is_file()]
     if missing:
         this = STAGES[ids.index(stage_id)]
         first = missing[0]

@@ -34,12 +34,9 @@ from refine_af_utils.figures import (
     reward_kl_figure,
     sft_loss_figure,
 )
-from refine_af_utils.files import read_jsonl
+from refine_af_utils.files import atomic_write_text, read_jsonl
 from refine_af_utils.layout import ARMS, MODELS, STAGES, RunLayout
 from refine_af_utils.reward import COMPONENTS
-
-REPORT_FILE = "report.md"
-
 
 def markdown_table(table: pd.DataFrame, index: bool = True, digits: int = 4) -> str:
     """A GitHub-flavoured Markdown table (no third-party formatter)."""
@@ -70,7 +67,7 @@ class Report:
     @property
     def path(self) -> Path:
         """``<run_dir>/report.md``."""
-        return self.run_dir / REPORT_FILE
+        return RunLayout(self.run_dir).report
 
     def text(self, markdown: str) -> None:
         """Add a paragraph or heading."""
@@ -91,8 +88,7 @@ class Report:
 
     def write(self) -> Path:
         """Write ``report.md``."""
-        self.path.write_text("\n\n".join(self.parts) + "\n")
-        return self.path
+        return atomic_write_text(self.path, "\n\n".join(self.parts) + "\n")
 
 
 def _require(path: Path) -> Path:
@@ -346,8 +342,8 @@ def build_report(run_dir: str | Path, run_name: str | None = None, random_seed: 
                  "where stages 0-6 ran, from their markers (CPU, dtypes each model computed in, versions)")
 
     metrics06 = json.loads(_require(layout.metrics("06")).read_text())
-    _require(layout.eval / "overall.csv")
-    improvement = _csv(layout.eval / "tasks_improved.csv", index_col="measure")["value"]
+    _require(layout.file("06", "overall"))
+    improvement = _csv(layout.file("06", "tasks_improved"), index_col="measure")["value"]
     overall_ci, task_stats, per_category_ci, tests = evaluation_statistics_tables(run_dir, improvement,
                                                                                   random_seed)
     bundled = metrics06.get("superni_dir") == "bundled"
@@ -375,7 +371,7 @@ def build_report(run_dir: str | Path, run_name: str | None = None, random_seed: 
                  "(Clopper-Pearson) interval of the share, the tests over tasks and their power")
     report.text(power_line(tasks, tests))
 
-    per_category = _csv(layout.eval / "per_category.csv", index_col="category")
+    per_category = _csv(layout.file("06", "per_category"), index_col="category")
     report.table("per_category", per_category_table(per_category_ci),
                  f"ROUGE-L per category (means over instances) with {level} cluster bootstrap CIs, and the winning arm "
                  "(only where the CI of the paired difference excludes 0)")
@@ -383,17 +379,17 @@ def build_report(run_dir: str | Path, run_name: str | None = None, random_seed: 
                  f"per task: ROUGE-L per model, REFINE-AF minus Self-Instruct with its {level} CI over the task's "
                  "instances, the outcome, whether it is significant, and flags (floor: every model scores 0; "
                  "constant label: every instance has the same reference answer)")
-    comparison = _csv(layout.eval / "task_comparison.csv")
+    comparison = _csv(layout.file("06", "task_comparison"))
     report.figure("06_per_category", lambda p: evaluation_figure("per_category", per_category, comparison, p),
                   "ROUGE-L per category and model")
     report.figure("06_task_deltas", lambda p: evaluation_figure("task_deltas", per_category, comparison, p),
                   "per-task ROUGE-L difference, REFINE-AF minus Self-Instruct")
 
     report.text("## Stage 0: seed tasks")
-    report.table("seeds", _csv(layout.seeds / "seed_summary.csv", index_col="statistic"), "seed task statistics")
+    report.table("seeds", _csv(layout.file("00", "summary"), index_col="statistic"), "seed task statistics")
 
     report.text("## Stage 1: instruction generation")
-    counts = _csv(layout.instructions_dir / "filter_counts.csv")
+    counts = _csv(layout.file("01", "filter_counts"))
     report.table("filter_counts", counts, "candidates per filter (Self-Instruct's filters and the novelty rule)",
                  index=False)
     report.figure("01_filter_counts", lambda p: filter_counts_figure(counts, p), "candidates per filter")
@@ -405,8 +401,8 @@ def build_report(run_dir: str | Path, run_name: str | None = None, random_seed: 
                   "instruction novelty: highest ROUGE-L against the earlier pool")
 
     report.text("## Stage 2: automated feedback (reward components)")
-    scores = _csv(layout.reward_analysis / "scores.csv")
-    correlations = _csv(layout.reward_analysis / "correlations.csv", index_col=0)
+    scores = _csv(layout.scores_file)
+    correlations = _csv(layout.file("02", "correlations"), index_col=0)
     summary = scores[[*COMPONENTS, "reward"]].describe().loc[["mean", "std", "min", "max"]].T
     report.table("reward_components", summary, f"reward components over {len(scores)} sampled instances")
     report.table("reward_correlations", correlations, "correlation of the reward components")
@@ -414,7 +410,7 @@ def build_report(run_dir: str | Path, run_name: str | None = None, random_seed: 
     report.figure("02_correlations", lambda p: correlations_figure(correlations, p), "component correlations")
 
     report.text("## Stage 3: RL training of the instance generator")
-    rl = _csv(layout.rl / "metrics.csv")
+    rl = _csv(layout.rl_metrics_file)
     half = max(len(rl) // 2, 1)
     measures = ["reward", "parsed_share", "content_reward", "kl_penalty"]
     rl_summary = pd.DataFrame({"first half": rl.iloc[:half][measures].mean(),
@@ -427,8 +423,8 @@ def build_report(run_dir: str | Path, run_name: str | None = None, random_seed: 
                   "RL reward terms, KL penalty and parsed share per update")
     report.figure("03_components", lambda p: components_figure(rl, p),
                   "reward components of the parsed completions per update")
-    heldout = _csv(layout.rl / "heldout_eval.csv")
-    heldout_summary = _csv(layout.rl / "heldout_summary.csv")
+    heldout = _csv(layout.heldout_eval_file)
+    heldout_summary = _csv(layout.heldout_summary_file)
     report.table("rl_heldout", heldout_summary.set_index("measure"),
                  f"held-out instructions (n={len(heldout)}, never RL prompts): trained minus base generator, "
                  "paired by instruction, mean over K samples each, 95% bootstrap CI")
@@ -437,23 +433,23 @@ def build_report(run_dir: str | Path, run_name: str | None = None, random_seed: 
         "held-out gain of the RL-trained generator with 95% CIs")
 
     report.text("## Stage 4: the two instance datasets")
-    report.table("dataset_statistics", _csv(layout.data / "dataset_statistics.csv", index_col=0),
+    report.table("dataset_statistics", _csv(layout.file("04", "statistics"), index_col=0),
                  "dataset statistics in the layout of Self-Instruct's Table 1")
-    comparison = _csv(layout.data / "arm_comparison.csv")
+    comparison = _csv(layout.file("04", "arm_comparison"))
     report.table("arm_comparison", comparison.set_index("group"),
                  "per instruction, REFINE-AF minus Self-Instruct, split by RL-train and held-out instructions, "
                  "95% bootstrap CI (has_instances: share with a kept instance; reward: over all instructions, "
                  "none kept counting with the parse penalty; content: over kept instances)")
     report.figure("04_arm_comparison", lambda p: arm_comparison_figure(comparison, p),
                   "REFINE-AF minus Self-Instruct per instruction group with 95% CIs")
-    report.table("reward_by_arm", _csv(layout.data / "reward_by_arm.csv", index_col=0),
+    report.table("reward_by_arm", _csv(layout.file("04", "reward_by_arm"), index_col=0),
                  "mean reward and components of each arm's kept instances")
     rewards = {arm: pd.DataFrame(read_jsonl(_require(layout.arm_data(arm))))["reward"] for arm in ARMS}
     report.figure("04_arm_rewards", lambda p: arm_rewards_figure(rewards, p), "reward distributions of both arms")
 
     report.text("## Stage 5: supervised fine-tuning")
-    losses = _csv(layout.sft / "loss.csv")
-    report.table("sft_summary", _csv(layout.sft / "summary.csv", index_col=0), "SFT on each arm (same settings)")
+    losses = _csv(layout.file("05", "loss"))
+    report.table("sft_summary", _csv(layout.file("05", "summary"), index_col=0), "SFT on each arm (same settings)")
     report.figure("05_sft_loss", lambda p: sft_loss_figure(losses, p), "SFT training loss per arm")
 
     report.text("## Wall time")
@@ -468,9 +464,10 @@ def build_report(run_dir: str | Path, run_name: str | None = None, random_seed: 
 
 def run_report_stage(params: Any, run_dir: str | Path) -> Report:
     """Stage 7 for the notebook: build the report and record what it contains."""
-    from refine_af_utils.run_folder import record_metrics
+    from refine_af_utils.run_folder import open_stage
 
     report = build_report(run_dir, params.run_name, params.random_seed)
-    record_metrics(run_dir, "07", {"tables": sorted(report.tables), "figures": sorted(report.figures)})
+    open_stage(__name__, params, run_dir).record_metrics({"tables": sorted(report.tables),
+                                                          "figures": sorted(report.figures)})
     return report
 

@@ -40,11 +40,13 @@ from torch import nn
 
 from refine_af_utils.figures import components_figure, heldout_figure, reward_kl_figure
 from refine_af_utils.generation import Generation
-from refine_af_utils.layout import RunLayout, STAGE, stage_config
+from refine_af_utils.files import atomic_write_text
+from refine_af_utils.layout import RL_CHECKPOINT, RL_CHECKPOINT_COMPLETE, RunLayout, stage_of_module
 from refine_af_utils.params import Params
 from refine_af_utils.reward import COMPONENTS, unparsed_reward
 from refine_af_utils.rl_reward import CompletionScorer, RefineAFRewardModel, group_reward_function
 from refine_af_utils.scorers import Scorer
+from refine_af_utils import trl_bridge
 from refine_af_utils.seeding import derive_seed
 from refine_af_utils.stats import paired_summary
 
@@ -55,6 +57,8 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 GENERATORS = ("base", "trained")
 METRIC_COLUMNS = ["update", "reward", "parsed_share", "content_reward", "unparsed_reward", "kl", "kl_penalty",
                   "policy_loss", "value_loss", "entropy", *COMPONENTS]
+
+_STAGE = stage_of_module(__name__)  # this module's stage in the registry
 
 
 class MetricsLogger:
@@ -115,40 +119,11 @@ def metrics_callback(logger: MetricsLogger) -> Any:
     return _LogToCsv()
 
 
-def _common_args(params: Params, output_dir: Path, seed: int, steps_or_episodes: dict[str, int]) -> dict[str, Any]:
-    """The trl config fields every algorithm shares, over ``rl.trainer_args`` (which may not set them)."""
+def _dtype(params: Params) -> torch.dtype:
+    """The torch dtype the backbone loads in, for trl's bf16 / fp16 flags."""
     from refine_af_utils.models import torch_dtype
 
-    cfg = params.rl
-    dtype = torch_dtype(params.model.dtype, params.model.device)
-    return {
-        "report_to": [], "disable_tqdm": False, **cfg.trainer_args,  # rl.trainer_args: any other trl field
-        "output_dir": str(output_dir), "learning_rate": cfg.learning_rate, "lr_scheduler_type": "constant",
-        "per_device_train_batch_size": cfg.batch_size, "gradient_accumulation_steps": 1,
-        "logging_steps": 1, "save_strategy": "no", "seed": seed, "data_seed": seed,
-        "use_cpu": params.model.device == "cpu", "bf16": dtype == torch.bfloat16,
-        "fp16": dtype == torch.float16, **steps_or_episodes,
-    }
-
-
-def ppo_config_args(params: Params, output_dir: Path, seed: int, updates: int) -> dict[str, Any]:
-    """trl ``PPOConfig``'s arguments for ``updates`` updates: ``rl.trainer_args`` under the package's own fields."""
-    cfg, decoding = params.rl, params.instance_generation
-    return {**_common_args(params, output_dir, seed, {"total_episodes": updates * cfg.batch_size}),
-            "num_ppo_epochs": cfg.ppo_epochs, "num_mini_batches": 1, "kl_coef": cfg.kl_coef,
-            "response_length": decoding.max_new_tokens, "temperature": decoding.temperature, "stop_token": "eos",
-            "missing_eos_penalty": cfg.missing_eos_penalty, "whiten_rewards": cfg.batch_size >= 8,
-            "local_rollout_forward_batch_size": cfg.batch_size, "num_sample_generations": 0,
-            "per_device_eval_batch_size": cfg.batch_size}
-
-
-def group_config_args(params: Params, output_dir: Path, seed: int, updates: int) -> dict[str, Any]:
-    """trl ``GRPOConfig``'s / ``RLOOConfig``'s arguments: ``rl.num_generations`` completions per prompt."""
-    cfg, decoding = params.rl, params.instance_generation
-    common = _common_args(params, output_dir, seed, {"max_steps": updates})
-    common["per_device_train_batch_size"] = cfg.batch_size * cfg.num_generations
-    return {**common, "num_generations": cfg.num_generations, "max_completion_length": decoding.max_new_tokens,
-            "temperature": decoding.temperature, "top_p": decoding.top_p, "beta": cfg.kl_coef}
+    return torch_dtype(params.model.dtype, params.model.device)
 
 
 @dataclass
@@ -204,7 +179,8 @@ def train_ppo_segment(segment: Segment) -> SegmentResult:
         {"params": [p for p in value_model.parameters() if p.requires_grad], "lr": cfg.value_learning_rate},
     ])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    args = PPOConfig(**ppo_config_args(params, segment.output_dir, segment.seed, segment.updates))
+    args = PPOConfig(**trl_bridge.ppo_config_args(params, segment.output_dir, segment.seed, segment.updates,
+                                                  _dtype(params)))
     trainer = PPOTrainer(args=args, processing_class=tokenizer, model=segment.policy, ref_model=None,
                          reward_model=reward_model, train_dataset=Dataset.from_list(encoded),
                          eval_dataset=Dataset.from_list(encoded[: cfg.batch_size]), value_model=value_model,
@@ -225,7 +201,8 @@ def _train_group_segment(segment: Segment, algorithm: str) -> SegmentResult:
         from trl import RLOOTrainer as Trainer
 
     params = segment.params
-    config = Config(**group_config_args(params, segment.output_dir, segment.seed, segment.updates))
+    config = Config(**trl_bridge.group_config_args(params, segment.output_dir, segment.seed, segment.updates,
+                                                   _dtype(params)))
     reward = group_reward_function(segment.scorer, segment.tokenizer, params.instance_generation.max_new_tokens)
     trainer = Trainer(model=segment.policy, reward_funcs=[reward], args=config,
                       train_dataset=Dataset.from_list(segment.rows), processing_class=segment.tokenizer,
@@ -259,7 +236,7 @@ def split_instructions(records: Sequence[dict[str, Any]], heldout: int, num_prom
     if heldout >= len(records):
         raise ValueError(f"rl.heldout_instructions ({heldout}) leaves no training prompt: "
                          f"stage 1 made {len(records)} instructions")
-    ordered = sorted(records, key=lambda r: (derive_seed(random_seed, "03", "split", r["instruction"]), r["instruction"]))
+    ordered = sorted(records, key=lambda r: (derive_seed(random_seed, _STAGE.id, "split", r["instruction"]), r["instruction"]))
     splits = {r["instruction"]: ("heldout" if n < heldout else "train" if n < heldout + num_prompts else "unused")
               for n, r in enumerate(ordered)}
     return [{**r, "split": splits[r["instruction"]]} for r in records]
@@ -275,17 +252,15 @@ def rl_prompts(params: Params, run_dir: Path) -> list[dict[str, Any]]:
     prompts = instance_prompts(records, layout.seed_tasks(), params.instance_generation, params.random_seed)
     rows = [{"instruction_id": r["id"], "instruction": r["instruction"], "is_classification": r["is_classification"],
              "split": r["split"], "prompt": p} for p, r in zip(prompts, records)]
-    path = layout.rl_prompts_file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text("".join(json.dumps({k: r[k] for k in ("instruction", "is_classification", "split")},
-                                          ensure_ascii=False) + "\n" for r in rows))
-    partial.replace(path)
+    atomic_write_text(layout.rl_prompts_file, "".join(
+        json.dumps({k: r[k] for k in ("instruction", "is_classification", "split")}, ensure_ascii=False) + "\n"
+        for r in rows))
     return rows
 
 
 def _last_saved_update(checkpoints: Path) -> tuple[int, Optional[Path]]:
-    done = sorted((int(p.name.split("-")[1]), p) for p in checkpoints.glob("update-*") if (p / "complete").is_file())
+    done = sorted((int(p.name.split("-")[1]), p) for p in checkpoints.glob(RL_CHECKPOINT.format(update="*"))
+                  if (p / RL_CHECKPOINT_COMPLETE).is_file())
     return done[-1] if done else (0, None)
 
 
@@ -309,9 +284,7 @@ def truncate_metrics(path: Path, updates_done: int) -> None:
     if not kept:
         path.unlink()
     elif len(kept) != len(rows) or text != "\n".join(complete) + "\n":
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text("\n".join([header, *kept]) + "\n")
-        partial.replace(path)
+        atomic_write_text(path, "\n".join([header, *kept]) + "\n")
 
 
 @dataclass
@@ -354,30 +327,29 @@ def train_generator(params: Params, run_dir: str | Path, scorers: Optional[dict[
     from transformers import set_seed
 
     from refine_af_utils.models import check_model_params, load_causal_lm, lora_config
-    from refine_af_utils.run_folder import check_stage_config
+    from refine_af_utils.run_folder import open_stage
 
     cfg = params.rl
-    run_dir = Path(run_dir)
-    layout = RunLayout(run_dir)
+    stage = open_stage(__name__, params, run_dir)
+    run_dir, layout = stage.run_dir, stage.layout
     layout.seed_tasks(), layout.instructions()  # inputs, device and model first: a failed run leaves no config
     check_model_params(params.model)
     scorer = scorer or _stage_scorer(params, run_dir, scorers)  # checks stage 2's outputs and the scorers
-    out = layout.stage_folder("03", create=True)
     checkpoints = layout.rl_checkpoints
-    check_stage_config(out, stage_config(STAGE["03"], params))  # rl.updates may grow: training continues
+    stage.check_config()  # rl.updates may grow: training continues
     rows = [r for r in rl_prompts(params, run_dir) if r["split"] == "train"]
     done, last = _last_saved_update(checkpoints)
     truncate_metrics(layout.rl_metrics_file, done)
     while done < cfg.updates:
         updates = min(cfg.checkpoint_every, cfg.updates - done)
-        seed = derive_seed(params.random_seed, "03", "segment", done)
+        seed = stage.derive_seed("segment", done)
         set_seed(seed)  # LoRA and value-head initialisation, dropout and sampling: the same on every run
         base, tokenizer = load_causal_lm(params.model)  # left padding, pad token distinct from eos
         if last is not None:
             policy = PeftModel.from_pretrained(base, last / "adapter", is_trainable=True)
         else:
             policy = get_peft_model(base, lora_config(params.rl.lora))
-        segment_dir = checkpoints / f"update-{done + updates}"
+        segment_dir = checkpoints / RL_CHECKPOINT.format(update=done + updates)
         shutil.rmtree(segment_dir, ignore_errors=True)
         segment = Segment(params, policy, tokenizer, rows, scorer,
                           MetricsLogger(layout.rl_metrics_file, scorer, done, cfg.kl_coef),
@@ -388,12 +360,12 @@ def train_generator(params: Params, run_dir: str | Path, scorers: Optional[dict[
             result.policy.save_pretrained(segment_dir / "adapter")
             if result.value_model is not None:
                 result.value_model.save_pretrained(segment_dir / "value_model")
-            (segment_dir / "complete").write_text(json.dumps({"updates": done + updates}) + "\n")
+            atomic_write_text(segment_dir / RL_CHECKPOINT_COMPLETE, json.dumps({"updates": done + updates}) + "\n")
             if last is not None:
                 shutil.rmtree(last, ignore_errors=True)  # keep only the newest checkpoint
         done, last = done + updates, segment_dir
     adapter_dir = layout.adapter
-    if last is not None and (last / "complete").is_file():
+    if last is not None and (last / RL_CHECKPOINT_COMPLETE).is_file():
         shutil.rmtree(adapter_dir, ignore_errors=True)
         shutil.copytree(last / "adapter", adapter_dir)
     return pd.read_csv(layout.rl_metrics_file), adapter_dir
@@ -439,7 +411,7 @@ def heldout_samples(params: Params, run_dir: Path, adapter_dir: Path) -> list[di
         RunLayout(run_dir).heldout_samples_file, jobs, job_key=lambda job: (job[0], job[2]["instruction"], job[1]),
         record_key=lambda r: (r["generator"], r["instruction"], r["sample"]), batch_size=decoding.batch_size,
         load=load, generate=generate, desc="held-out samples", group=lambda job: job[:2],
-        seed=lambda batch: derive_seed(params.random_seed, "03", "heldout", batch[0][1], batch[0][2]["instruction"]))
+        seed=lambda batch: derive_seed(params.random_seed, _STAGE.id, "heldout", batch[0][1], batch[0][2]["instruction"]))
 
 
 def heldout_table(samples: Sequence[dict[str, Any]], scorer: CompletionScorer) -> pd.DataFrame:
@@ -464,32 +436,30 @@ def evaluate_heldout(params: Params, run_dir: str | Path, adapter_dir: Path,
     """Stage 3's held-out evaluation: base vs trained generator on instructions RL never saw."""
     run_dir = Path(run_dir)
     layout = RunLayout(run_dir)
-    out = layout.rl
     table = heldout_table(heldout_samples(params, run_dir, adapter_dir), scorer)
     table.to_csv(layout.heldout_eval_file, index=False)
     summary = paired_summary(table, {m: (f"base_{m}", f"trained_{m}") for m in ("reward", "parsed", "content")},
-                             derive_seed(params.random_seed, "03", "heldout-ci"))
+                             derive_seed(params.random_seed, _STAGE.id, "heldout-ci"))
     summary.to_csv(layout.heldout_summary_file, index=False)
-    figure = heldout_figure(summary, out / "heldout_gain.png",
+    figure = heldout_figure(summary, layout.file(_STAGE.id, "fig_heldout"),
                             f"Held-out instructions (n={len(table)}): trained minus base generator, 95% CI")
     return HeldoutResult(table, summary, figure)
 
 
 def run_rl_stage(params: Params, run_dir: str | Path) -> RLTrainingResult:
     """Stage 3 for the notebook: train (or resume), evaluate on held-out instructions, record headlines."""
-    from refine_af_utils.run_folder import record_metrics
+    from refine_af_utils.run_folder import open_stage
 
-    run_dir = Path(run_dir)
-    scorer = _stage_scorer(params, run_dir, None)
-    out = RunLayout(run_dir).stage_folder("03", create=True)
-    metrics, adapter_dir = train_generator(params, run_dir, scorer=scorer)
-    heldout = evaluate_heldout(params, run_dir, adapter_dir, scorer)
-    figures = {"reward_kl": reward_kl_figure(metrics, params.rl.algorithm, out / "reward_kl.png"),
-               "components": components_figure(metrics, out / "components.png"),
+    stage = open_stage(__name__, params, run_dir)
+    scorer = _stage_scorer(params, stage.run_dir, None)
+    metrics, adapter_dir = train_generator(params, stage.run_dir, scorer=scorer)
+    heldout = evaluate_heldout(params, stage.run_dir, adapter_dir, scorer)
+    figures = {"reward_kl": reward_kl_figure(metrics, params.rl.algorithm, stage.file("fig_reward_kl")),
+               "components": components_figure(metrics, stage.file("fig_components")),
                "heldout": heldout.figure}
     gain = heldout.summary.set_index("measure")
     half = max(1, len(metrics) // 2)
-    record_metrics(run_dir, "03", {
+    stage.record_metrics({
         "algorithm": params.rl.algorithm, "updates": int(len(metrics)),
         "unparsed_reward": scorer.unparsed_reward,
         "first_half_reward": float(metrics["reward"].iloc[:half].mean()),

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from refine_af_utils.errors import RefineAFError
 from refine_af_utils.files import append_jsonl, read_jsonl, truncate_torn_tail
+from refine_af_utils.layout import SCORE_CACHE_FILE
 from refine_af_utils.params import ScorerParams
 
 
@@ -414,5 +415,5 @@ def build_scorer(name: str, spec: ScorerParams, cache_dir: Optional[Path] = None
     if cache_dir is not None:
         digest = hashlib.sha256(json.dumps([spec.kind, spec.model, spec.template, spec.pair_template,
                                             spec.max_length]).encode()).hexdigest()[:12]
-        cache_path = Path(cache_dir) / f"{name}-{digest}.jsonl"
+        cache_path = Path(cache_dir) / SCORE_CACHE_FILE.format(name=name, digest=digest)
     return SCORER_KINDS[spec.kind](name, spec, cache_path)

@@ -20,14 +20,16 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import pandas as pd
-import torch
 
 from refine_af_utils.figures import sft_loss_figure
-from refine_af_utils.layout import ARMS, RunLayout, STAGE, stage_config
+from refine_af_utils.layout import ARMS, SFT_COMPLETE, SFT_LOSS, SFT_MODEL, TRAINER_STATE, RunLayout, stage_of_module
 from refine_af_utils.params import ModelParams, Params, SFTParams
 from refine_af_utils.prompts import sft_prompt
-from refine_af_utils.files import sha256_file
+from refine_af_utils.files import atomic_write_text, sha256_file
+from refine_af_utils import trl_bridge
 from refine_af_utils.seeding import derive_seed
+
+_STAGE = stage_of_module(__name__)  # this module's stage in the registry
 
 
 def sft_records(instances: Sequence[dict[str, Any]], eos_token: str) -> list[dict[str, str]]:
@@ -38,23 +40,9 @@ def sft_records(instances: Sequence[dict[str, Any]], eos_token: str) -> list[dic
 
 def _last_whole_checkpoint(folder: Path) -> Optional[Path]:
     # trainer_state.json is written last: a folder without it is a save cut short by a crash
-    checkpoints = sorted((p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()),
+    checkpoints = sorted((p for p in folder.glob("checkpoint-*") if (p / TRAINER_STATE).is_file()),
                          key=lambda p: int(p.name.split("-")[1]))
     return checkpoints[-1] if checkpoints else None
-
-
-def sft_config_args(cfg: SFTParams, output_dir: Path, seed: int, device: str, dtype: Any) -> dict[str, Any]:
-    """trl ``SFTConfig``'s arguments: ``sft.trainer_args`` as given, under the fields the package sets itself
-    (``trl_bridge.SFT_CONFIG_OWNED``, which ``trainer_args`` may not name)."""
-    return {
-        "report_to": [], "disable_tqdm": False, **cfg.trainer_args,
-        "output_dir": str(output_dir), "num_train_epochs": cfg.epochs, "learning_rate": cfg.learning_rate,
-        "per_device_train_batch_size": cfg.batch_size, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-        "max_length": cfg.max_length, "completion_only_loss": True, "logging_steps": 1,
-        "gradient_checkpointing": cfg.gradient_checkpointing, "save_strategy": "steps", "save_steps": cfg.save_steps,
-        "save_total_limit": 1, "seed": seed, "data_seed": seed, "use_cpu": device == "cpu",
-        "bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16,
-    }
 
 
 def fine_tune(model_spec: ModelParams, instances: Sequence[dict[str, Any]], output_dir: str | Path,
@@ -67,8 +55,8 @@ def fine_tune(model_spec: ModelParams, instances: Sequence[dict[str, Any]], outp
     ``callbacks`` are extra transformers ``TrainerCallback`` objects.
     """
     output_dir = Path(output_dir)
-    if (output_dir / "complete").is_file():
-        return pd.read_csv(output_dir / "loss.csv")
+    if (output_dir / SFT_COMPLETE).is_file():
+        return pd.read_csv(output_dir / SFT_LOSS)
     if not instances:
         raise ValueError(f"{output_dir}: no instances to fine-tune on (stage 4 kept none for this arm)")
     from datasets import Dataset
@@ -80,7 +68,7 @@ def fine_tune(model_spec: ModelParams, instances: Sequence[dict[str, Any]], outp
     model, tokenizer = load_pretrained(model_spec)  # the trainer places it (one device per process)
     tokenizer.padding_side = "right"
     dtype = torch_dtype(model_spec.dtype, model_spec.device)
-    args = SFTConfig(**sft_config_args(cfg, output_dir, seed, model_spec.device, dtype))
+    args = SFTConfig(**trl_bridge.sft_config_args(cfg, output_dir, seed, model_spec.device, dtype))
     peft_config = None if cfg.full_fine_tuning else lora_config(cfg.lora)
     set_seed(seed)  # the LoRA initialisation happens in SFTTrainer: the same for both arms and on resume
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(sft_records(instances, tokenizer.eos_token)),
@@ -89,14 +77,14 @@ def fine_tune(model_spec: ModelParams, instances: Sequence[dict[str, Any]], outp
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if not trainer.is_world_process_zero():
         return pd.DataFrame()
-    final = output_dir / "model"
+    final = output_dir / SFT_MODEL
     shutil.rmtree(final, ignore_errors=True)
     trainer.save_model(str(final))
     tokenizer.save_pretrained(final)
     losses = pd.DataFrame([{"step": e["step"], "epoch": round(e["epoch"], 4), "loss": e["loss"]}
                            for e in trainer.state.log_history if "loss" in e])
-    losses.to_csv(output_dir / "loss.csv", index=False)
-    (output_dir / "complete").write_text(json.dumps({"steps": int(trainer.state.global_step)}) + "\n")
+    losses.to_csv(output_dir / SFT_LOSS, index=False)
+    atomic_write_text(output_dir / SFT_COMPLETE, json.dumps({"steps": int(trainer.state.global_step)}) + "\n")
     for old in output_dir.glob("checkpoint-*"):
         shutil.rmtree(old, ignore_errors=True)
     return losses
@@ -117,7 +105,7 @@ def training_sets(params: Params, run_dir: str | Path) -> dict[str, list[dict[st
     if params.sft.equal_examples:
         size = min(len(records) for records in data.values())
         for arm, records in data.items():
-            rng = random.Random(derive_seed(params.random_seed, "05", "equal-examples", arm))
+            rng = random.Random(derive_seed(params.random_seed, _STAGE.id, "equal-examples", arm))
             data[arm] = [records[i] for i in sorted(rng.sample(range(len(records)), size))]
     if params.sft.include_seed_tasks:
         seeds = [{"instruction": t.instruction, "input": i.input, "output": i.output}
@@ -129,18 +117,15 @@ def training_sets(params: Params, run_dir: str | Path) -> dict[str, list[dict[st
 def train_arms(params: Params, run_dir: str | Path) -> dict[str, pd.DataFrame]:
     """Fine-tune the base backbone on each arm's training set (resuming); the loss table per arm."""
     from refine_af_utils.models import check_model_params
-    from refine_af_utils.run_folder import check_stage_config
+    from refine_af_utils.run_folder import open_stage
 
-    run_dir = Path(run_dir)
-    layout = RunLayout(run_dir)
+    stage = open_stage(__name__, params, run_dir)
+    layout = stage.layout
     data = training_sets(params, run_dir)  # reads and checks stage 4's datasets before anything is written
     check_model_params(params.model)
-    out = layout.stage_folder("05", create=True)
-    check_stage_config(out, {  # each arm's adapter belongs to one dataset
-        **stage_config(STAGE["05"], params),
-        **{f"{arm}_data_sha256": sha256_file(layout.arm_data(arm)) for arm in ARMS}})
-    return {arm: fine_tune(params.model, data[arm], layout.sft_arm(arm), params.sft,
-                             derive_seed(params.random_seed, "05", "trainer"))
+    stage.check_config(**{f"{arm}_data_sha256": sha256_file(layout.arm_data(arm))  # each arm's adapter: one dataset
+                          for arm in ARMS})
+    return {arm: fine_tune(params.model, data[arm], layout.sft_arm(arm), params.sft, stage.derive_seed("trainer"))
             for arm in ARMS}
 
 
@@ -155,14 +140,13 @@ class SFTStageResult:
 
 def run_sft_stage(params: Params, run_dir: str | Path) -> SFTStageResult:
     """Stage 5 for the notebook: train both arms, write ``sft/loss.csv`` and the loss figure."""
-    from refine_af_utils.run_folder import record_metrics
+    from refine_af_utils.run_folder import open_stage
 
-    run_dir = Path(run_dir)
     per_arm = train_arms(params, run_dir)
     losses = pd.concat([table.assign(arm=arm) for arm, table in per_arm.items()], ignore_index=True)
-    layout = RunLayout(run_dir)
-    out = layout.sft
-    losses.to_csv(out / "loss.csv", index=False)
+    stage = open_stage(__name__, params, run_dir)
+    layout = stage.layout
+    losses.to_csv(stage.file("loss"), index=False)
     sets = training_sets(params, run_dir)
     summary = pd.DataFrame({arm: {
         "stage 4 instances": len(layout.arm_instances(arm)),
@@ -171,9 +155,9 @@ def run_sft_stage(params: Params, run_dir: str | Path) -> SFTStageResult:
         "first loss": round(float(table["loss"].iloc[0]), 4),
         "last loss": round(float(table["loss"].iloc[-1]), 4),
     } for arm, table in per_arm.items()})
-    summary.to_csv(out / "summary.csv")
-    figure = sft_loss_figure(losses, out / "loss.png")
-    record_metrics(run_dir, "05", {f"{arm}_{key.replace(' ', '_')}": value
+    summary.to_csv(stage.file("summary"))
+    figure = sft_loss_figure(losses, stage.file("fig_loss"))
+    stage.record_metrics({f"{arm}_{key.replace(' ', '_')}": value
                                    for arm, column in summary.items() for key, value in column.items()})
     return SFTStageResult(losses, summary, {"loss": figure})
 

@@ -8,9 +8,9 @@ package decides, so :func:`check_trainer_args` refuses it when the params are lo
 that is not a field of trl's class at all, or a value that trl's class itself refuses, instead of
 hours into a run.
 
-The tables must stay in step with the config builders, ``sft.sft_config_args`` and
-``rl_training._common_args`` / ``ppo_config_args`` / ``group_config_args``: every field a builder sets
-is in its table (tests/test_params.py checks both ways against trl).
+The tables stay in step with the config builders below them (:func:`sft_config_args` for stage 5,
+:func:`ppo_config_args` / :func:`group_config_args` for stage 3): every field a builder sets is in its
+table (tests/test_params.py checks both ways against trl).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
+from pathlib import Path
 from typing import Any
 
 from refine_af_utils.errors import ParamsError
@@ -113,3 +114,59 @@ def check_trainer_args(params: Any, source: str) -> None:
                 first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                 raise ParamsError(f"{source}: key '{section}.trainer_args' is refused by trl's {config.__name__}: "
                                   f"{first}") from error
+
+
+# --- the config builders: the trl config arguments stages 3 and 5 pass (the tables above guard them) ---
+# ``params`` is a ``params.Params`` and ``cfg`` a ``params.SFTParams`` (not imported: params imports this module).
+
+def sft_config_args(cfg: Any, output_dir: Path, seed: int, device: str, dtype: Any) -> dict[str, Any]:
+    """trl ``SFTConfig``'s arguments: ``sft.trainer_args`` as given, under the fields the package sets itself
+    (:data:`SFT_CONFIG_OWNED`, which ``trainer_args`` may not name)."""
+    import torch
+
+    return {
+        "report_to": [], "disable_tqdm": False, **cfg.trainer_args,
+        "output_dir": str(output_dir), "num_train_epochs": cfg.epochs, "learning_rate": cfg.learning_rate,
+        "per_device_train_batch_size": cfg.batch_size, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "max_length": cfg.max_length, "completion_only_loss": True, "logging_steps": 1,
+        "gradient_checkpointing": cfg.gradient_checkpointing, "save_strategy": "steps", "save_steps": cfg.save_steps,
+        "save_total_limit": 1, "seed": seed, "data_seed": seed, "use_cpu": device == "cpu",
+        "bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16,
+    }
+
+
+def _rl_common_args(params: Any, output_dir: Path, seed: int, dtype: Any,
+                    steps_or_episodes: dict[str, int]) -> dict[str, Any]:
+    """The trl config fields every algorithm shares, over ``rl.trainer_args`` (which may not set them);
+    ``dtype``: the torch dtype the backbone loads in (``models.torch_dtype``)."""
+    import torch
+
+    cfg = params.rl
+    return {
+        "report_to": [], "disable_tqdm": False, **cfg.trainer_args,  # rl.trainer_args: any other trl field
+        "output_dir": str(output_dir), "learning_rate": cfg.learning_rate, "lr_scheduler_type": "constant",
+        "per_device_train_batch_size": cfg.batch_size, "gradient_accumulation_steps": 1,
+        "logging_steps": 1, "save_strategy": "no", "seed": seed, "data_seed": seed,
+        "use_cpu": params.model.device == "cpu", "bf16": dtype == torch.bfloat16,
+        "fp16": dtype == torch.float16, **steps_or_episodes,
+    }
+
+
+def ppo_config_args(params: Any, output_dir: Path, seed: int, updates: int, dtype: Any) -> dict[str, Any]:
+    """trl ``PPOConfig``'s arguments for ``updates`` updates: ``rl.trainer_args`` under the package's own fields."""
+    cfg, decoding = params.rl, params.instance_generation
+    return {**_rl_common_args(params, output_dir, seed, dtype, {"total_episodes": updates * cfg.batch_size}),
+            "num_ppo_epochs": cfg.ppo_epochs, "num_mini_batches": 1, "kl_coef": cfg.kl_coef,
+            "response_length": decoding.max_new_tokens, "temperature": decoding.temperature, "stop_token": "eos",
+            "missing_eos_penalty": cfg.missing_eos_penalty, "whiten_rewards": cfg.batch_size >= 8,
+            "local_rollout_forward_batch_size": cfg.batch_size, "num_sample_generations": 0,
+            "per_device_eval_batch_size": cfg.batch_size}
+
+
+def group_config_args(params: Any, output_dir: Path, seed: int, updates: int, dtype: Any) -> dict[str, Any]:
+    """trl ``GRPOConfig``'s / ``RLOOConfig``'s arguments: ``rl.num_generations`` completions per prompt."""
+    cfg, decoding = params.rl, params.instance_generation
+    common = _rl_common_args(params, output_dir, seed, dtype, {"max_steps": updates})
+    common["per_device_train_batch_size"] = cfg.batch_size * cfg.num_generations
+    return {**common, "num_generations": cfg.num_generations, "max_completion_length": decoding.max_new_tokens,
+            "temperature": decoding.temperature, "top_p": decoding.top_p, "beta": cfg.kl_coef}

@@ -231,8 +231,7 @@ def test_trainer_args_pass_through_to_trl_and_refuse_what_the_package_sets(tmp_p
     import torch
 
     from refine_af_utils.trl_bridge import PPO_CONFIG_OWNED, RL_CONFIG_OWNED, SFT_CONFIG_OWNED, trl_config_class
-    from refine_af_utils.rl_training import _common_args
-    from refine_af_utils.sft import sft_config_args
+    from refine_af_utils.trl_bridge import _rl_common_args, sft_config_args
 
     smoke = REPO_ROOT / "params" / "smoke.yaml"
     params = load_params(smoke, overrides={"sft.trainer_args.weight_decay": 0.01, "sft.trainer_args.report_to": ["none"],
@@ -241,16 +240,16 @@ def test_trainer_args_pass_through_to_trl_and_refuse_what_the_package_sets(tmp_p
     assert (args["weight_decay"], args["report_to"], args["seed"], args["num_train_epochs"]) == (0.01, ["none"], 7, 1.0)
     assert set(args) - {"report_to", "disable_tqdm", "weight_decay"} <= set(SFT_CONFIG_OWNED)  # the package's own fields
     trl_config_class("sft")(**args)  # trl accepts them
-    assert _common_args(params, tmp_path, 7, {"total_episodes": 4})["cliprange"] == 0.1
+    assert _rl_common_args(params, tmp_path, 7, torch.float32, {"total_episodes": 4})["cliprange"] == 0.1
     rl_fields = set().union(*({f.name for f in dataclasses.fields(trl_config_class("rl", a))} for a in ("ppo", "grpo", "rloo")))
     assert set(RL_CONFIG_OWNED) | set(PPO_CONFIG_OWNED) <= rl_fields  # no typo in the refused names
     assert set(SFT_CONFIG_OWNED) <= {f.name for f in dataclasses.fields(trl_config_class("sft"))}
     grpo = {"rl.algorithm": "grpo", "instance_generation.top_p": 0.9}
-    from refine_af_utils.rl_training import group_config_args, ppo_config_args
+    from refine_af_utils.trl_bridge import group_config_args, ppo_config_args
 
     for algorithm, build in (("ppo", ppo_config_args), ("grpo", group_config_args), ("rloo", group_config_args)):
         chosen = params if algorithm == "ppo" else load_params(smoke, overrides={**grpo, "rl.algorithm": algorithm})
-        rl_args = build(chosen, tmp_path, 7, 2)
+        rl_args = build(chosen, tmp_path, 7, 2, torch.float32)
         assert set(rl_args) - {"report_to", "disable_tqdm"} - set(chosen.rl.trainer_args) <= set(RL_CONFIG_OWNED), algorithm
         trl_config_class("rl", algorithm)(**rl_args)  # trl accepts what stage 3 passes
     assert load_params(smoke, overrides={**grpo, "rl.trainer_args.max_grad_norm": 0.5}).rl.trainer_args == {"max_grad_norm": 0.5}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 from refine_af_utils.layout import STAGES, RunLayout
@@ -180,3 +181,41 @@ def test_no_import_circle():
 def test_the_circle_check_can_fail():
     assert _cycles({"prompts": {"superni"}, "superni": {"rouge", "prompts"}, "rouge": set()}) == [
         ["prompts", "superni", "prompts"]]
+
+
+FILE_NAME = re.compile(r"\.(csv|jsonl|json)$")
+# File names that are not this package's results: formats of other projects and the bundled data.
+NOT_RESULT_FILES = {
+    "downloads.py": {"data/seed_tasks.jsonl", "human_eval/user_oriented_instructions.jsonl",  # in the repositories
+                     "manifest.json", ".json"},  # the download cache's record; Super-NI's tasks/<name>.json
+    "superni.py": {".json"},  # a Super-NI checkout's tasks/<name>.json
+    "seeds.py": {"seed_tasks.jsonl", "seeds.jsonl"},  # the bundled seed file; a downloaded one's fallback name
+    "models.py": {"adapter_config.json"},  # peft's adapter folder
+    "scorers.py": {"config.json"},  # a transformers model folder's config
+}
+
+
+def _file_name_literals(source: str) -> list[tuple[int, str]]:
+    """String constants (f-string parts included) that end like a result file's name."""
+    return [(node.lineno, node.value) for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and FILE_NAME.search(node.value)
+            and "://" not in node.value]  # a URL names a remote file
+
+
+def test_layout_names_every_result_file():
+    """A .csv / .jsonl / .json name spelled outside layout.py is a second place that names a file."""
+    offenders = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == "layout.py":
+            continue
+        allowed = NOT_RESULT_FILES.get(path.name, set())
+        found = [f"line {line}: {value!r}" for line, value in _file_name_literals(path.read_text())
+                 if value not in allowed]
+        if found:
+            offenders[str(path.relative_to(PACKAGE))] = found
+    assert offenders == {}
+
+
+def test_the_file_name_check_can_fail():
+    source = 'out = run_dir / "eval" / "per_task.csv"\npath = folder / f"{name}-{digest}.jsonl"\nx = "a.json"\n'
+    assert sorted(_file_name_literals(source)) == [(1, "per_task.csv"), (2, ".jsonl"), (3, "a.json")]

@@ -46,7 +46,6 @@ from refine_af_utils.study.launch import (
 from refine_af_utils.study.report import (
     COMPONENTS,
     HEADLINES,
-    RUN_FILES,
     aa_control,
     run_headlines,
     self_instruct_per_task,
@@ -65,7 +64,7 @@ from refine_af_utils.study.reuse import (
 from refine_af_utils.study.spec import Setting, StudyRun, StudySpec, StudySpecError, load_spec, study_dir_of
 
 __all__ = [
-    "CHEAP_STAGES", "COMPONENTS", "DEFAULT_TIMEOUT_MIN", "HEADLINES", "LAUNCHERS", "RUN_FILES", "STUDY_FILE", "TMP_DIR",
+    "CHEAP_STAGES", "COMPONENTS", "DEFAULT_TIMEOUT_MIN", "HEADLINES", "LAUNCHERS", "STUDY_FILE", "TMP_DIR",
     "Setting", "StudyRun", "StudySpec", "StudySpecError", "aa_control", "copy_stage", "donor_plan", "dry_run",
     "is_locked", "load_spec", "main", "reuse_stages", "reused_stages", "run_headlines", "run_is_complete", "run_one",
     "run_study", "self_instruct_per_task", "study_dir_of", "study_tables", "write_study_report",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from itertools import combinations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
@@ -17,16 +16,23 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 if TYPE_CHECKING:
     import pandas as pd
 
-from refine_af_utils.layout import STAGES, RunLayout
+from refine_af_utils.files import atomic_write_text
+from refine_af_utils.layout import STAGES, STUDY_FIGURE, STUDY_REPORT, STUDY_TABLE, RunLayout
 from refine_af_utils.run import REPO_ROOT, read_marker
 from refine_af_utils.study.reuse import reused_stages
 from refine_af_utils.study.spec import StudySpec
 
 COMPONENTS = ("reward_model", "understandability", "naturalness", "coherence", "reward")
-RUN_FILES = {  # what the report reads, per run, and the stage that writes it
-    "metrics/06.json": "06", "eval/overall_ci.csv": "06", "eval/tasks_improved.csv": "06",
-    "rl/heldout_summary.csv": "03", "data/reward_by_arm.csv": "04",
-}
+
+
+def run_files(run_dir: Path) -> dict[str, Path]:
+    """What the report reads from each run (stage 6's metrics and statistics, 3's held-out gains, 4's rewards)."""
+    layout = RunLayout(run_dir)
+    return {"metrics": layout.metrics("06"), "overall_ci": layout.file("06", "overall_ci"),
+            "tasks_improved": layout.file("06", "tasks_improved"), "heldout_summary": layout.heldout_summary_file,
+            "reward_by_arm": layout.file("04", "reward_by_arm")}
+
+
 HEADLINES = {  # per-setting summary columns and their labels
     "heldout_reward_gain": "held-out RL reward gain (trained - base)",
     "self_instruct_rougeL": "Self-Instruct ROUGE-L",
@@ -50,16 +56,17 @@ def run_headlines(run_dir: Path) -> dict[str, Any]:
     import pandas as pd
 
     row: dict[str, Any] = {}
-    missing = [name for name in RUN_FILES if not (run_dir / name).is_file()]
+    files = run_files(run_dir)
+    missing = [str(path.relative_to(run_dir)) for path in files.values() if not path.is_file()]
     done = [s.id for s in STAGES if RunLayout(run_dir).marker(s.id).is_file()]
     row["stages_done"] = f"{done[0]}-{done[-1]}" if done else "none"
     revisions = {str((read_marker(run_dir, s) or {}).get("code", "not recorded")) for s in STAGES if s.id in done}
     row["code"] = ", ".join(sorted(revisions))  # the package revision(s) its stages were made by
-    if (run_dir / "metrics/06.json").is_file():
-        metrics = json.loads((run_dir / "metrics/06.json").read_text())
+    if files["metrics"].is_file():
+        metrics = json.loads(files["metrics"].read_text())
         row["base_rougeL"] = _float(metrics.get("base_rougeL"))
-    if (run_dir / "eval/overall_ci.csv").is_file():
-        overall = pd.read_csv(run_dir / "eval/overall_ci.csv")
+    if files["overall_ci"].is_file():
+        overall = pd.read_csv(files["overall_ci"])
         for model, key in (("self_instruct", "self_instruct"), ("refine_af", "refine_af"),
                            ("refine_af - self_instruct", "rougeL_difference")):
             hit = overall[(overall["model"] == model) & (overall["metric"] == "rougeL")]
@@ -67,19 +74,19 @@ def run_headlines(run_dir: Path) -> dict[str, Any]:
                 name = key if key == "rougeL_difference" else f"{key}_rougeL"
                 row[name] = float(hit["mean"].iloc[0])
                 row[f"{name}_ci_low"], row[f"{name}_ci_high"] = float(hit["ci_low"].iloc[0]), float(hit["ci_high"].iloc[0])
-    if (run_dir / "eval/tasks_improved.csv").is_file():
-        improved = pd.read_csv(run_dir / "eval/tasks_improved.csv").set_index("measure")["value"]
+    if files["tasks_improved"].is_file():
+        improved = pd.read_csv(files["tasks_improved"]).set_index("measure")["value"]
         for key in ("tasks", "wins", "ties", "losses", "win_share", "win_share_ci_low", "win_share_ci_high",
                     "sign_test_p", "wilcoxon_p"):
             if key in improved.index:
                 row[key] = _float(improved[key])
-    if (run_dir / "rl/heldout_summary.csv").is_file():
-        summary = pd.read_csv(run_dir / "rl/heldout_summary.csv").set_index("measure")
+    if files["heldout_summary"].is_file():
+        summary = pd.read_csv(files["heldout_summary"]).set_index("measure")
         for measure in summary.index:
             for column, suffix in (("mean_difference", ""), ("ci_low", "_ci_low"), ("ci_high", "_ci_high")):
                 row[f"heldout_{measure}_gain{suffix}"] = float(summary.loc[measure, column])
-    if (run_dir / "data/reward_by_arm.csv").is_file():
-        by_arm = pd.read_csv(run_dir / "data/reward_by_arm.csv", index_col=0)
+    if files["reward_by_arm"].is_file():
+        by_arm = pd.read_csv(files["reward_by_arm"], index_col=0)
         if {"self_instruct", "refine_af"} <= set(by_arm.columns):
             for component in COMPONENTS:
                 if component in by_arm.index:
@@ -93,12 +100,12 @@ def self_instruct_per_task(run_dir: Path) -> Optional["pd.Series"]:
     """The Self-Instruct arm's mean ROUGE-L per task (``eval/per_task.csv``, else its predictions); None if neither."""
     import pandas as pd
 
-    per_task = run_dir / "eval" / "per_task.csv"
+    per_task = RunLayout(run_dir).file("06", "per_task")
     if per_task.is_file():
         table = pd.read_csv(per_task)
         if {"task", "rougeL_self_instruct"} <= set(table.columns):
             return table.set_index("task")["rougeL_self_instruct"].astype(float)
-    predictions = run_dir / "eval" / "predictions_self_instruct.jsonl"
+    predictions = RunLayout(run_dir).predictions("self_instruct")
     if predictions.is_file():
         from refine_af_utils.files import read_jsonl
 
@@ -224,16 +231,14 @@ def _figures(tables: dict[str, "pd.DataFrame"], differences: list[float], refine
     if panels:
         fig = spread_by_group(runs, "setting", panels, HEADLINES, {"win_share": 0.5},
                               "Per setting: each seed (dot, 95% CI bar) and the mean over seeds (line)")
-        save_figure(fig, study_dir / "fig_settings.png")
-        names.append("fig_settings.png")
+        names.append(save_figure(fig, study_dir / STUDY_FIGURE.format(name="settings")).name)
     if differences:
         samples = [("A/A: Self-Instruct arm, seed j - seed i", differences, 0.6)]
         if refine_differences:
             samples.append(("REFINE-AF - Self-Instruct (same run)", refine_differences, 0.5))
         fig = density_histograms(samples, "Per-task differences: chance (A/A) against the REFINE-AF effect",
                                  "per-task ROUGE-L difference")
-        save_figure(fig, study_dir / "fig_aa_control.png")
-        names.append("fig_aa_control.png")
+        names.append(save_figure(fig, study_dir / STUDY_FIGURE.format(name="aa_control")).name)
     return names
 
 
@@ -249,7 +254,7 @@ def _refine_differences(spec: StudySpec, study_dir: Path) -> list[float]:
 
     result: list[float] = []
     for run in spec.runs:
-        path = study_dir / run.name / "eval" / "per_task.csv"
+        path = RunLayout(study_dir / run.name).file("06", "per_task")
         if path.is_file():
             table = pd.read_csv(path)
             if {"rougeL_refine_af", "rougeL_self_instruct"} <= set(table.columns):
@@ -262,7 +267,7 @@ def write_study_report(spec: StudySpec, study_dir: Path) -> Path:
     ``study_aa_control.csv`` and the figures into ``study_dir``; return the report's path."""
     tables = study_tables(spec, study_dir)
     for name, table in tables.items():
-        table.to_csv(study_dir / f"study_{name}.csv", index=name == "win_share_by_seed")
+        table.to_csv(study_dir / STUDY_TABLE.format(name=name), index=name == "win_share_by_seed")
     runs, settings, aa = tables["runs"], tables["settings"], tables["aa_control"]
     _, differences = aa_control(runs, study_dir)
     figures = _figures(tables, differences, _refine_differences(spec, study_dir), study_dir)
@@ -328,11 +333,7 @@ def write_study_report(spec: StudySpec, study_dir: Path) -> Path:
                               for r in aa.to_dict("records")]))
     if figures:
         out += ["", "## Figures", ""] + [f"![{name}]({name})" for name in figures]
-    path = study_dir / "study.md"
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    partial.write_text("\n".join(out) + "\n")
-    partial.replace(path)
-    return path
+    return atomic_write_text(study_dir / STUDY_REPORT, "\n".join(out) + "\n")
 
 
 def pd_mean(values: Any) -> float:
