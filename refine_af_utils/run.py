@@ -10,12 +10,14 @@ executed, to ``<run_dir>/notebooks/``.
 
 A stage's marker, ``<run_dir>/stages/<stage>.json``, records its wall time, the params sections it
 depends on (its own and every earlier stage's), the sha256 of every file it wrote (see
-:func:`stage_outputs`) and of the earlier stages' outputs it could read. A stage counts as complete,
-and is skipped, only when its params are unchanged, its outputs are there and unchanged and the
-earlier stages' outputs are those it was run on. A changed or deleted output, or a changed upstream
-output, reruns the stage from scratch (as ``--force`` does: its folder is deleted first) with one
-line naming what changed; a params change reruns it in place (the stage resumes, or refuses a folder
-made with other settings). ``--dry-run`` prints, per stage, run or skip and why, and changes nothing.
+:func:`~refine_af_utils.run_folder.stage_outputs`) and of the earlier stages' outputs it could read.
+A stage counts as complete, and is skipped, only when its params are unchanged, its outputs are there
+and unchanged and the earlier stages' outputs are those it was run on. A changed or deleted output,
+or a changed upstream output, reruns the stage from scratch (as ``--force`` does: its folder is
+deleted first) with one line naming what changed; a params change reruns it in place (the stage
+resumes, or refuses a folder made with other settings). ``--dry-run`` prints, per stage, run or skip
+and why, and changes nothing. The markers, the output rule, the status and the lock are
+:mod:`refine_af_utils.run_folder`'s; this module runs the notebooks.
 
 One runner per run folder: the runner holds an OS lock on ``<run_dir>/.lock`` while it runs,
 and a second one exits at once naming the holder's PID and command line (the OS drops the
@@ -27,26 +29,20 @@ data, a stage folder made with other settings, a missing model) is printed as on
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import json
-import os
-import shlex
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
-from refine_af_utils.environment import machine_environment, resolve_dtypes
-from refine_af_utils.errors import RefineAFError, RunLockedError, project_error_names
-from refine_af_utils.layout import OUTPUTS_VERSION, STAGES, RunLayout, Stage, flatten, stage_fingerprint, stage_params
+from refine_af_utils.environment import resolve_dtypes
+from refine_af_utils.errors import RefineAFError, project_error_names
+from refine_af_utils.layout import STAGES, RunLayout, Stage
 from refine_af_utils.params import Params, load_params, parse_overrides
-from refine_af_utils.files import sha256_file
-from refine_af_utils.run_folder import RESOLVED_PARAMS, code_revision, run_folder, write_resolved_params
+from refine_af_utils.run_folder import (DEFAULT_RESULTS_ROOT, REPO_ROOT, add_run_arguments, run_folder, run_lock,
+                                        stage_status, upstream_hashes, write_marker, write_resolved_params)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 
 
@@ -63,251 +59,8 @@ def select_stages(only: Optional[str] = None, start: Optional[str] = None) -> li
     return list(STAGES)
 
 
-# What counts as a stage's output, hashed into its marker: every file under its folder (the report: the
-# files at the top of the run folder) and its metrics/<id>.json, except what is rebuilt or resumed from
-# and never read as a result: caches (`cache/`, which later stages also fill), training checkpoints
-# (`checkpoints/`, `checkpoint-*`), hidden files and half-written `*.partial` / `*.tmp` files. The
-# executed notebooks (`notebooks/`), the markers (`stages/`), `params.yaml` and the lock are the
-# runner's, not a stage's.
-SKIPPED_DIRS = {"cache", "checkpoints", "__pycache__"}
-RUNNER_FILES = {RESOLVED_PARAMS}  # the lock is hidden (.lock)
-
-
-def _counts_as_output(relative: Path) -> bool:
-    parts = relative.parts
-    if any(part.startswith(".") for part in parts):
-        return False
-    if any(part in SKIPPED_DIRS or part.startswith("checkpoint-") for part in parts[:-1]):
-        return False
-    return not parts[-1].endswith((".partial", ".tmp"))
-
-
-def stage_outputs(run_dir: str | Path, stage: Stage) -> list[str]:
-    """The files a stage wrote that count as its outputs (paths relative to ``run_dir``, sorted)."""
-    run_dir = Path(run_dir)
-    files = []
-    if stage.output_dir is None:
-        if run_dir.is_dir():
-            files = [p.name for p in run_dir.iterdir()
-                     if p.is_file() and p.name not in RUNNER_FILES and _counts_as_output(Path(p.name))]
-    else:
-        folder = run_dir / stage.output_dir
-        if folder.is_dir():
-            files = [str(p.relative_to(run_dir)) for p in folder.rglob("*")
-                     if p.is_file() and _counts_as_output(p.relative_to(folder))]
-    metrics = run_dir / "metrics" / f"{stage.id}.json"
-    if metrics.is_file():
-        files.append(str(metrics.relative_to(run_dir)))
-    return sorted(files)
-
-
-def hash_outputs(run_dir: str | Path, stage: Stage, known: Optional[dict[str, dict[str, Any]]] = None
-                 ) -> dict[str, dict[str, Any]]:
-    """``{path: {sha256, size, mtime_ns}}`` of a stage's outputs now.
-
-    A file whose size and modification time (ns) match ``known`` (a marker's record) keeps the recorded
-    sha256 instead of being read again: a stage's multi-gigabyte model files are not rehashed at every
-    start. Any write changes the modification time, so an edited file is always rehashed.
-    """
-    run_dir = Path(run_dir)
-    known = known or {}
-    hashes = {}
-    for relative in stage_outputs(run_dir, stage):
-        stat = (run_dir / relative).stat()
-        before = known.get(relative)
-        if before and before.get("size") == stat.st_size and before.get("mtime_ns") == stat.st_mtime_ns:
-            sha = before["sha256"]
-        else:
-            sha = sha256_file(run_dir / relative)
-        hashes[relative] = {"sha256": sha, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    return hashes
-
-
-def read_marker(run_dir: Path, stage: Stage) -> Optional[dict[str, Any]]:
-    """A stage's marker as written (None when it is absent or torn)."""
-    path = RunLayout(run_dir).marker(stage.id)
-    if not path.is_file():
-        return None
-    try:
-        marker = json.loads(path.read_text())
-    except ValueError:
-        return None  # a torn marker (written by an older runner, not atomically): the stage never finished
-    return marker if isinstance(marker, dict) else None
-
-
-def _sha_map(hashes: dict[str, dict[str, Any]]) -> dict[str, str]:
-    return {path: entry["sha256"] for path, entry in hashes.items()}
-
-
-def upstream_hashes(run_dir: str | Path, stage: Stage) -> dict[str, dict[str, str]]:
-    """``{stage id: {path: sha256}}`` of every earlier stage's outputs now (what ``stage`` may read)."""
-    run_dir = Path(run_dir)
-    result = {}
-    for earlier in STAGES[: STAGES.index(stage)]:
-        marker = read_marker(run_dir, earlier) or {}
-        result[earlier.id] = _sha_map(hash_outputs(run_dir, earlier, marker.get("outputs")))
-    return result
-
-
-def _changed_files(before: dict[str, str], now: dict[str, str]) -> list[str]:
-    """``path (deleted|new|changed)`` for every difference between two ``{path: sha256}`` maps."""
-    lines = []
-    for path in sorted(set(before) | set(now)):
-        if path not in now:
-            lines.append(f"{path} deleted")
-        elif path not in before:
-            lines.append(f"{path} new")
-        elif before[path] != now[path]:
-            lines.append(f"{path} changed")
-    return lines
-
-
-def _some(items: list[str], limit: int = 3) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
-
-
-@dataclass(frozen=True)
-class StageStatus:
-    """Whether a stage must run, why, and whether from scratch (its outputs deleted first)."""
-
-    run: bool
-    reason: str
-    from_scratch: bool = False
-
-
-def stage_status(run_dir: str | Path, stage: Stage, params: Params) -> StageStatus:
-    """Complete (skip) or not, and why: no marker; an upstream output or one of its own outputs that
-    changed since the marker was written (from scratch); params keys that changed (in place)."""
-    run_dir = Path(run_dir)
-    marker = read_marker(run_dir, stage)
-    if marker is None:
-        return StageStatus(True, "not run yet (no marker)")
-    if "outputs" not in marker or "inputs" not in marker:
-        return StageStatus(True, "its marker predates output hashes (older runner)")
-    if marker.get("outputs_version", 1) != OUTPUTS_VERSION:
-        return StageStatus(True, f"made by an older package (outputs version {marker.get('outputs_version', 1)}, "
-                                 f"now {OUTPUTS_VERSION}: the same params give other outputs)", from_scratch=True)
-    now_inputs = upstream_hashes(run_dir, stage)
-    for earlier, files in now_inputs.items():
-        changed = _changed_files(marker["inputs"].get(earlier, {}), files)
-        if changed:
-            return StageStatus(True, f"stage {earlier}'s outputs changed since it ran: {_some(changed)}",
-                               from_scratch=True)
-    changed = _changed_files(_sha_map(marker["outputs"]), _sha_map(hash_outputs(run_dir, stage, marker["outputs"])))
-    if changed:
-        return StageStatus(True, f"its outputs changed since it ran: {_some(changed)}", from_scratch=True)
-    if marker.get("params_fingerprint") != stage_fingerprint(stage, params):
-        before = flatten(marker.get("params", {}))
-        now = flatten(stage_params(stage, params))
-        keys = sorted(k for k in set(before) | set(now) if before.get(k, "<unset>") != now.get(k, "<unset>"))
-        dtypes = [k for k in keys if k.endswith(".dtype")]
-        if dtypes:  # never continue a float32 stage in bfloat16: its outputs would mix both
-            changes = ", ".join(f"{k} {before.get(k, '<unset>')} -> {now.get(k, '<unset>')}" for k in dtypes)
-            return StageStatus(True, f"the resolved dtype changed ({changes}; `auto` resolves by machine)",
-                               from_scratch=True)
-        return StageStatus(True, f"params changed: {_some(keys, 6)}" if keys else "params changed")
-    return StageStatus(False, "complete, skipped (outputs, inputs and params unchanged; --force reruns it)")
-
-
-def stage_is_complete(run_dir: Path, stage: Stage, params: Params) -> bool:
-    """True when the stage finished with the same params, inputs and (unchanged) outputs."""
-    return not stage_status(run_dir, stage, params).run
-
-
-def write_marker(run_dir: str | Path, stage: Stage, params: Params, seconds: float,
-                 inputs: Optional[dict[str, dict[str, str]]] = None) -> Path:
-    """Record a finished stage: params, wall time, its outputs' hashes and the upstream hashes it ran on.
-
-    ``inputs`` are the upstream hashes taken when the stage started (now, when not given).
-    """
-    from refine_af_utils.models import embedded_weights_record
-
-    run_dir = Path(run_dir)
-    marker = RunLayout(run_dir).marker(stage.id)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    record = {
-        "stage": stage.id,
-        "notebook": stage.notebook,
-        "params_fingerprint": stage_fingerprint(stage, params),
-        "outputs_version": OUTPUTS_VERSION,
-        "code": code_revision(),
-        "seconds": seconds,
-        "environment": {**machine_environment(params), **embedded_weights_record(params)},
-        "params": stage_params(stage, params),
-        "inputs": upstream_hashes(run_dir, stage) if inputs is None else inputs,
-        "outputs": hash_outputs(run_dir, stage),
-    }
-    partial = marker.with_name(f"{marker.name}.{os.getpid()}.partial")
-    partial.write_text(json.dumps(record, indent=2) + "\n")
-    partial.replace(marker)  # a marker is whole or absent
-    return marker
-
-
 class StageError(RefineAFError, RuntimeError):
     """A stage whose notebook raised one of the project's errors; the message is one line."""
-
-
-LOCK_FILE = ".lock"
-
-
-def _command_line() -> str:
-    """This process's command line, as typed (``python -m refine_af_utils.run ...``) where /proc has it."""
-    try:
-        parts = [p.decode(errors="replace") for p in Path("/proc/self/cmdline").read_bytes().split(b"\0") if p]
-    except OSError:
-        parts = [sys.executable, *sys.argv]
-    return shlex.join(parts).replace("\n", "\\n")  # one line, in the lock file and in messages
-
-
-@contextlib.contextmanager
-def run_lock(run_dir: str | Path) -> Iterator[Path]:
-    """Hold the run folder's lock (``flock`` on ``<run_dir>/.lock``) for the ``with`` block.
-
-    Raises :class:`~refine_af_utils.errors.RunLockedError` at once, naming the holder's PID and
-    command line, when another process holds it. The OS releases the lock when its holder
-    exits, even by SIGKILL, so a stale lock file never blocks.
-    """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            try:
-                holder = json.loads(path.read_text())
-                who = f"pid {holder['pid']}: {holder['command']}"
-            except (OSError, ValueError, KeyError, TypeError):
-                who = "a process that is just starting"
-            raise RunLockedError(f"{run_dir}: another runner is using this run ({who}); "
-                                 "wait for it to finish or stop it") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, (json.dumps({"pid": os.getpid(), "command": _command_line(),
-                                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n").encode())
-        try:
-            yield path
-        finally:
-            os.ftruncate(fd, 0)  # still locked: nobody reads a stale holder
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
-
-
-def is_locked(run_dir: str | Path) -> bool:
-    """True while a runner (or a study copying into it) holds ``run_dir``'s lock; nothing is written."""
-    path = Path(run_dir) / LOCK_FILE
-    if not path.is_file():
-        return False
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # closing drops a lock just taken
-    return False
 
 
 def run_stage(stage: Stage, params_path: Path, run_dir: Path, params: Params, force: bool = False) -> float:
@@ -322,14 +75,14 @@ def run_stage(stage: Stage, params_path: Path, run_dir: Path, params: Params, fo
 
     from refine_af_utils.notebook import kernel_config
 
+    layout = RunLayout(run_dir)
     if force:
         if stage.output_dir is not None:
             shutil.rmtree(run_dir / stage.output_dir, ignore_errors=True)
-        layout = RunLayout(run_dir)
         layout.metrics(stage.id).unlink(missing_ok=True)
         layout.marker(stage.id).unlink(missing_ok=True)
     inputs = upstream_hashes(run_dir, stage)  # what the stage reads, as it starts
-    executed = run_dir / "notebooks" / stage.notebook
+    executed = layout.notebooks / stage.notebook
     executed.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
     try:
@@ -382,7 +135,7 @@ def _resolved_header(params_path: Path, overrides: dict[str, Any]) -> str:
 
 def run_pipeline(
     params_path: str | Path, only: Optional[str] = None, start: Optional[str] = None,
-    force: bool = False, results_root: str | Path = REPO_ROOT / "results",
+    force: bool = False, results_root: str | Path = DEFAULT_RESULTS_ROOT,
     overrides: Optional[dict[str, Any]] = None, dry: bool = False,
 ) -> Path:
     """Run the selected stages for a params file (``overrides``: dotted keys); return the run directory.
@@ -420,16 +173,12 @@ def run_pipeline(
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(prog="python -m refine_af_utils.run", description=__doc__.split("\n\n")[0])
-    parser.add_argument("params", help="params YAML file, e.g. params/default.yaml")
+    add_run_arguments(parser)  # PARAMS, --set, --results-root: as every stage entry point
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--only", metavar="STAGE", help="run only this stage (its notebook number, e.g. 01)")
     group.add_argument("--from", dest="start", metavar="STAGE", help="run this stage and the ones after it")
     parser.add_argument("--force", action="store_true", help="rerun stages even if complete, from scratch")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a params key (dotted, e.g. evaluation.max_new_tokens=64; the value is "
-                             "read as YAML and checked by the schema); repeatable")
     parser.add_argument("--dry-run", action="store_true", help="print per stage run or skip and why; change nothing")
-    parser.add_argument("--results-root", default=str(REPO_ROOT / "results"), help="where run folders go")
     args = parser.parse_args(argv)
     try:
         run_dir = run_pipeline(args.params, args.only, args.start, args.force, args.results_root,

@@ -1,21 +1,31 @@
-"""The run folder's mechanics: where a run lives, what a stage opens, its config check and metrics.
+"""The run folder's mechanics: where a run lives, what a stage opens and records, and what the runner checks.
 
 A stage's entry point starts with :func:`open_stage` (its folder, its file names, the config check,
 its metrics record and its seeds, found from the registry by the stage's module, so no stage spells
 its own id); the runner and the stage entry points share one command line (:func:`add_run_arguments`).
+The runner (:mod:`refine_af_utils.run`) and the study (:mod:`refine_af_utils.study`) share the rest:
+what counts as a stage's output (:func:`counts_as_output`), its marker (:func:`write_marker`), whether
+it is complete (:func:`stage_status`) and the one-runner-per-folder lock (:func:`run_lock`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
+import shlex
 import subprocess
-from dataclasses import dataclass
+import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
-from refine_af_utils.errors import StageConfigError
-from refine_af_utils.files import atomic_write_text
-from refine_af_utils.layout import CONFIG_FILE, RESOLVED_PARAMS, RunLayout, Stage, stage_config, stage_of_module
+from refine_af_utils.errors import RunLockedError, StageConfigError
+from refine_af_utils.files import atomic_write_text, sha256_file
+from refine_af_utils.layout import (CONFIG_FILE, LOCK_FILE, OUTPUTS_VERSION, RESOLVED_PARAMS, STAGES, RunLayout, Stage,
+                                    flatten, stage_config, stage_fingerprint, stage_of_module, stage_params)
 
 if TYPE_CHECKING:
     import argparse
@@ -140,6 +150,257 @@ def code_revision() -> str:
             return f"refine-af {version('refine-af')}"
         except PackageNotFoundError:
             return "unknown"
+
+
+# --- What counts as a stage's output ----------------------------------------------------------------
+# Hashed into its marker: every file under its folder (the report: the files at the top of the run
+# folder) and its metrics/<id>.json, except what is rebuilt or resumed from and never read as a result:
+# caches (`cache/`, which later stages also fill), training checkpoints (`checkpoints/`,
+# `checkpoint-*`), hidden files and half-written `*.partial` / `*.tmp` files. The executed notebooks,
+# the markers, `params.yaml` and the lock are the runner's, not a stage's. A study copies a stage's
+# folder between runs by the same rule, caches included (their entries are keyed by content).
+TRANSIENT_DIRS = {"checkpoints", "__pycache__"}
+CACHE_DIRS = {"cache"}
+RUNNER_FILES = {RESOLVED_PARAMS, LOCK_FILE}
+
+
+def is_transient(name: str) -> bool:
+    """True for a file or folder name that is never an output nor copied: hidden, half-written, a checkpoint."""
+    return (name.startswith(".") or name.endswith((".partial", ".tmp")) or name in TRANSIENT_DIRS
+            or name.startswith("checkpoint-"))
+
+
+def counts_as_output(relative: str | Path) -> bool:
+    """The output rule for a path relative to a stage's folder: nothing on it transient, no cache folder."""
+    parts = Path(relative).parts
+    return not any(is_transient(part) for part in parts) and not any(part in CACHE_DIRS for part in parts[:-1])
+
+
+def stage_outputs(run_dir: str | Path, stage: Stage) -> list[str]:
+    """The files a stage wrote that count as its outputs (paths relative to ``run_dir``, sorted)."""
+    run_dir = Path(run_dir)
+    files = []
+    if stage.output_dir is None:
+        if run_dir.is_dir():
+            files = [p.name for p in run_dir.iterdir()
+                     if p.is_file() and p.name not in RUNNER_FILES and counts_as_output(p.name)]
+    else:
+        folder = run_dir / stage.output_dir
+        if folder.is_dir():
+            files = [str(p.relative_to(run_dir)) for p in folder.rglob("*")
+                     if p.is_file() and counts_as_output(p.relative_to(folder))]
+    metrics = RunLayout(run_dir).metrics(stage.id)
+    if metrics.is_file():
+        files.append(str(metrics.relative_to(run_dir)))
+    return sorted(files)
+
+
+def hash_outputs(run_dir: str | Path, stage: Stage, known: Optional[dict[str, dict[str, Any]]] = None
+                 ) -> dict[str, dict[str, Any]]:
+    """``{path: {sha256, size, mtime_ns}}`` of a stage's outputs now.
+
+    A file whose size and modification time (ns) match ``known`` (a marker's record) keeps the recorded
+    sha256 instead of being read again: a stage's multi-gigabyte model files are not rehashed at every
+    start. Any write changes the modification time, so an edited file is always rehashed.
+    """
+    run_dir = Path(run_dir)
+    known = known or {}
+    hashes = {}
+    for relative in stage_outputs(run_dir, stage):
+        stat = (run_dir / relative).stat()
+        before = known.get(relative)
+        if before and before.get("size") == stat.st_size and before.get("mtime_ns") == stat.st_mtime_ns:
+            sha = before["sha256"]
+        else:
+            sha = sha256_file(run_dir / relative)
+        hashes[relative] = {"sha256": sha, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return hashes
+
+
+def sha_map(hashes: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """``{path: sha256}`` of a :func:`hash_outputs` record (a marker's ``outputs``)."""
+    return {path: entry["sha256"] for path, entry in hashes.items()}
+
+
+def upstream_hashes(run_dir: str | Path, stage: Stage) -> dict[str, dict[str, str]]:
+    """``{stage id: {path: sha256}}`` of every earlier stage's outputs now (what ``stage`` may read)."""
+    run_dir = Path(run_dir)
+    result = {}
+    for earlier in STAGES[: STAGES.index(stage)]:
+        marker = read_marker(run_dir, earlier) or {}
+        result[earlier.id] = sha_map(hash_outputs(run_dir, earlier, marker.get("outputs")))
+    return result
+
+
+# --- Markers and status -----------------------------------------------------------------------------
+def read_marker(run_dir: str | Path, stage: Stage) -> Optional[dict[str, Any]]:
+    """A stage's marker as written (None when it is absent or torn)."""
+    path = RunLayout(run_dir).marker(stage.id)
+    if not path.is_file():
+        return None
+    try:
+        marker = json.loads(path.read_text())
+    except ValueError:
+        return None  # a torn marker (written by an older runner, not atomically): the stage never finished
+    return marker if isinstance(marker, dict) else None
+
+
+def write_marker(run_dir: str | Path, stage: Stage, params: "Params", seconds: float,
+                 inputs: Optional[dict[str, dict[str, str]]] = None) -> Path:
+    """Record a finished stage: params, wall time, its outputs' hashes and the upstream hashes it ran on.
+
+    ``inputs`` are the upstream hashes taken when the stage started (now, when not given). The marker
+    is whole or absent (:func:`~refine_af_utils.files.atomic_write_text`).
+    """
+    from refine_af_utils.environment import machine_environment
+    from refine_af_utils.models import embedded_weights_record
+
+    record = {
+        "stage": stage.id,
+        "notebook": stage.notebook,
+        "params_fingerprint": stage_fingerprint(stage, params),
+        "outputs_version": OUTPUTS_VERSION,
+        "code": code_revision(),
+        "seconds": seconds,
+        "environment": {**machine_environment(params), **embedded_weights_record(params)},
+        "params": stage_params(stage, params),
+        "inputs": upstream_hashes(run_dir, stage) if inputs is None else inputs,
+        "outputs": hash_outputs(run_dir, stage),
+    }
+    return atomic_write_text(RunLayout(run_dir).marker(stage.id), json.dumps(record, indent=2) + "\n")
+
+
+def _changed_files(before: dict[str, str], now: dict[str, str]) -> list[str]:
+    """``path (deleted|new|changed)`` for every difference between two ``{path: sha256}`` maps."""
+    lines = []
+    for path in sorted(set(before) | set(now)):
+        if path not in now:
+            lines.append(f"{path} deleted")
+        elif path not in before:
+            lines.append(f"{path} new")
+        elif before[path] != now[path]:
+            lines.append(f"{path} changed")
+    return lines
+
+
+def _some(items: list[str], limit: int = 3) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+@dataclass(frozen=True)
+class StageStatus:
+    """Whether a stage must run, why, and whether from scratch (its outputs deleted first)."""
+
+    run: bool
+    reason: str
+    from_scratch: bool = False
+
+
+def stage_status(run_dir: str | Path, stage: Stage, params: "Params") -> StageStatus:
+    """Complete (skip) or not, and why: no marker; an upstream output or one of its own outputs that
+    changed since the marker was written (from scratch); params keys that changed (in place)."""
+    run_dir = Path(run_dir)
+    marker = read_marker(run_dir, stage)
+    if marker is None:
+        return StageStatus(True, "not run yet (no marker)")
+    if "outputs" not in marker or "inputs" not in marker:
+        return StageStatus(True, "its marker predates output hashes (older runner)")
+    if marker.get("outputs_version", 1) != OUTPUTS_VERSION:
+        return StageStatus(True, f"made by an older package (outputs version {marker.get('outputs_version', 1)}, "
+                                 f"now {OUTPUTS_VERSION}: the same params give other outputs)", from_scratch=True)
+    for earlier, files in upstream_hashes(run_dir, stage).items():
+        changed = _changed_files(marker["inputs"].get(earlier, {}), files)
+        if changed:
+            return StageStatus(True, f"stage {earlier}'s outputs changed since it ran: {_some(changed)}",
+                               from_scratch=True)
+    changed = _changed_files(sha_map(marker["outputs"]), sha_map(hash_outputs(run_dir, stage, marker["outputs"])))
+    if changed:
+        return StageStatus(True, f"its outputs changed since it ran: {_some(changed)}", from_scratch=True)
+    if marker.get("params_fingerprint") != stage_fingerprint(stage, params):
+        before = flatten(marker.get("params", {}))
+        now = flatten(stage_params(stage, params))
+        keys = sorted(k for k in set(before) | set(now) if before.get(k, "<unset>") != now.get(k, "<unset>"))
+        dtypes = [k for k in keys if k.endswith(".dtype")]
+        if dtypes:  # never continue a float32 stage in bfloat16: its outputs would mix both
+            changes = ", ".join(f"{k} {before.get(k, '<unset>')} -> {now.get(k, '<unset>')}" for k in dtypes)
+            return StageStatus(True, f"the resolved dtype changed ({changes}; `auto` resolves by machine)",
+                               from_scratch=True)
+        return StageStatus(True, f"params changed: {_some(keys, 6)}" if keys else "params changed")
+    return StageStatus(False, "complete, skipped (outputs, inputs and params unchanged; --force reruns it)")
+
+
+def stage_is_complete(run_dir: str | Path, stage: Stage, params: "Params") -> bool:
+    """True when the stage finished with the same params, inputs and (unchanged) outputs."""
+    return not stage_status(run_dir, stage, params).run
+
+
+# --- One runner per run folder ----------------------------------------------------------------------
+def _command_line() -> str:
+    """This process's command line, as typed (``python -m refine_af_utils.run ...``) where /proc has it."""
+    try:
+        parts = [p.decode(errors="replace") for p in Path("/proc/self/cmdline").read_bytes().split(b"\0") if p]
+    except OSError:
+        parts = [sys.executable, *sys.argv]
+    return shlex.join(parts).replace("\n", "\\n")  # one line, in the lock file and in messages
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path) -> Iterator[Path]:
+    """Hold the run folder's lock (``flock`` on ``<run_dir>/.lock``) for the ``with`` block.
+
+    Raises :class:`~refine_af_utils.errors.RunLockedError` at once, naming the holder's PID and
+    command line, when another process holds it. The OS releases the lock when its holder
+    exits, even by SIGKILL, so a stale lock file never blocks.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = RunLayout(run_dir).lock
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = json.loads(path.read_text())
+                who = f"pid {holder['pid']}: {holder['command']}"
+            except (OSError, ValueError, KeyError, TypeError):
+                who = "a process that is just starting"
+            raise RunLockedError(f"{run_dir}: another runner is using this run ({who}); "
+                                 "wait for it to finish or stop it") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, (json.dumps({"pid": os.getpid(), "command": _command_line(),
+                                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n").encode())
+        try:
+            yield path
+        finally:
+            os.ftruncate(fd, 0)  # still locked: nobody reads a stale holder
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def is_locked(run_dir: str | Path) -> bool:
+    """True while a runner (or a study copying into it) holds ``run_dir``'s lock; nothing is written."""
+    path = RunLayout(run_dir).lock
+    if not path.is_file():
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops a lock just taken
+    return False
+
+
+@dataclass(kw_only=True)
+class StageResult:
+    """What every stage's ``run(params, run_dir)`` returns: its own tables (fields of a subclass) and its
+    figures by name (PNG paths in the stage's folder), which the notebook shows."""
+
+    figures: dict[str, Path] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,7 @@ from refine_af_utils.environment import (
 )
 from refine_af_utils.layout import STAGES, stage_config, stage_fingerprint
 from refine_af_utils.params import load_params, resolve_params_data
-from refine_af_utils.run_folder import stage_command_line
-from refine_af_utils.run import stage_status, write_marker
+from refine_af_utils.run_folder import stage_command_line, stage_status, write_marker
 from smoke_pins import any_kind_band, check_metrics, load_pins, within
 
 from conftest import REPO_ROOT

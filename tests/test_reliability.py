@@ -14,9 +14,9 @@ import pytest
 from refine_af_utils.errors import RefineAFError, StageConfigError, decode_utf8
 from refine_af_utils.models import DeviceUnavailableError, ModelNotFoundError, check_device
 from refine_af_utils.params import ParamsError, load_params, params_from_dict
-from refine_af_utils.run_folder import check_stage_config, run_folder
+from refine_af_utils.run_folder import check_stage_config, run_folder, run_lock
 from refine_af_utils.errors import RunLockedError
-from refine_af_utils.run import main, run_lock
+from refine_af_utils.run import main
 from refine_af_utils.seeds import MAX_SEED_LINE_BYTES, SeedTaskError, load_seed_tasks
 from refine_af_utils.superni import BUNDLED_SUPERNI, SuperNIError, load_tasks
 
@@ -42,7 +42,7 @@ def _one_line(error: pytest.ExceptionInfo) -> str:
 
 HOLDER = (
     "import sys, time\n"
-    "from refine_af_utils.run import run_lock\n"
+    "from refine_af_utils.run_folder import run_lock\n"
     "with run_lock(sys.argv[1]):\n"
     "    print('locked', flush=True)\n"
     "    time.sleep(300)\n"

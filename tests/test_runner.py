@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from refine_af_utils.params import load_params
-from refine_af_utils.run_folder import stage_command_line
+from refine_af_utils.run_folder import hash_outputs, stage_command_line, stage_outputs, stage_status, write_marker
 from refine_af_utils.layout import STAGES
-from refine_af_utils.run import hash_outputs, main, run_pipeline, stage_outputs, stage_status, write_marker
+from refine_af_utils.run import main, run_pipeline
 
 from conftest import REPO_ROOT
 
@@ -97,10 +97,10 @@ def test_same_content_rewritten_stays_complete_and_sizes_and_times_spare_rehashi
     recorded = json.loads((run_dir / "stages" / "00.json").read_text())["outputs"]
     assert set(recorded["seeds/out.txt"]) == {"sha256", "size", "mtime_ns"}
 
-    import refine_af_utils.run as run_module
+    import refine_af_utils.run_folder as run_folder_module
 
     write_marker(run_dir, STAGES[0], params, 1.0, inputs={})  # records the current sizes and times
-    monkeypatch.setattr(run_module, "sha256_file", lambda p: pytest.fail(f"{p} was rehashed"))
+    monkeypatch.setattr(run_folder_module, "sha256_file", lambda p: pytest.fail(f"{p} was rehashed"))
     hash_outputs(run_dir, STAGES[0], json.loads((run_dir / "stages" / "00.json").read_text())["outputs"])
 
 

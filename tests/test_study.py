@@ -17,7 +17,7 @@ from conftest import REPO_ROOT
 
 from refine_af_utils.layout import STAGES
 from refine_af_utils.params import load_params
-from refine_af_utils.run import stage_status, write_marker
+from refine_af_utils.run_folder import stage_status, write_marker
 from refine_af_utils.study import (
     STUDY_FILE,
     StudySpecError,
@@ -160,10 +160,10 @@ def test_reuse_copies_the_longest_shared_chain_and_a_cut_copy_never_looks_comple
 
     real = reuse._replace_file
 
-    def crash_on_marker(source, target, tmp):
+    def crash_on_marker(source, target):
         if target.parent.name == "stages":
             raise KeyboardInterrupt("killed")
-        real(source, target, tmp)
+        real(source, target)
 
     monkeypatch.setattr(reuse, "_replace_file", crash_on_marker)
     with pytest.raises(KeyboardInterrupt):

@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from refine_af_utils.errors import RefineAFError
-from refine_af_utils.layout import stage_fingerprint
-from refine_af_utils.run import REPO_ROOT, is_locked, run_lock, run_pipeline
+from refine_af_utils.layout import STUDY_FILE, STUDY_JOBS_DIR, STUDY_REPORT, stage_fingerprint
+from refine_af_utils.run import run_pipeline
+from refine_af_utils.run_folder import DEFAULT_RESULTS_ROOT, is_locked, run_lock
 from refine_af_utils.study.report import write_study_report
 from refine_af_utils.study.reuse import (
-    STUDY_FILE,
     complete_prefix,
     donor_label,
+    donor_runs,
     reuse_stages,
     run_is_complete,
     write_study_record,
@@ -91,7 +92,7 @@ def _stage_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("[") and "] " in line[:6]]
 
 
-def run_study(spec: StudySpec, results_root: str | Path = REPO_ROOT / "results", launcher: str = "local",
+def run_study(spec: StudySpec, results_root: str | Path = DEFAULT_RESULTS_ROOT, launcher: str = "local",
               poll_seconds: float = 5.0) -> tuple[Path, dict[str, str]]:
     """Run every run of the study (skipping complete ones), then write ``study.md``.
 
@@ -128,7 +129,7 @@ def _run_with_submitit(spec: StudySpec, results_root: Path, launcher: str, poll_
                        bar: Any) -> dict[str, str]:
     """Submit each run as its own job; a run waits for the job of the run it reuses stages from."""
     study_dir = study_dir_of(spec, results_root)
-    executor = _executor(launcher, study_dir / ".submitit", spec)
+    executor = _executor(launcher, study_dir / STUDY_JOBS_DIR, spec)
     plan = donor_plan(spec)
     pending = [r.name for r in spec.runs]
     jobs: dict[str, Any] = {}
@@ -177,10 +178,9 @@ def dry_run(spec: StudySpec, results_root: str | Path) -> list[str]:
             continue
         shared = []
         reusable = [s for s in spec.stages if s.output_dir is not None]
-        folders = [study_dir, *(study_dir.parent / name for name in spec.reuse_from)]
+        other_studies = [study_dir.parent / name for name in spec.reuse_from]
         counts = {donor_label(d, study_dir): complete_prefix(d, reusable, params)
-                  for folder in folders if folder.is_dir() for d in sorted(folder.iterdir())
-                  if d.is_dir() and d != run_dir and (d / "stages").is_dir()}
+                  for d in donor_runs(study_dir, run_dir, other_studies)}
         if counts and max(counts.values()):
             donor = max(counts, key=lambda k: counts[k])
             shared = [f"{s.id} from {donor}" for s in reusable[: counts[donor]]]
@@ -200,7 +200,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--launcher", choices=LAUNCHERS, default="local",
                         help="local: in this process, run after run (default); slurm: one submitit job per run; "
                              "submitit-local: the slurm code path with submitit's local executor (no Slurm)")
-    parser.add_argument("--results-root", default=str(REPO_ROOT / "results"), help="the study goes in ROOT/<name>/")
+    parser.add_argument("--results-root", default=str(DEFAULT_RESULTS_ROOT), help="the study goes in ROOT/<name>/")
     parser.add_argument("--report-only", action="store_true", help="rewrite study.md from the runs there; run nothing")
     parser.add_argument("--dry-run", action="store_true", help="print per run: skip, or run and what it reuses")
     parser.add_argument("--poll-seconds", type=float, default=30.0, help="how often the slurm launcher checks its jobs")
@@ -221,7 +221,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except RefineAFError as error:
         print(f"error: {' '.join(str(error).splitlines())}", file=sys.stderr)
         return 2
-    print(f"report: {study_dir / 'study.md'}")
+    print(f"report: {study_dir / STUDY_REPORT}")
     if failures:
         print(f"{len(failures)} run(s) failed: " + "; ".join(f"{k}: {v}" for k, v in failures.items()), file=sys.stderr)
         return 1

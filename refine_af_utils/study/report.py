@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 from refine_af_utils.files import atomic_write_text
 from refine_af_utils.layout import STAGES, STUDY_FIGURE, STUDY_REPORT, STUDY_TABLE, RunLayout
-from refine_af_utils.run import REPO_ROOT, read_marker
+from refine_af_utils.run_folder import REPO_ROOT, read_marker
 from refine_af_utils.study.reuse import reused_stages
 from refine_af_utils.study.spec import StudySpec
 

@@ -1,7 +1,8 @@
 """Reuse of stages shared between runs: a stage another run completed with the same fingerprint is copied.
 
 Each copy goes through a temporary name and a rename, the marker last, so a copy cut off by a kill
-never looks complete. ``<run>/.study.json`` records which stages were copied from which run.
+never looks complete. ``<run>/.study.json`` records which stages were copied from which run. What is
+copied, the markers, the status and the locks are :mod:`refine_af_utils.run_folder`'s.
 """
 
 from __future__ import annotations
@@ -14,26 +15,26 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 from refine_af_utils.errors import RunLockedError
-from refine_af_utils.layout import RunLayout, Stage, stage_fingerprint
+from refine_af_utils.files import atomic_write_text, partial_path, sha256_file
+from refine_af_utils.layout import STUDY_FILE, RunLayout, Stage, stage_fingerprint
+from refine_af_utils.layout import STUDY_TMP_DIR as TMP_DIR  # per run: copies in progress, renamed into place
 from refine_af_utils.params import Params
-from refine_af_utils.files import sha256_file
-from refine_af_utils.run import is_locked, read_marker, run_lock, stage_status
+from refine_af_utils.run_folder import is_locked, is_transient, read_marker, run_lock, sha_map, stage_status
 from refine_af_utils.study.spec import StudyRun
 
-STUDY_FILE = ".study.json"   # per run: its setting, seed and the stages copied from other runs (hidden: no stage output)
-TMP_DIR = ".study-tmp"       # per run: copies in progress (hidden; renamed into place when whole)
 
 def _copy_ignore(folder: str, names: list[str]) -> set[str]:
-    """Training checkpoints and half-written files are not copied (caches are: they are keyed by content)."""
-    return {n for n in names if n == "checkpoints" or n.startswith("checkpoint-") or n.endswith((".partial", ".tmp"))
-            or n.startswith(".")}
+    """What is never copied: the output rule's transient names (checkpoints, half-written, hidden files);
+    caches are copied (their entries are keyed by content)."""
+    return {name for name in names if is_transient(name)}
 
 
-def _replace_file(source: Path, target: Path, tmp: Path) -> None:
-    """Copy ``source`` to ``target`` through ``tmp`` (metadata kept) and a rename: whole or not at all."""
-    shutil.copy2(source, tmp)
+def _replace_file(source: Path, target: Path) -> None:
+    """Copy ``source`` to ``target`` (metadata kept) through ``<target>.<pid>.partial`` and a rename."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, target)
+    partial = partial_path(target)
+    shutil.copy2(source, partial)
+    os.replace(partial, target)
 
 
 def copy_stage(donor: Path, run_dir: Path, stage: Stage) -> None:
@@ -46,24 +47,23 @@ def copy_stage(donor: Path, run_dir: Path, stage: Stage) -> None:
     """
     if stage.output_dir is None:
         raise ValueError(f"stage {stage.id} writes into the run folder itself and is never copied")
-    tmp = run_dir / TMP_DIR / f"{stage.id}.{os.getpid()}"
+    source, layout = RunLayout(donor), RunLayout(run_dir)
+    tmp = partial_path(run_dir / TMP_DIR / stage.id)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    RunLayout(run_dir).marker(stage.id).unlink(missing_ok=True)
+    layout.marker(stage.id).unlink(missing_ok=True)
     shutil.copytree(donor / stage.output_dir, tmp / stage.output_dir, ignore=_copy_ignore, copy_function=shutil.copy2)
     target = run_dir / stage.output_dir
     if target.exists():
         shutil.rmtree(target)
     os.rename(tmp / stage.output_dir, target)
-    metrics = donor / "metrics" / f"{stage.id}.json"
-    if metrics.is_file():
-        _replace_file(metrics, run_dir / "metrics" / metrics.name, tmp / "metrics.json")
+    if source.metrics(stage.id).is_file():
+        _replace_file(source.metrics(stage.id), layout.metrics(stage.id))
     else:
-        (run_dir / "metrics" / metrics.name).unlink(missing_ok=True)
-    notebook = donor / "notebooks" / stage.notebook
-    if notebook.is_file():
-        _replace_file(notebook, run_dir / "notebooks" / stage.notebook, tmp / "notebook.ipynb")
-    _replace_file(RunLayout(donor).marker(stage.id), RunLayout(run_dir).marker(stage.id), tmp / "marker.json")
+        layout.metrics(stage.id).unlink(missing_ok=True)
+    if (source.notebooks / stage.notebook).is_file():
+        _replace_file(source.notebooks / stage.notebook, layout.notebooks / stage.notebook)
+    _replace_file(source.marker(stage.id), layout.marker(stage.id))
     shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -100,10 +100,14 @@ def _study_record(run_dir: Path) -> dict[str, Any]:
 
 def write_study_record(run_dir: Path, record: dict[str, Any]) -> None:
     """Write ``<run_dir>/.study.json`` (the run's setting, seed and copied stages) whole, through a rename."""
-    path = run_dir / STUDY_FILE
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    partial.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    partial.replace(path)
+    atomic_write_text(run_dir / STUDY_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def donor_runs(study_dir: Path, run_dir: Path, other_studies: Sequence[Path] = ()) -> list[Path]:
+    """The run folders that may donate stages to ``run_dir``: the other runs with markers of the study,
+    then of ``other_studies``, each by name."""
+    return [p for folder in (study_dir, *other_studies) if folder.is_dir() for p in sorted(folder.iterdir())
+            if p.is_dir() and p != run_dir and not p.name.startswith(".") and RunLayout(p).markers.is_dir()]
 
 
 def donor_label(donor: Path, study_dir: Path) -> str:
@@ -124,10 +128,8 @@ def reuse_stages(study_dir: Path, run: StudyRun, params: Params, stages: Sequenc
     run_dir = study_dir / run.name
     reusable = [s for s in stages if s.output_dir is not None]  # the report is per run, and cheap
     best: tuple[int, Optional[Path]] = (0, None)
-    candidates = [p for folder in (study_dir, *other_studies) if folder.is_dir()
-                  for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".")]
-    for donor in candidates:
-        if donor == run_dir or not (donor / "stages").is_dir() or is_locked(donor):
+    for donor in donor_runs(study_dir, run_dir, other_studies):
+        if is_locked(donor):
             continue
         count = complete_prefix(donor, reusable, params)
         if count > best[0]:
@@ -147,8 +149,7 @@ def reuse_stages(study_dir: Path, run: StudyRun, params: Params, stages: Sequenc
             mine = read_marker(run_dir, stage)
             theirs = read_marker(donor, stage) or {}
             if (mine is not None and not stage_status(run_dir, stage, params).run
-                    and {k: v["sha256"] for k, v in mine.get("outputs", {}).items()}
-                    == {k: v["sha256"] for k, v in theirs.get("outputs", {}).items()}):
+                    and sha_map(mine.get("outputs", {})) == sha_map(theirs.get("outputs", {}))):
                 continue  # already here, the same outputs
             copy_stage(donor, run_dir, stage)
             label = donor_label(donor, study_dir)

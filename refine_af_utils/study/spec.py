@@ -178,8 +178,6 @@ def load_spec(path: str | Path) -> StudySpec:
     return spec
 
 
-
-
 def study_dir_of(spec: StudySpec, results_root: str | Path) -> Path:
     """``<results_root>/<study name>``."""
     from refine_af_utils.run_folder import run_folder
