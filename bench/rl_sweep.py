@@ -35,7 +35,7 @@ from refine_af_utils.files import append_jsonl, read_jsonl  # noqa: E402
 from refine_af_utils.layout import RunLayout  # noqa: E402
 from refine_af_utils.params import Params, load_params  # noqa: E402
 from refine_af_utils.rl_reward import CompletionScorer  # noqa: E402
-from refine_af_utils.rl_training import evaluate_heldout, train_generator  # noqa: E402
+from refine_af_utils.stages.rl_training import evaluate_heldout, train_generator  # noqa: E402
 
 # name -> dotted overrides of the base params (64 new tokens unless the name says t96). The first three
 # compare the algorithms at about the same number of sampled tokens; the rest vary one knob at a time.

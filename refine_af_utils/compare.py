@@ -140,7 +140,7 @@ class Comparison:
 
     def markdown(self) -> str:
         """The comparison as a Markdown page (what ``--output`` writes)."""
-        from refine_af_utils.report import markdown_table
+        from refine_af_utils.stages.report import markdown_table
 
         return "\n\n".join([
             f"# Reproduction check: `{self.run_b}` against `{self.run_a}`",

@@ -1,6 +1,6 @@
 """Comparing the models' Super-NI predictions: per task, per category and overall, with their statistics.
 
-Stage 6 computes these from its scored predictions and writes them to ``eval/``; the report and
+Stage 6 computes these from its scored predictions and writes them to ``superni_evaluation/``; the report and
 the study runner read them (or recompute them from the predictions with the same seed rule).
 """
 
@@ -198,7 +198,7 @@ def bootstrap_seed(random_seed: int) -> int:
 
 
 def statistics_from_run(run_dir: str | Path, random_seed: int) -> EvaluationStatistics:
-    """Stage 6's statistics again from ``eval/predictions_<model>.jsonl`` (same seed rule, same numbers)."""
+    """Stage 6's statistics again from ``superni_evaluation/predictions_<model>.jsonl`` (same seed rule, same numbers)."""
     from refine_af_utils.files import read_jsonl
 
     predictions = {}

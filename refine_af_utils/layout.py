@@ -5,18 +5,18 @@ Every stage module, the runner, the study runner and the report find a run's fil
 other; they read what an earlier stage wrote through the layout's readers.
 
     <run_dir>/
-      params.yaml                 the resolved params (the runner's)
-      .lock                       one runner per run folder (the runner's)
-      stages/<id>.json            completion markers (the runner's)
-      notebooks/<id>_*.ipynb      executed notebooks (the runner's)
-      metrics/<id>.json           each stage's headline numbers
-      seeds/                      00: seed_tasks.jsonl, seed_summary.csv
-      instructions/               01: instructions.jsonl, batches.jsonl, filter_counts.csv, figures
-      reward_analysis/            02: candidates.jsonl, scores.csv, cache/ (the score cache, shared by 03 and 04)
-      rl/                         03: prompts.jsonl, metrics.csv, checkpoints/, adapter/, heldout_*.{jsonl,csv}
-      data/                       04: raw_<arm>.jsonl, <arm>.jsonl, per_instruction.csv, arm_comparison.csv
-      sft/                        05: <arm>/model/, <arm>/complete, loss.csv, summary.csv
-      eval/                       06: predictions_<model>.jsonl, per_task.csv, statistics CSVs
+      params.yaml               the resolved params (the runner's)
+      .lock                     one runner per run folder (the runner's)
+      stages/<id>.json          completion markers (the runner's)
+      notebooks/<id>_*.ipynb    executed notebooks (the runner's)
+      metrics/<id>.json         each stage's headline numbers
+      seed_tasks/               00: seed_tasks.jsonl, seed_summary.csv
+      instruction_generation/   01: instructions.jsonl, batches.jsonl, filter_counts.csv, figures
+      reward_analysis/          02: candidates.jsonl, scores.csv, cache/ (the score cache, shared by 03 and 04)
+      rl_training/              03: prompts.jsonl, metrics.csv, checkpoints/, adapter/, heldout_*.{jsonl,csv}
+      instance_generation/      04: raw_<arm>.jsonl, <arm>.jsonl, per_instruction.csv, arm_comparison.csv
+      sft/                      05: <arm>/model/, <arm>/complete, loss.csv, summary.csv
+      superni_evaluation/       06: predictions_<model>.jsonl, per_task.csv, statistics CSVs
       report.md, table_*.csv, fig_*.png   07
 """
 
@@ -36,30 +36,44 @@ MODELS = ("base", *ARMS)  # stage 6's models: the backbone, then its SFT on each
 
 @dataclass(frozen=True)
 class Stage:
-    """One stage: its notebook, the module it runs, the folder of ``run_dir`` it writes, its params."""
+    """One stage. Its stem names it everywhere: the notebook ``<id>_<stem>.ipynb``, the module
+    ``refine_af_utils.stages.<stem>`` (whose ``run(params, run_dir)`` the notebook calls), the folder
+    ``<run_dir>/<stem>/`` it writes and its test ``tests/test_<stem>.py``."""
 
     id: str
-    notebook: str
-    module: str               # the refine_af_utils module whose entry point the notebook calls
-    output_dir: Optional[str]  # None: the stage rewrites its files at the top of the run folder (the report)
+    stem: str
     title: str
     sections: tuple[str, ...] = ()  # the params keys it reads beyond those of the stages before it
     resumable: tuple[str, ...] = ()  # dotted keys that may change while the stage continues its folder
+    own_folder: bool = True  # False: it writes at the top of the run folder (the report)
+
+    @property
+    def notebook(self) -> str:
+        return f"{self.id}_{self.stem}.ipynb"
+
+    @property
+    def module(self) -> str:
+        """The module's full name, ``refine_af_utils.stages.<stem>``."""
+        return f"refine_af_utils.stages.{self.stem}"
+
+    @property
+    def output_dir(self) -> Optional[str]:
+        """The folder of ``run_dir`` it writes (None for the report, which writes at the top)."""
+        return self.stem if self.own_folder else None
 
 
 STAGES = [
-    Stage("00", "00_seed_tasks.ipynb", "seed_tasks", "seeds", "seed tasks", ("seed_tasks",)),
-    Stage("01", "01_instruction_generation.ipynb", "instruction_generation", "instructions", "instruction generation",
+    Stage("00", "seed_tasks", "seed tasks", ("seed_tasks",)),
+    Stage("01", "instruction_generation", "instruction generation",
           ("model", "random_seed", "num_instructions", "instruction_generation", "classification"),
           resumable=("num_instructions",)),  # more instructions later: the bootstrap continues
-    Stage("02", "02_reward_analysis.ipynb", "reward_analysis", "reward_analysis", "reward analysis",
-          ("instance_generation", "reward", "reward_analysis")),
-    Stage("03", "03_ppo_training.ipynb", "rl_training", "rl", "RL training", ("rl",),
+    Stage("02", "reward_analysis", "reward analysis", ("instance_generation", "reward", "reward_analysis")),
+    Stage("03", "rl_training", "RL training", ("rl",),
           resumable=("rl.updates", "rl.checkpoint_every")),  # more updates later: training continues
-    Stage("04", "04_instance_generation.ipynb", "instance_generation", "data", "instance generation (both arms)"),
-    Stage("05", "05_sft.ipynb", "sft", "sft", "SFT (both arms)", ("sft",)),
-    Stage("06", "06_superni_evaluation.ipynb", "superni_evaluation", "eval", "Super-NI evaluation", ("evaluation",)),
-    Stage("07", "07_paper_tables.ipynb", "report", None, "report"),
+    Stage("04", "instance_generation", "instance generation (both arms)"),
+    Stage("05", "sft", "SFT (both arms)", ("sft",)),
+    Stage("06", "superni_evaluation", "Super-NI evaluation", ("evaluation",)),
+    Stage("07", "report", "report", own_folder=False),
 ]
 STAGE = {stage.id: stage for stage in STAGES}
 
@@ -106,15 +120,14 @@ LOCK_FILE = ".lock"  # at the top of a run (or study) folder: one runner at a ti
 # other runs, and the copies in progress; in the study folder, the submitit jobs' folder.
 STUDY_FILE, STUDY_TMP_DIR, STUDY_JOBS_DIR = ".study.json", ".study-tmp", ".submitit"
 SCORE_CACHE_FILE = "{name}-{digest}.jsonl"  # in stage 2's score cache: one scorer's scores
-# Inside one RL checkpoint folder (rl/checkpoints/update-<n>/).
+# Inside one RL checkpoint folder (rl_training/checkpoints/update-<n>/).
 RL_CHECKPOINT, RL_CHECKPOINT_COMPLETE = "update-{update}", "complete"
 
 
 def stage_of_module(module: str) -> Stage:
     """The registry's stage whose module is ``module`` (a stage module passes its ``__name__``)."""
-    name = module.rsplit(".", 1)[-1]
     for stage in STAGES:
-        if stage.module.rsplit(".", 1)[-1] == name:
+        if stage.module == module:
             return stage
     raise KeyError(f"{module}: no stage in layout.STAGES runs this module")
 

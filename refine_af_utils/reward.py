@@ -2,7 +2,7 @@
 
     r = intercept + w_rm * Rew + w_und * Und + w_nat * Nat + w_coh * Coh
 
-Stage 2 (:mod:`refine_af_utils.reward_analysis`) scores candidate instances with it; stage 3
+Stage 2 (:mod:`refine_af_utils.stages.reward_analysis`) scores candidate instances with it; stage 3
 trains on it; stage 4 scores both arms' datasets with it.
 """
 

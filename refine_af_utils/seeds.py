@@ -3,7 +3,7 @@
 One JSON object a line: ``id``, ``name``, ``instruction``, ``instances`` (a list of
 ``{input, output}``; input may be empty) and ``is_classification``. Extra fields are kept.
 Sources are a local path, ``bundled`` (our own 36 tasks) or an http(s) URL fetched once
-into the cache. Stage 0 (:mod:`refine_af_utils.seed_tasks`) validates them into the run.
+into the cache. Stage 0 (:mod:`refine_af_utils.stages.seed_tasks`) validates them into the run.
 """
 
 from __future__ import annotations

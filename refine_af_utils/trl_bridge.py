@@ -46,7 +46,7 @@ SFT_CONFIG_OWNED: dict[str, str] = {
 }
 RL_CONFIG_OWNED: dict[str, str] = {
     **_SEED_DEVICE_DTYPE_OWNED,
-    "output_dir": "the run layout (rl/checkpoints)", "learning_rate": "rl.learning_rate",
+    "output_dir": "the run layout (rl_training/checkpoints)", "learning_rate": "rl.learning_rate",
     "lr_scheduler_type": "resume (constant: each segment starts a fresh optimiser)",
     "per_device_train_batch_size": "rl.batch_size", "gradient_accumulation_steps": "rl.batch_size",
     "logging_steps": "metrics.csv (one row per update)", "save_strategy": "rl.checkpoint_every",

@@ -88,7 +88,7 @@ def test_a_stage_built_from_the_page_runs_through_the_real_runner(smoke_run, tmp
     assert "[08] 08_instruction_words.ipynb: done" in done.stdout
     run_dir = results / "smoke"
     counts = pd.read_csv(run_dir / "instruction_words" / "first_words.csv")
-    instructions = [json.loads(line) for line in (run_dir / "instructions" / "instructions.jsonl").open()]
+    instructions = [json.loads(line) for line in (run_dir / "instruction_generation" / "instructions.jsonl").open()]
     assert counts["instructions"].sum() == len(instructions) > 0
     metrics = json.loads((run_dir / "metrics" / "08.json").read_text())
     assert metrics == {"instructions": len(instructions), "distinct_first_words": len(counts)}
@@ -99,7 +99,7 @@ def test_a_stage_built_from_the_page_runs_through_the_real_runner(smoke_run, tmp
     dry = runner("--dry-run")
     assert dry.returncode == 0, dry.stdout + dry.stderr
     lines = [line for line in dry.stdout.splitlines() if line.startswith("[")]
-    assert len(lines) == 9 and all("complete" in line for line in lines), dry.stdout
+    assert len(lines) == 9 and all(": skip (complete" in line for line in lines), dry.stdout
 
     structure = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                                 "tests/test_structure.py"], cwd=repo, env=env, capture_output=True, text=True,

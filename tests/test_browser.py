@@ -173,4 +173,4 @@ def test_notebook_00_runs_in_jupyterlab_in_headless_chromium(browser, jupyter_la
         if (REPO_ROOT / NOTEBOOK).read_bytes() != committed:  # never leave outputs in the committed notebook
             (REPO_ROOT / NOTEBOOK).write_bytes(committed)
             pytest.fail(f"{NOTEBOOK} was saved by JupyterLab during the test (restored)")
-    assert (run_dir / "seeds" / "seed_summary.csv").is_file()  # written where REFINE_AF_RUN_DIR says
+    assert (run_dir / "seed_tasks" / "seed_summary.csv").is_file()  # written where REFINE_AF_RUN_DIR says

@@ -31,7 +31,7 @@ from refine_af_utils.downloads import (
     resolve_superni_ref,
     superni_folder,
 )
-from refine_af_utils.superni_evaluation import resolve_superni_dir
+from refine_af_utils.stages.superni_evaluation import resolve_superni_dir
 from refine_af_utils.seeds import BUNDLED_SEED_TASKS
 from refine_af_utils.superni import BUNDLED_SUPERNI, SuperNIError, load_tasks
 

@@ -163,7 +163,7 @@ def test_params_yaml_of_a_run_holds_the_resolved_dtypes(tmp_path, monkeypatch):
 
 
 def test_the_report_opens_with_the_environment_and_names_differing_stages(tmp_path, monkeypatch):
-    from refine_af_utils.report import environment_sentence, environment_table
+    from refine_af_utils.stages.report import environment_sentence, environment_table
 
     params = load_params(SMOKE)
     run_dir = tmp_path / "smoke"

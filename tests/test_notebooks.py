@@ -116,7 +116,7 @@ def check_executed(run_dir: Path, stage_id: str) -> None:
 
 
 def instructions(run_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run_dir / "instructions" / "instructions.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run_dir / "instruction_generation" / "instructions.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +130,8 @@ def test_smoke_00_seed_tasks(smoke_run):
     assert run_dir == smoke_run.results_root / "smoke"
     seeds = check_pinned_metrics(run_dir, "00")
     assert seeds["tasks"] == 36 and seeds["classification tasks"] == 10
-    assert (run_dir / "seeds" / "seed_tasks.jsonl").read_text().count("\n") == 36
-    assert pd.read_csv(run_dir / "seeds" / "seed_summary.csv").shape == (8, 2)
+    assert (run_dir / "seed_tasks" / "seed_tasks.jsonl").read_text().count("\n") == 36
+    assert pd.read_csv(run_dir / "seed_tasks" / "seed_summary.csv").shape == (8, 2)
     check_executed(run_dir, "00")
 
 
@@ -144,10 +144,10 @@ def test_smoke_01_instruction_generation(smoke_run, params):
     assert len(records) == params.num_instructions
     assert len({r["instruction"] for r in records}) == len(records)
     assert all(r["max_rouge_l"] <= 0.7 for r in records)
-    counts = pd.read_csv(run_dir / "instructions" / "filter_counts.csv")
+    counts = pd.read_csv(run_dir / "instruction_generation" / "filter_counts.csv")
     assert counts.set_index("stage").loc["accepted", "count"] == params.num_instructions
     for name in ("filter_counts.png", "novelty_rouge_l.png", "instruction_lengths.png", "instructions.csv"):
-        assert (run_dir / "instructions" / name).stat().st_size > 0
+        assert (run_dir / "instruction_generation" / name).stat().st_size > 0
     check_executed(run_dir, "01")
 
 
@@ -170,19 +170,19 @@ def test_smoke_02_reward_analysis(smoke_run):
 
 
 @pytest.mark.slow
-def test_smoke_03_ppo_training(smoke_run, params):
+def test_smoke_03_rl_training(smoke_run, params):
     run_dir = smoke_run.require("03")
-    rl = pd.read_csv(run_dir / "rl" / "metrics.csv")
+    rl = pd.read_csv(run_dir / "rl_training" / "metrics.csv")
     assert list(rl["update"]) == list(range(1, params.rl.updates + 1))
     assert rl[["reward", "parsed_share", "unparsed_reward", "kl", "kl_penalty", "policy_loss", "value_loss"]
               ].notna().all().all()
     stage3 = check_pinned_metrics(run_dir, "03")
     assert stage3["updates"] == params.rl.updates
-    assert (run_dir / "rl" / "adapter" / "adapter_config.json").is_file()
+    assert (run_dir / "rl_training" / "adapter" / "adapter_config.json").is_file()
     for name in ("reward_kl.png", "components.png", "heldout_gain.png"):
-        assert (run_dir / "rl" / name).stat().st_size > 0
-    split = pd.read_json(run_dir / "rl" / "prompts.jsonl", lines=True)
-    heldout = pd.read_csv(run_dir / "rl" / "heldout_eval.csv")
+        assert (run_dir / "rl_training" / name).stat().st_size > 0
+    split = pd.read_json(run_dir / "rl_training" / "prompts.jsonl", lines=True)
+    heldout = pd.read_csv(run_dir / "rl_training" / "heldout_eval.csv")
     assert sorted(heldout["instruction"]) == sorted(split.loc[split["split"] == "heldout", "instruction"])
     assert len(heldout) == params.rl.heldout_instructions == stage3["heldout_instructions"]
     assert stage3["heldout_reward_gain"] == pytest.approx((heldout["trained_reward"] - heldout["base_reward"]).mean())
@@ -198,19 +198,19 @@ def test_smoke_04_instance_generation(smoke_run, params):
     stage4 = check_pinned_metrics(run_dir, "04")
     arms = {}
     for arm in ARMS:
-        data = load_dataset("json", data_files=str(run_dir / "data" / f"{arm}.jsonl"), split="train")
+        data = load_dataset("json", data_files=str(run_dir / "instance_generation" / f"{arm}.jsonl"), split="train")
         assert {"instruction", "input", "output", "is_classification", "reward", *COMPONENTS} <= set(data.column_names)
         arms[arm] = data
         assert stage4[f"{arm}_instances"] == len(data) > 0
     assert set(arms["self_instruct"]["instruction"]) <= {r["instruction"] for r in instructions(run_dir)}
-    statistics = pd.read_csv(run_dir / "data" / "dataset_statistics.csv", index_col=0)
+    statistics = pd.read_csv(run_dir / "instance_generation" / "dataset_statistics.csv", index_col=0)
     assert list(statistics.columns) == list(ARMS)
     assert statistics.loc["instructions (stage 1)"].tolist() == [params.num_instructions] * 2
-    assert (run_dir / "data" / "reward_by_arm.png").stat().st_size > 0
-    comparison = pd.read_csv(run_dir / "data" / "arm_comparison.csv")
+    assert (run_dir / "instance_generation" / "reward_by_arm.png").stat().st_size > 0
+    comparison = pd.read_csv(run_dir / "instance_generation" / "arm_comparison.csv")
     assert set(comparison["group"]) == {"all", "rl-train", "held-out"}
     assert set(comparison["measure"]) == {"has_instances", "reward", "content"}
-    per_instruction = pd.read_csv(run_dir / "data" / "per_instruction.csv")
+    per_instruction = pd.read_csv(run_dir / "instance_generation" / "per_instruction.csv")
     assert len(per_instruction) == params.num_instructions
     for arm in ARMS:
         assert per_instruction[f"{arm}_has_instances"].sum() == len(set(arms[arm]["instruction"]))
@@ -229,7 +229,7 @@ def test_smoke_05_sft(smoke_run):
     assert stage5["refine_af_steps"] == sft[sft["arm"] == "refine_af"]["step"].max()
     assert (run_dir / "sft" / "loss.png").stat().st_size > 0
     summary = pd.read_csv(run_dir / "sft" / "summary.csv", index_col=0)
-    sizes = [len(pd.read_json(run_dir / "data" / f"{arm}.jsonl", lines=True)) for arm in ARMS]
+    sizes = [len(pd.read_json(run_dir / "instance_generation" / f"{arm}.jsonl", lines=True)) for arm in ARMS]
     assert summary.loc["training examples", "self_instruct"] == summary.loc["training examples", "refine_af"] == min(
         sizes)  # sft.equal_examples
     check_executed(run_dir, "05")
@@ -242,20 +242,20 @@ def test_smoke_06_superni_evaluation(smoke_run, params):
     tasks = 12  # the bundled set: one task per Super-NI test category
     for model in ("base", *ARMS):
         predictions = [json.loads(line) for line in
-                       (run_dir / "eval" / f"predictions_{model}.jsonl").read_text().splitlines()]
+                       (run_dir / "superni_evaluation" / f"predictions_{model}.jsonl").read_text().splitlines()]
         assert len(predictions) == tasks * params.evaluation.max_instances
         assert {"task", "id", "prompt", "prediction", "references", "rougeL", "exact_match"} <= set(predictions[0])
         mean = sum(p["rougeL"] for p in predictions) / len(predictions)
         assert evaluation[f"{model}_rougeL"] == pytest.approx(mean, abs=0.01)
     assert evaluation["wins"] + evaluation["ties"] + evaluation["losses"] == evaluation["tasks"] == tasks
-    per_category = pd.read_csv(run_dir / "eval" / "per_category.csv", index_col="category")
+    per_category = pd.read_csv(run_dir / "superni_evaluation" / "per_category.csv", index_col="category")
     assert len(per_category) == 12 and set(per_category["winner"]) <= {"refine_af", "self_instruct", "tie"}
-    assert len(pd.read_csv(run_dir / "eval" / "per_task.csv")) == tasks
+    assert len(pd.read_csv(run_dir / "superni_evaluation" / "per_task.csv")) == tasks
     check_executed(run_dir, "06")
 
 
 @pytest.mark.slow
-def test_smoke_07_paper_tables(smoke_run):
+def test_smoke_07_report(smoke_run):
     run_dir = smoke_run.require("07")
     report = (run_dir / "report.md").read_text()
     stage7 = check_pinned_metrics(run_dir, "07")

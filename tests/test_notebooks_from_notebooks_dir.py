@@ -88,7 +88,7 @@ def test_a_missing_params_file_is_named(monkeypatch, tmp_path):
 def test_stage_00_runs_from_the_notebooks_folder(smoke_env):
     nb = execute(STAGES[0].notebook)
     assert not [o for o in outputs(nb) if o["output_type"] == "error"]
-    assert (smoke_env / "seeds" / "seed_tasks.jsonl").read_text().count("\n") == 36
+    assert (smoke_env / "seed_tasks" / "seed_tasks.jsonl").read_text().count("\n") == 36
     assert any("classification" in o.get("data", {}).get("text/html", "") for o in outputs(nb))
 
 

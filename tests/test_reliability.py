@@ -136,7 +136,7 @@ def _eval_params(superni_dir: str, model: str = "embedded:smollm2-135m-instruct"
 
 
 def test_a_failed_stage_6_leaves_no_config_that_blocks_the_fix(tmp_path):
-    from refine_af_utils.superni_evaluation import run_evaluation_stage
+    from refine_af_utils.stages.superni_evaluation import run as run_evaluation_stage
 
     run_dir = tmp_path / "run"
     _stage_5_done(run_dir)
@@ -144,7 +144,7 @@ def test_a_failed_stage_6_leaves_no_config_that_blocks_the_fix(tmp_path):
     empty.mkdir()
     with pytest.raises(SuperNIError, match="test task list not found"):
         run_evaluation_stage(_eval_params(str(empty)), run_dir)
-    assert not (run_dir / "eval" / "config.json").exists()
+    assert not (run_dir / "superni_evaluation" / "config.json").exists()
     (empty / "splits" / "default").mkdir(parents=True)
     (empty / "splits" / "default" / "test_tasks.txt").write_text("\n")
     with pytest.raises(SuperNIError, match="no task names"):
@@ -153,12 +153,12 @@ def test_a_failed_stage_6_leaves_no_config_that_blocks_the_fix(tmp_path):
         run_evaluation_stage(_eval_params("bundled", device="cuda:99"), run_dir)
     with pytest.raises(ModelNotFoundError, match="does not exist"):
         run_evaluation_stage(_eval_params("bundled", model=str(tmp_path / "no-model")), run_dir)
-    assert not (run_dir / "eval" / "config.json").exists()
+    assert not (run_dir / "superni_evaluation" / "config.json").exists()
 
 
 @pytest.mark.slow
 def test_the_corrected_stage_6_runs_after_a_failed_one(tmp_path, tiny_llama_dir):
-    from refine_af_utils.superni_evaluation import run_evaluation_stage
+    from refine_af_utils.stages.superni_evaluation import run as run_evaluation_stage
 
     run_dir = tmp_path / "run"
     _stage_5_done(run_dir, tiny_llama_dir)
@@ -168,7 +168,7 @@ def test_the_corrected_stage_6_runs_after_a_failed_one(tmp_path, tiny_llama_dir)
         run_evaluation_stage(_eval_params(str(empty), model=str(tiny_llama_dir)), run_dir)
     result = run_evaluation_stage(_eval_params("bundled", model=str(tiny_llama_dir)), run_dir)  # not refused
     assert result.improvement["tasks"] == 12
-    assert json.loads((run_dir / "eval" / "config.json").read_text())["evaluation.superni_dir"] == "bundled"
+    assert json.loads((run_dir / "superni_evaluation" / "config.json").read_text())["evaluation.superni_dir"] == "bundled"
 
 
 def test_stage_config_error_is_a_project_error(tmp_path):
@@ -331,11 +331,11 @@ def _upstream_of_stages_2_to_5(run_dir: Path) -> None:
 @pytest.mark.parametrize("stage", ["02", "03", "04", "05"])
 def test_stages_2_to_5_check_inputs_device_and_model_before_writing_their_config(tmp_path, stage):
     """A run that fails on a missing input or a bad device leaves no config.json that would refuse the fix."""
-    from refine_af_utils.instance_generation import run_instance_stage
+    from refine_af_utils.stages.instance_generation import run as run_instance_stage
     from refine_af_utils.layout import RunLayout
-    from refine_af_utils.reward_analysis import run_reward_analysis
-    from refine_af_utils.rl_training import train_generator
-    from refine_af_utils.sft import train_arms
+    from refine_af_utils.stages.reward_analysis import run as run_reward_analysis
+    from refine_af_utils.stages.rl_training import train_generator
+    from refine_af_utils.stages.sft import train_arms
 
     entry = {"02": run_reward_analysis, "03": train_generator, "04": run_instance_stage, "05": train_arms}[stage]
     run_dir = tmp_path / "run"

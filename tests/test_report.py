@@ -6,7 +6,7 @@ import pytest
 
 from refine_af_utils.comparison import evaluation_statistics
 from refine_af_utils.layout import RunLayout
-from refine_af_utils.report import (
+from refine_af_utils.stages.report import (
     chance_sentence,
     main_table,
     per_category_table,
@@ -77,12 +77,12 @@ def test_per_category_and_task_tables():
 
 def test_tables_round_trip_through_csv(tmp_path):
     from refine_af_utils.comparison import write_statistics
-    from refine_af_utils.report import evaluation_statistics_tables
+    from refine_af_utils.stages.report import evaluation_statistics_tables
 
     stats = evaluation_statistics(_predictions(shift=1.0), seed=4)
-    (tmp_path / "eval").mkdir()
+    (tmp_path / "superni_evaluation").mkdir()
     write_statistics(RunLayout(tmp_path), stats, {"tasks": 12, "wins": 0, "ties": 0, "losses": 0})
-    improvement = pd.read_csv(tmp_path / "eval" / "tasks_improved.csv", index_col="measure")["value"]
+    improvement = pd.read_csv(tmp_path / "superni_evaluation" / "tasks_improved.csv", index_col="measure")["value"]
     overall, tasks, per_category, tests = evaluation_statistics_tables(tmp_path, improvement, None)
     assert chance_sentence(overall, tests) == chance_sentence(stats.overall, stats.improvement)
     assert len(tasks) == 12 and len(per_category) == len(stats.per_category)

@@ -46,11 +46,11 @@ def _statuses(run_dir, params):
 def test_a_finished_run_is_complete_and_outputs_follow_the_rule(finished_run):
     params, run_dir = finished_run
     assert not any(status.run for status in _statuses(run_dir, params).values())
-    assert stage_outputs(run_dir, STAGES[1]) == ["instructions/out.txt", "metrics/01.json"]
+    assert stage_outputs(run_dir, STAGES[1]) == ["instruction_generation/out.txt", "metrics/01.json"]
     assert stage_outputs(run_dir, STAGES[-1]) == ["metrics/07.json", "report.md"]
     marker = json.loads((run_dir / "stages" / "02.json").read_text())
     assert set(marker["inputs"]) == {"00", "01"}
-    assert set(marker["inputs"]["01"]) == {"instructions/out.txt", "metrics/01.json"}
+    assert set(marker["inputs"]["01"]) == {"instruction_generation/out.txt", "metrics/01.json"}
     assert marker["params"]["reward_analysis"] == params.to_dict()["reward_analysis"]
     assert "evaluation" not in marker["params"] and "evaluation" in json.loads(
         (run_dir / "stages" / "06.json").read_text())["params"]
@@ -58,8 +58,8 @@ def test_a_finished_run_is_complete_and_outputs_follow_the_rule(finished_run):
 
 def test_caches_checkpoints_hidden_and_partial_files_are_not_outputs(finished_run):
     params, run_dir = finished_run
-    for extra in ("reward_analysis/cache/scores.jsonl", "rl/checkpoints/update-2/adapter.bin",
-                  "sft/self_instruct/checkpoint-4/model.bin", "data/.raw.swp", "data/raw.jsonl.123.partial",
+    for extra in ("reward_analysis/cache/scores.jsonl", "rl_training/checkpoints/update-2/adapter.bin",
+                  "sft/self_instruct/checkpoint-4/model.bin", "instance_generation/.raw.swp", "instance_generation/raw.jsonl.123.partial",
                   "params.yaml", ".lock"):
         (run_dir / extra).parent.mkdir(parents=True, exist_ok=True)
         (run_dir / extra).write_text("anything")
@@ -68,34 +68,34 @@ def test_caches_checkpoints_hidden_and_partial_files_are_not_outputs(finished_ru
 
 def test_an_edited_output_reruns_its_stage_and_the_later_ones_from_scratch(finished_run):
     params, run_dir = finished_run
-    (run_dir / "instructions" / "out.txt").write_text("edited by hand\n")
+    (run_dir / "instruction_generation" / "out.txt").write_text("edited by hand\n")
     statuses = _statuses(run_dir, params)
     assert [s for s, status in statuses.items() if status.run] == ["01", "02", "03", "04", "05", "06", "07"]
-    assert statuses["01"].from_scratch and "its outputs changed since it ran: instructions/out.txt changed" \
+    assert statuses["01"].from_scratch and "its outputs changed since it ran: instruction_generation/out.txt changed" \
         in statuses["01"].reason
     assert statuses["02"].from_scratch
-    assert statuses["02"].reason == "stage 01's outputs changed since it ran: instructions/out.txt changed"
+    assert statuses["02"].reason == "stage 01's outputs changed since it ran: instruction_generation/out.txt changed"
 
 
 def test_a_deleted_output_folder_or_metrics_file_is_named(finished_run):
     params, run_dir = finished_run
-    for path in (run_dir / "data").iterdir():
+    for path in (run_dir / "instance_generation").iterdir():
         path.unlink()
-    (run_dir / "data").rmdir()
+    (run_dir / "instance_generation").rmdir()
     status = stage_status(run_dir, STAGES[4], params)
-    assert status.run and status.from_scratch and "data/out.txt deleted" in status.reason
+    assert status.run and status.from_scratch and "instance_generation/out.txt deleted" in status.reason
     (run_dir / "metrics" / "02.json").unlink()
     assert stage_status(run_dir, STAGES[2], params).reason == "its outputs changed since it ran: metrics/02.json deleted"
 
 
 def test_same_content_rewritten_stays_complete_and_sizes_and_times_spare_rehashing(finished_run, monkeypatch):
     params, run_dir = finished_run
-    path = run_dir / "seeds" / "out.txt"
+    path = run_dir / "seed_tasks" / "out.txt"
     path.write_text(path.read_text())  # new modification time, same bytes: rehashed, equal
     os.utime(path, ns=(1, 1))
     assert not any(status.run for status in _statuses(run_dir, params).values())
     recorded = json.loads((run_dir / "stages" / "00.json").read_text())["outputs"]
-    assert set(recorded["seeds/out.txt"]) == {"sha256", "size", "mtime_ns"}
+    assert set(recorded["seed_tasks/out.txt"]) == {"sha256", "size", "mtime_ns"}
 
     import refine_af_utils.run_folder as run_folder_module
 
@@ -159,11 +159,11 @@ def test_dry_run_after_an_evaluation_change_skips_stages_0_to_5_and_names_the_ke
 
 def test_dry_run_names_an_upstream_change_and_what_it_implies_later(finished_run, capsys):
     params, run_dir = finished_run
-    (run_dir / "rl" / "out.txt").unlink()
+    (run_dir / "rl_training" / "out.txt").unlink()
     assert main([str(SMOKE), "--results-root", str(run_dir.parent), "--from", "02", "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("[02] 02_reward_analysis.ipynb: skip (complete, skipped")
-    assert lines[1] == ("[03] 03_ppo_training.ipynb: run (its outputs changed since it ran: rl/out.txt deleted; "
+    assert lines[1] == ("[03] 03_rl_training.ipynb: run (its outputs changed since it ran: rl_training/out.txt deleted; "
                         "from scratch)")
     assert lines[2].startswith("[04] 04_instance_generation.ipynb: run (stage 03's outputs changed")
 
@@ -206,16 +206,16 @@ def test_the_runner_reruns_stage_0_from_scratch_after_its_output_is_edited(tmp_p
                        ["source"])
     assert f"params_path = {str(resolved.resolve())!r}" in injected.replace('"', "'")
     marker = json.loads((run_dir / "stages" / "00.json").read_text())
-    assert {"seeds/seed_tasks.jsonl", "seeds/seed_summary.csv", "metrics/00.json"} <= set(marker["outputs"])
-    original = (run_dir / "seeds" / "seed_tasks.jsonl").read_bytes()
+    assert {"seed_tasks/seed_tasks.jsonl", "seed_tasks/seed_summary.csv", "metrics/00.json"} <= set(marker["outputs"])
+    original = (run_dir / "seed_tasks" / "seed_tasks.jsonl").read_bytes()
 
-    (run_dir / "seeds" / "seed_tasks.jsonl").write_bytes(original[: len(original) // 2])
+    (run_dir / "seed_tasks" / "seed_tasks.jsonl").write_bytes(original[: len(original) // 2])
     capsys.readouterr()
     run_pipeline(SMOKE, only="00", results_root=root, overrides={"num_instructions": 7})
     out = capsys.readouterr().out
     assert ("[00] 00_seed_tasks.ipynb: rerunning from scratch: its outputs changed since it ran: "
-            "seeds/seed_tasks.jsonl changed") in out.splitlines()
-    assert (run_dir / "seeds" / "seed_tasks.jsonl").read_bytes() == original
+            "seed_tasks/seed_tasks.jsonl changed") in out.splitlines()
+    assert (run_dir / "seed_tasks" / "seed_tasks.jsonl").read_bytes() == original
 
     run_pipeline(SMOKE, only="00", results_root=root, overrides={"num_instructions": 7})
     assert "[00] 00_seed_tasks.ipynb: complete, skipped" in capsys.readouterr().out

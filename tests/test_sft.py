@@ -9,7 +9,7 @@ from trl import SFTConfig, SFTTrainer
 
 from refine_af_utils.params import LoraParams, ModelParams, SFTParams
 from refine_af_utils.prompts import sft_prompt
-from refine_af_utils.sft import fine_tune, sft_records
+from refine_af_utils.stages.sft import fine_tune, sft_records
 
 INSTANCES = [{"instruction": "Name a colour.", "input": "", "output": "Blue"},
              {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}] * 4
@@ -84,7 +84,7 @@ def test_only_the_output_is_in_the_loss(tmp_path, tiny_llama_dir):
 
 
 def test_a_torn_checkpoint_is_skipped(tmp_path):
-    from refine_af_utils.sft import _last_whole_checkpoint
+    from refine_af_utils.stages.sft import _last_whole_checkpoint
 
     (tmp_path / "checkpoint-2").mkdir()
     (tmp_path / "checkpoint-2" / "trainer_state.json").write_text("{}")
@@ -95,8 +95,8 @@ def test_a_torn_checkpoint_is_skipped(tmp_path):
 def test_malformed_arm_records_name_the_file_line_and_key(tmp_path):
     from refine_af_utils.layout import RunLayout
 
-    (tmp_path / "data").mkdir()
-    path = tmp_path / "data" / "refine_af.jsonl"
+    (tmp_path / "instance_generation").mkdir()
+    path = tmp_path / "instance_generation" / "refine_af.jsonl"
     path.write_text('{"instruction": "a", "input": "", "output": "b"}\n{"instruction": "a", "input": null, "output": "b"}\n')
     with pytest.raises(ValueError, match=r"refine_af.jsonl:2: key 'input' must be a string"):
         RunLayout(tmp_path).arm_instances("refine_af")

@@ -9,32 +9,74 @@ from pathlib import Path
 from refine_af_utils.layout import STAGES, RunLayout
 
 PACKAGE = Path(__file__).resolve().parents[1] / "refine_af_utils"
-STAGE_MODULES = {stage.module for stage in STAGES}
+STAGE_MODULES = {f"stages.{stage.stem}" for stage in STAGES}
+
+
+def _module_of(dotted: str) -> str:
+    """A module's name in the import graph: ``stages.<stem>`` for a stage, else the top-level name (a
+    subpackage such as ``study`` counts as one module)."""
+    parts = dotted.split(".")[1:]
+    return ".".join(parts[:2]) if parts[0] == "stages" and len(parts) > 1 else parts[0]
+
+
+def _module_of_path(path: Path) -> str:
+    parts = [p for p in path.relative_to(PACKAGE).with_suffix("").parts if p != "__init__"]
+    return _module_of(".".join(("refine_af_utils", *parts))) if parts else ""
 
 
 def _imported_modules(path: Path) -> set[str]:
     """Every refine_af_utils module a file imports, at the top or inside a function."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("refine_af_utils."):
-            found.add(node.module.split(".")[1])
-        elif isinstance(node, ast.ImportFrom) and node.module == "refine_af_utils":
-            found.update(alias.name for alias in node.names)
+        if isinstance(node, ast.ImportFrom) and node.module in ("refine_af_utils", "refine_af_utils.stages"):
+            found.update(_module_of(f"{node.module}.{alias.name}") for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("refine_af_utils."):
+            found.add(_module_of(node.module))
         elif isinstance(node, ast.Import):
-            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("refine_af_utils."))
+            found.update(_module_of(a.name) for a in node.names if a.name.startswith("refine_af_utils."))
     return found
 
 
-def test_every_stage_names_an_existing_module_and_notebook():
+def test_every_stage_has_one_stem_module_notebook_folder_and_test():
+    """Stage <id> <stem>: refine_af_utils/stages/<stem>.py, notebooks/<id>_<stem>.ipynb, <run_dir>/<stem>/
+    (the report writes at the top) and tests/test_<stem>.py."""
     for stage in STAGES:
-        assert (PACKAGE / f"{stage.module}.py").is_file(), stage
-        assert (PACKAGE.parent / "notebooks" / stage.notebook).is_file(), stage
+        assert (PACKAGE / "stages" / f"{stage.stem}.py").is_file(), stage
+        assert (PACKAGE.parent / "notebooks" / f"{stage.id}_{stage.stem}.ipynb").is_file(), stage
+        assert (PACKAGE.parent / "tests" / f"test_{stage.stem}.py").is_file(), stage
+        assert stage.output_dir in (stage.stem, None), stage
+    assert {p.stem for p in (PACKAGE / "stages").glob("*.py")} - {"__init__"} == {s.stem for s in STAGES}
+
+
+def test_every_stage_exposes_run_returning_a_stage_result_and_its_notebook_calls_it():
+    import importlib
+    import json
+    import typing
+
+    from refine_af_utils.run_folder import StageResult
+
+    for stage in STAGES:
+        module = importlib.import_module(stage.module)
+        returned = typing.get_type_hints(module.run)["return"]
+        assert issubclass(returned, StageResult), stage
+        assert list(typing.get_type_hints(module.run)) == ["params", "run_dir", "return"], stage
+        cells = json.loads((PACKAGE.parent / "notebooks" / stage.notebook).read_text())["cells"]
+        code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+        assert f"from refine_af_utils.stages import {stage.stem}" in code and f"{stage.stem}.run(params, run_dir)" in code
+
+
+def test_no_stage_module_spells_its_own_id():
+    """A stage finds itself in the registry (run_folder.open_stage / layout.stage_of_module by its module)."""
+    for stage in STAGES:
+        tree = ast.parse((PACKAGE / "stages" / f"{stage.stem}.py").read_text())
+        spelled = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Constant) and node.value == stage.id]
+        assert spelled == [], (stage.stem, spelled)
 
 
 def test_no_stage_module_imports_another_stage_module():
     offenders = {}
     for module in STAGE_MODULES:
-        others = (_imported_modules(PACKAGE / f"{module}.py") & STAGE_MODULES) - {module}
+        others = (_imported_modules(PACKAGE / "stages" / f"{module.split('.')[1]}.py") & STAGE_MODULES) - {module}
         if others:
             offenders[module] = sorted(others)
     assert offenders == {}
@@ -44,8 +86,8 @@ def test_lower_layers_import_no_stage_module():
     """Shared modules (layout, reward, figures, comparison, ...) never reach up into a stage."""
     tools = {"run", "study", "compare", "notebook", "downloads"}  # the runners, the reproduction check, helpers above the stages
     for path in PACKAGE.rglob("*.py"):
-        module = path.relative_to(PACKAGE).parts[0].removesuffix(".py")  # a subpackage (study/) counts as one module
-        if module in STAGE_MODULES or module in tools:
+        module = _module_of_path(path)
+        if module in STAGE_MODULES or module in tools or module == "stages":
             continue
         assert not _imported_modules(path) & STAGE_MODULES, path.name
 
@@ -53,8 +95,9 @@ def test_lower_layers_import_no_stage_module():
 def test_the_layout_owns_the_paths_stage_folders_come_from_the_registry(tmp_path):
     layout = RunLayout(tmp_path)
     assert [layout.stage_folder(s.id).name for s in STAGES if s.output_dir] == \
-        ["seeds", "instructions", "reward_analysis", "rl", "data", "sft", "eval"]
-    assert layout.arm_data("refine_af") == tmp_path / "data" / "refine_af.jsonl"
+        ["seed_tasks", "instruction_generation", "reward_analysis", "rl_training", "instance_generation", "sft",
+         "superni_evaluation"]
+    assert layout.arm_data("refine_af") == tmp_path / "instance_generation" / "refine_af.jsonl"
     assert layout.sft_model("self_instruct") == tmp_path / "sft" / "self_instruct" / "model"
     assert layout.score_cache == tmp_path / "reward_analysis" / "cache"
     assert layout.marker("03") == tmp_path / "stages" / "03.json"
@@ -147,8 +190,8 @@ def _import_graph() -> dict[str, set[str]]:
     """Module -> the package modules it imports anywhere (a subpackage counts as one module)."""
     graph: dict[str, set[str]] = {}
     for path in PACKAGE.rglob("*.py"):
-        name = path.relative_to(PACKAGE).parts[0].removesuffix(".py")
-        if name == "__init__":
+        name = _module_of_path(path)
+        if name == "":
             continue
         graph.setdefault(name, set()).update(_imported_modules(path) - {name})
     return graph
@@ -217,5 +260,5 @@ def test_layout_names_every_result_file():
 
 
 def test_the_file_name_check_can_fail():
-    source = 'out = run_dir / "eval" / "per_task.csv"\npath = folder / f"{name}-{digest}.jsonl"\nx = "a.json"\n'
+    source = 'out = run_dir / "superni_evaluation" / "per_task.csv"\npath = folder / f"{name}-{digest}.jsonl"\nx = "a.json"\n'
     assert sorted(_file_name_literals(source)) == [(1, "per_task.csv"), (2, ".jsonl"), (3, "a.json")]

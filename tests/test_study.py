@@ -169,7 +169,7 @@ def test_reuse_copies_the_longest_shared_chain_and_a_cut_copy_never_looks_comple
     with pytest.raises(KeyboardInterrupt):
         reuse_stages(study_dir, runs["b-seed1"], params, spec.stages)
     run_dir = study_dir / "b-seed1"
-    assert (run_dir / "seeds" / "out.txt").is_file() and not (run_dir / "stages" / "00.json").exists()
+    assert (run_dir / "seed_tasks" / "out.txt").is_file() and not (run_dir / "stages" / "00.json").exists()
     assert stage_status(run_dir, STAGE["00"], params).run
     monkeypatch.setattr(reuse, "_replace_file", real)
 
@@ -179,9 +179,9 @@ def test_reuse_copies_the_longest_shared_chain_and_a_cut_copy_never_looks_comple
     assert "[01] 01_instruction_generation.ipynb: reused from a-seed1" in capsys.readouterr().out
     assert not stage_status(run_dir, STAGE["01"], params).run and stage_status(run_dir, STAGE["02"], params).run
     assert (run_dir / "stages" / "01.json").read_bytes() == (donor / "stages" / "01.json").read_bytes()
-    assert (run_dir / "instructions" / "out.txt").stat().st_mtime_ns == \
-        (donor / "instructions" / "out.txt").stat().st_mtime_ns
-    assert (run_dir / "instructions" / "cache" / "scores.jsonl").is_file()  # caches come along
+    assert (run_dir / "instruction_generation" / "out.txt").stat().st_mtime_ns == \
+        (donor / "instruction_generation" / "out.txt").stat().st_mtime_ns
+    assert (run_dir / "instruction_generation" / "cache" / "scores.jsonl").is_file()  # caches come along
     assert not (run_dir / ".study-tmp").exists() or not any((run_dir / ".study-tmp").iterdir())
     assert reused_stages(run_dir) == {"00": "a-seed1", "01": "a-seed1"}
     assert reuse_stages(study_dir, runs["b-seed1"], params, spec.stages) == {}  # nothing left to copy
@@ -223,32 +223,32 @@ SELF_INSTRUCT = {1: [10.0, 20.0, 30.0, 40.0], 2: [12.0, 25.0, 29.0, 40.0]}
 
 def _fake_evaluated_run(run_dir: Path, seed: int, shift: float, eval_done: bool = True) -> None:
     """A run's stage 3, 4 and 6 files with known numbers (REFINE-AF = Self-Instruct + shift on every task)."""
-    (run_dir / "rl").mkdir(parents=True)
+    (run_dir / "rl_training").mkdir(parents=True)
     pd.DataFrame([{"measure": "reward", "mean_difference": 0.1 * seed, "ci_low": 0.0, "ci_high": 0.2 * seed,
                    "pairs": 5, "mean_before": 0.5, "mean_after": 0.5 + 0.1 * seed}]).to_csv(
-        run_dir / "rl" / "heldout_summary.csv", index=False)
-    (run_dir / "data").mkdir()
+        run_dir / "rl_training" / "heldout_summary.csv", index=False)
+    (run_dir / "instance_generation").mkdir()
     pd.DataFrame({"self_instruct": [0.5, 0.6, 0.7, 0.8, 0.1], "refine_af": [0.6, 0.6, 0.5, 0.8, 0.2]},
                  index=["reward_model", "understandability", "naturalness", "coherence", "reward"]).to_csv(
-        run_dir / "data" / "reward_by_arm.csv")
+        run_dir / "instance_generation" / "reward_by_arm.csv")
     if not eval_done:
         return
-    (run_dir / "eval").mkdir()
+    (run_dir / "superni_evaluation").mkdir()
     (run_dir / "metrics").mkdir()
     si = SELF_INSTRUCT[seed]
     pd.DataFrame({"task": TASKS, "category": ["c"] * 4, "rougeL_base": [1.0] * 4, "rougeL_self_instruct": si,
                   "rougeL_refine_af": [v + shift for v in si], "instances": [3] * 4}).to_csv(
-        run_dir / "eval" / "per_task.csv", index=False)
+        run_dir / "superni_evaluation" / "per_task.csv", index=False)
     mean = sum(si) / 4
     pd.DataFrame([{"model": "self_instruct", "metric": "rougeL", "mean": mean, "ci_low": mean - 1, "ci_high": mean + 1},
                   {"model": "refine_af", "metric": "rougeL", "mean": mean + shift, "ci_low": mean + shift - 1,
                    "ci_high": mean + shift + 1},
                   {"model": "refine_af - self_instruct", "metric": "rougeL", "mean": shift, "ci_low": shift - 0.5,
-                   "ci_high": shift + 0.5}]).to_csv(run_dir / "eval" / "overall_ci.csv", index=False)
+                   "ci_high": shift + 0.5}]).to_csv(run_dir / "superni_evaluation" / "overall_ci.csv", index=False)
     wins = 4 if shift > 0 else 0
     pd.Series({"tasks": 4, "wins": wins, "ties": 0, "losses": 4 - wins, "win_share": wins / 4,
                "win_share_ci_low": 0.1, "win_share_ci_high": 0.9, "sign_test_p": 0.125}).to_csv(
-        run_dir / "eval" / "tasks_improved.csv", header=["value"], index_label="measure")
+        run_dir / "superni_evaluation" / "tasks_improved.csv", header=["value"], index_label="measure")
     (run_dir / "metrics" / "06.json").write_text(json.dumps({"base_rougeL": 1.0}))
 
 
@@ -270,7 +270,7 @@ def test_study_report_tables_spread_and_aa_control_from_hand_made_runs(tmp_path)
     assert runs.loc["b-seed1", "heldout_reward_gain"] == pytest.approx(0.1)
     assert runs.loc["a-seed1", "understandability_change"] == 0.0
     assert runs.loc["a-seed1", "naturalness_change"] == pytest.approx(-0.2)
-    assert "eval/overall_ci.csv" in runs.loc["b-seed2", "missing"] and pd.isna(runs.loc["b-seed2", "win_share"])
+    assert "superni_evaluation/overall_ci.csv" in runs.loc["b-seed2", "missing"] and pd.isna(runs.loc["b-seed2", "win_share"])
 
     settings = pd.read_csv(study_dir / "study_settings.csv").set_index("setting")
     assert settings.loc["a", "rougeL_difference_mean"] == 2.0
@@ -354,7 +354,7 @@ def test_a_study_killed_mid_run_resumes_and_reuses_stage_1_across_settings(tmp_p
         assert reused_stages(b) == {"00": setting_a, "01": setting_a}  # a-seed2 had 00 from a-seed1
         # not run again: the same marker (its recorded wall time) and the outputs' modification times
         assert (b / "stages" / "01.json").read_bytes() == (a / "stages" / "01.json").read_bytes()
-        for path in (a / "instructions").rglob("*"):
+        for path in (a / "instruction_generation").rglob("*"):
             if path.is_file():
                 assert (b / path.relative_to(a)).stat().st_mtime_ns == path.stat().st_mtime_ns
         assert json.loads((b / STUDY_FILE).read_text())["setting"] == "b"

@@ -97,7 +97,7 @@ def run_headlines(run_dir: Path) -> dict[str, Any]:
 
 
 def self_instruct_per_task(run_dir: Path) -> Optional["pd.Series"]:
-    """The Self-Instruct arm's mean ROUGE-L per task (``eval/per_task.csv``, else its predictions); None if neither."""
+    """The Self-Instruct arm's mean ROUGE-L per task (``superni_evaluation/per_task.csv``, else its predictions); None if neither."""
     import pandas as pd
 
     per_task = RunLayout(run_dir).file("06", "per_task")
@@ -171,7 +171,7 @@ def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """A Markdown table of cells formatted already, drawn by the stage 7 report's table writer."""
     import pandas as pd
 
-    from refine_af_utils.report import markdown_table
+    from refine_af_utils.stages.report import markdown_table
 
     return markdown_table(pd.DataFrame([[str(c) for c in row] for row in rows], columns=list(header)), index=False)
 
@@ -298,7 +298,7 @@ def write_study_report(spec: StudySpec, study_dir: Path) -> Path:
           _with_ci(r, "win_share", 2), _fmt(r.get("sign_test_p")), r.get("reused_stages") or "-",
           r.get("missing") or "-"] for r in runs.to_dict("records")]))
     out += ["", "Change in each reward component, REFINE-AF arm minus Self-Instruct arm (stage 4's instances, "
-            "`data/reward_by_arm.csv`):", ""]
+            "`instance_generation/reward_by_arm.csv`):", ""]
     out.append(_markdown(["run", *COMPONENTS], [[r["run"], *(_fmt(r.get(f"{c}_change"), 4) for c in COMPONENTS)]
                                                  for r in runs.to_dict("records")]))
     out += ["", "## Per setting: mean and spread over seeds", "",
@@ -321,7 +321,7 @@ def write_study_report(spec: StudySpec, study_dir: Path) -> Path:
         decided = float(aa["decided_share"].mean())
         better = float(pd_mean(aa[["a_better_share", "b_better_share"]].to_numpy().ravel()))
         out += [f"The Self-Instruct arm of seed i against the Self-Instruct arm of seed j of the same setting, "
-                f"task by task (`eval/per_task.csv`): the same recipe on both sides, so any win is chance. Over "
+                f"task by task (`superni_evaluation/per_task.csv`): the same recipe on both sides, so any win is chance. Over "
                 f"{len(aa)} pair(s), a given seed's arm 'won' {better:.0%} of tasks on average and "
                 f"{decided:.0%} of tasks had a winner. Compare with the REFINE-AF win shares above. Table: "
                 "`study_aa_control.csv`.", ""]

@@ -4,7 +4,7 @@
 * ``refine_af``: the backbone with stage 3's trained LoRA adapter.
 
 Same instructions, same prompts, same decoding and random seeds, same filters; only the
-generator differs. Raw completions are appended batch by batch to ``data/raw_<arm>.jsonl``
+generator differs. Raw completions are appended batch by batch to ``instance_generation/raw_<arm>.jsonl``
 (a rerun continues after the last complete batch); both arms are scored with stage 2's
 reward and exported as JSONL that ``datasets.load_dataset("json", ...)`` reads.
 """
@@ -25,7 +25,7 @@ from refine_af_utils.layout import ARMS, RunLayout, stage_of_module
 from refine_af_utils.params import Params
 from refine_af_utils.files import sha256_file
 from refine_af_utils.resumable import resume_batches
-from refine_af_utils.run_folder import open_stage
+from refine_af_utils.run_folder import StageResult, open_stage
 from refine_af_utils.reward import COMPONENTS, build_scorers, score_instances
 from refine_af_utils.scorers import InstanceText
 from refine_af_utils.seeding import derive_seed
@@ -143,7 +143,7 @@ def dataset_statistics(instances: pd.DataFrame, instructions: int) -> dict[str, 
 
 
 @dataclass
-class ArmsResult:
+class InstanceGenerationResult(StageResult):
     """Both arms' scored instances, their statistics, the per-instruction comparison and the figures."""
 
     instances: dict[str, pd.DataFrame]
@@ -151,10 +151,9 @@ class ArmsResult:
     reward_summary: pd.DataFrame
     per_instruction: pd.DataFrame
     comparison: pd.DataFrame
-    figures: dict[str, Path]
 
 
-def run_instance_stage(params: Params, run_dir: str | Path) -> ArmsResult:
+def run(params: Params, run_dir: str | Path) -> InstanceGenerationResult:
     """Stage 4: generate, filter, score and export both arms' datasets under ``<run_dir>/data``."""
     from refine_af_utils.models import check_model_params
     from refine_af_utils.reward import check_scorers, unparsed_reward
@@ -206,4 +205,4 @@ def run_instance_stage(params: Params, run_dir: str | Path) -> ArmsResult:
         "reward_all_instructions_ci_low": float(overall.loc["reward", "ci_low"]),
         "reward_all_instructions_ci_high": float(overall.loc["reward", "ci_high"]),
     })
-    return ArmsResult(instances, statistics, summary, per_instruction, comparison, figures)
+    return InstanceGenerationResult(instances, statistics, summary, per_instruction, comparison, figures=figures)

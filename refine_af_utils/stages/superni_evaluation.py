@@ -2,7 +2,7 @@
 
 Every model answers the first ``evaluation.max_instances`` instances of every test task with
 the definition-only prompt (:func:`refine_af_utils.prompts.evaluation_prompt`), greedily.
-Predictions are appended batch by batch to ``eval/predictions_<model>.jsonl`` with the prompt,
+Predictions are appended batch by batch to ``superni_evaluation/predictions_<model>.jsonl`` with the prompt,
 the references and the metrics, so anyone can recompute them, and a rerun continues where a
 crash stopped. Per task, per category (12) and overall scores follow Tk-Instruct (means over
 instances); the paper's headline is the share of tasks on which REFINE-AF beats Self-Instruct.
@@ -31,6 +31,7 @@ from refine_af_utils.comparison import (
 )
 from refine_af_utils.figures import EVALUATION_FIGURES, evaluation_figure
 from refine_af_utils.layout import MODELS, RunLayout
+from refine_af_utils.run_folder import StageResult
 from refine_af_utils.params import ModelParams, Params
 from refine_af_utils.prompts import evaluation_prompt
 from refine_af_utils.superni import BUNDLED_SUPERNI, SuperNIError, SuperNITask, load_tasks, score
@@ -111,7 +112,7 @@ def predict(params: Params, name: str, tasks: Sequence[SuperNITask], run_dir: st
 
 
 @dataclass
-class EvaluationResult:
+class SuperNIEvaluationResult(StageResult):
     """Stage 6's tables and figures."""
 
     predictions: dict[str, pd.DataFrame]
@@ -120,11 +121,10 @@ class EvaluationResult:
     overall: pd.DataFrame
     comparison: pd.DataFrame
     improvement: dict[str, Any]
-    figures: dict[str, Path]
     statistics: EvaluationStatistics | None = None
 
 
-def run_evaluation_stage(params: Params, run_dir: str | Path) -> EvaluationResult:
+def run(params: Params, run_dir: str | Path) -> SuperNIEvaluationResult:
     """Stage 6 for the notebook: predict with the three models, score, tabulate and draw."""
     from refine_af_utils.models import check_device, resolve_model_path
     from refine_af_utils.run_folder import open_stage
@@ -163,4 +163,5 @@ def run_evaluation_stage(params: Params, run_dir: str | Path) -> EvaluationResul
         **{f"{row.model.replace(' - ', '_minus_')}_{row.metric}_ci": [row.ci_low, row.ci_high]
            for row in statistics.overall.itertuples()},
     })
-    return EvaluationResult(predictions, per_task, winners, overall, comparison, improvement, figures, statistics)
+    return SuperNIEvaluationResult(predictions, per_task, winners, overall, comparison, improvement, statistics,
+                                   figures=figures)

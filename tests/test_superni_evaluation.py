@@ -8,7 +8,7 @@ from refine_af_utils.files import read_jsonl
 from refine_af_utils.layout import RunLayout
 from refine_af_utils.params import params_from_dict
 from refine_af_utils.superni import BUNDLED_SUPERNI, load_tasks, score
-from refine_af_utils.superni_evaluation import predict, resolve_superni_dir
+from refine_af_utils.stages.superni_evaluation import predict, resolve_superni_dir
 
 
 def _predictions(scores):
@@ -74,10 +74,10 @@ def test_predictions_resume_after_a_torn_write(tmp_path, tiny_llama_dir):
     tasks = load_tasks(BUNDLED_SUPERNI, max_instances=2)
     first = predict(params, "base", tasks, tmp_path)
     assert len(first) == 24 and first[["task", "id"]].drop_duplicates().shape[0] == 24
-    record = read_jsonl(tmp_path / "eval" / "predictions_base.jsonl")[0]
+    record = read_jsonl(tmp_path / "superni_evaluation" / "predictions_base.jsonl")[0]
     assert set(record) >= {"task", "id", "prompt", "prediction", "references", "rougeL", "exact_match"}
     assert record["prompt"].endswith("\nOutput:")
-    path = tmp_path / "eval" / "predictions_base.jsonl"
+    path = tmp_path / "superni_evaluation" / "predictions_base.jsonl"
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(lines[:7]) + lines[7][:20])  # a crash: 7 records and half of the 8th
     kept = read_jsonl(path)
@@ -90,7 +90,7 @@ def test_predictions_resume_after_a_torn_write(tmp_path, tiny_llama_dir):
 
 
 def test_evaluating_before_stage_5_says_so(tmp_path):
-    from refine_af_utils.superni_evaluation import _model_files_sha256
+    from refine_af_utils.stages.superni_evaluation import _model_files_sha256
 
     with pytest.raises(FileNotFoundError, match="run stage 5 first"):
         _model_files_sha256(tmp_path / "sft" / "refine_af" / "model")
@@ -100,7 +100,7 @@ def test_evaluating_before_stage_5_says_so(tmp_path):
 def test_a_fully_fine_tuned_arm_loads_as_its_own_model(tmp_path, tiny_llama_dir):
     import shutil
 
-    from refine_af_utils.superni_evaluation import load_evaluated_model
+    from refine_af_utils.stages.superni_evaluation import load_evaluated_model
 
     model_dir = tmp_path / "sft" / "refine_af" / "model"
     shutil.copytree(tiny_llama_dir, model_dir)
@@ -112,11 +112,11 @@ def test_a_fully_fine_tuned_arm_loads_as_its_own_model(tmp_path, tiny_llama_dir)
 
 
 def test_the_report_names_a_missing_result(tmp_path):
-    from refine_af_utils.report import build_report
+    from refine_af_utils.stages.report import build_report
 
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics" / "06.json").write_text('{"superni_dir": "bundled"}')
-    with pytest.raises(FileNotFoundError, match=r"eval/overall.csv: missing; run the stage that writes it"):
+    with pytest.raises(FileNotFoundError, match=r"superni_evaluation/overall.csv: missing; run the stage that writes it"):
         build_report(tmp_path)
 
 

@@ -30,7 +30,7 @@ STAGE_2_CANDIDATES = (
     "from pathlib import Path\n"
     "from refine_af_utils.params import params_from_dict\n"
     "from refine_af_utils.layout import RunLayout\n"
-    "from refine_af_utils.reward_analysis import _candidates\n"
+    "from refine_af_utils.stages.reward_analysis import _candidates\n"
     "params = params_from_dict(yaml.safe_load(Path(sys.argv[1]).read_text()))\n"
     "layout = RunLayout(sys.argv[2])\n"
     "_candidates(params, layout.instructions(), layout.seed_tasks(), layout.stage_folder('02', create=True))\n"
@@ -41,8 +41,8 @@ TOPICS = ["a river", "a city", "a teacher", "a storm", "a market", "a garden", "
 
 def _run_folder(run_dir: Path) -> Path:
     """Stage 0 and stage 1 outputs: the bundled seeds and 12 instructions, a third of them classification."""
-    write_seed_tasks(load_seed_tasks("bundled"), run_dir / "seeds" / "seed_tasks.jsonl")
-    append_jsonl(run_dir / "instructions" / "instructions.jsonl", [
+    write_seed_tasks(load_seed_tasks("bundled"), run_dir / "seed_tasks" / "seed_tasks.jsonl")
+    append_jsonl(run_dir / "instruction_generation" / "instructions.jsonl", [
         {"id": f"machine_{i}", "instruction": (f"Is this sentence about {topic} positive or negative?" if i % 3 == 0
                                                else f"Write a short description of {topic}."),
          "is_classification": i % 3 == 0}

@@ -43,7 +43,7 @@ from refine_af_utils.prompts import (
     instruction_generation_prompt,
     parse_yes_no,
 )
-from refine_af_utils.run_folder import check_stage_config
+from refine_af_utils.run_folder import StageResult, check_stage_config
 from refine_af_utils.rouge import NoveltyPool
 from refine_af_utils.seeding import derive_seed
 from refine_af_utils.seeds import SeedTask
@@ -307,16 +307,15 @@ def generation_throughput(batches: Sequence[dict[str, Any]]) -> dict[str, float]
 
 
 @dataclass
-class InstructionStageResult:
+class InstructionGenerationResult(StageResult):
     """What stage 1 made: the accepted instructions, per-filter counts and throughput."""
 
     instructions: pd.DataFrame
     filter_counts: pd.DataFrame
     throughput: dict[str, float]
-    figures: dict[str, Path]
 
 
-def run_instruction_stage(params: Params, run_dir: str | Path) -> InstructionStageResult:
+def run(params: Params, run_dir: str | Path) -> InstructionGenerationResult:
     """Stage 1: bootstrap instructions into ``<run_dir>/instructions`` with tables and figures."""
     from refine_af_utils.models import load_causal_lm
     from refine_af_utils.plots import histogram, save_figure
@@ -346,11 +345,11 @@ def run_instruction_stage(params: Params, run_dir: str | Path) -> InstructionSta
         **{f"count_{k}": int(v) for k, v in zip(counts["stage"], counts["count"])},
         **throughput,
     })
-    return InstructionStageResult(table, counts, throughput, figures)
+    return InstructionGenerationResult(table, counts, throughput, figures=figures)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    """``python -m refine_af_utils.instruction_generation PARAMS OUT_DIR``: stage 1 without the notebook."""
+    """``python -m refine_af_utils.stages.instruction_generation PARAMS OUT_DIR``: stage 1 without the notebook."""
     import argparse
 
     from refine_af_utils.models import load_causal_lm

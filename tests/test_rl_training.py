@@ -11,7 +11,7 @@ import torch
 from transformers import TrainerControl, TrainerState, TrainingArguments
 from trl.experimental.utils import get_reward
 
-from refine_af_utils.instance_generation import arm_instances
+from refine_af_utils.stages.instance_generation import arm_instances
 from refine_af_utils.generation import decode_completion
 from refine_af_utils.instances import Instance, extract_instances, instance_prompts
 from refine_af_utils.files import append_jsonl
@@ -20,7 +20,7 @@ from refine_af_utils.params import params_from_dict
 from refine_af_utils.prompts import INSTANCE_STOP_STRINGS
 from refine_af_utils.reward import COMPONENTS, build_scorers, content_reward_scale, score_instances, unparsed_reward
 from refine_af_utils.rl_reward import CompletionScorer, RefineAFRewardModel
-from refine_af_utils.rl_training import MetricsLogger, evaluate_heldout, metrics_callback, split_instructions, train_generator, truncate_metrics
+from refine_af_utils.stages.rl_training import MetricsLogger, evaluate_heldout, metrics_callback, split_instructions, train_generator, truncate_metrics
 from refine_af_utils.scorers import InstanceText
 from refine_af_utils.seeds import load_seed_tasks, write_seed_tasks
 
@@ -54,8 +54,8 @@ def tiny_rl_params(tiny_llama_dir: Path, **rl) -> dict:
 def tiny_run(tmp_path, tiny_llama_dir):
     """A run folder with stage 0, 1 and 2 outputs (stage 2's scores written by hand)."""
     run_dir = tmp_path / "run"
-    write_seed_tasks(load_seed_tasks("bundled"), run_dir / "seeds" / "seed_tasks.jsonl")
-    append_jsonl(run_dir / "instructions" / "instructions.jsonl", [
+    write_seed_tasks(load_seed_tasks("bundled"), run_dir / "seed_tasks" / "seed_tasks.jsonl")
+    append_jsonl(run_dir / "instruction_generation" / "instructions.jsonl", [
         {"id": f"machine_{i}", "instruction": text, "is_classification": clf}
         for i, (text, clf) in enumerate(INSTRUCTIONS)])
     scores = pd.DataFrame({"instruction_id": ["machine_0", "machine_0", "machine_1"], "candidate": [0, 1, 0],
@@ -182,7 +182,7 @@ def test_only_the_main_process_writes_metrics_rows(tmp_path, tiny_llama_dir):
 
 
 def _metrics(run_dir: Path) -> pd.DataFrame:
-    return pd.read_csv(run_dir / "rl" / "metrics.csv")
+    return pd.read_csv(run_dir / "rl_training" / "metrics.csv")
 
 
 @pytest.mark.slow
@@ -192,9 +192,9 @@ def test_ppo_two_updates_then_resume_from_the_checkpoint(tiny_llama_dir, tiny_ru
     assert list(metrics["update"]) == [1, 2]
     assert metrics[["reward", "parsed_share", "kl", "policy_loss", "value_loss"]].notna().all().all()
     assert (adapter_dir / "adapter_config.json").is_file()
-    assert json.loads((tiny_run / "rl" / "checkpoints" / "update-2" / "complete").read_text()) == {"updates": 2}
-    assert (tiny_run / "rl" / "checkpoints" / "update-2" / "value_model").is_dir()
-    prompts = pd.read_json(tiny_run / "rl" / "prompts.jsonl", lines=True)
+    assert json.loads((tiny_run / "rl_training" / "checkpoints" / "update-2" / "complete").read_text()) == {"updates": 2}
+    assert (tiny_run / "rl_training" / "checkpoints" / "update-2" / "value_model").is_dir()
+    prompts = pd.read_json(tiny_run / "rl_training" / "prompts.jsonl", lines=True)
     assert sorted(prompts["split"].value_counts().items()) == [("heldout", 2), ("train", 4)]
     after_two = (adapter_dir / "adapter_model.safetensors").read_bytes()
 
@@ -203,7 +203,7 @@ def test_ppo_two_updates_then_resume_from_the_checkpoint(tiny_llama_dir, tiny_ru
     resumed, _ = train_generator(more, tiny_run)
     assert list(resumed["update"]) == [1, 2, 3]
     pd.testing.assert_frame_equal(resumed.iloc[:2], metrics)
-    assert not (tiny_run / "rl" / "checkpoints" / "update-2").exists()  # only the newest checkpoint is kept
+    assert not (tiny_run / "rl_training" / "checkpoints" / "update-2").exists()  # only the newest checkpoint is kept
     after_three = (adapter_dir / "adapter_model.safetensors").read_bytes()
     assert after_three != after_two  # the third update trained the adapter further
     train_generator(more, tiny_run)  # complete: nothing is trained again
@@ -234,19 +234,19 @@ def test_heldout_evaluation_pairs_base_and_trained_on_unseen_instructions(tiny_l
     _, adapter_dir = train_generator(params, tiny_run)
     scorer = CompletionScorer(build_scorers(params.reward), params.reward, unparsed_reward(tiny_run, params))
     result = evaluate_heldout(params, tiny_run, adapter_dir, scorer)
-    table = pd.read_csv(tiny_run / "rl" / "heldout_eval.csv")
+    table = pd.read_csv(tiny_run / "rl_training" / "heldout_eval.csv")
     assert list(table.columns) == ["instruction", "base_reward", "trained_reward", "base_parsed", "trained_parsed",
                                    "base_content", "trained_content"]
-    split = pd.read_json(tiny_run / "rl" / "prompts.jsonl", lines=True).set_index("instruction")["split"]
+    split = pd.read_json(tiny_run / "rl_training" / "prompts.jsonl", lines=True).set_index("instruction")["split"]
     assert set(table["instruction"]) == set(split[split == "heldout"].index)  # never a training prompt
-    samples = pd.read_json(tiny_run / "rl" / "heldout_samples.jsonl", lines=True)
+    samples = pd.read_json(tiny_run / "rl_training" / "heldout_samples.jsonl", lines=True)
     assert len(samples) == 2 * 2 * 2  # generators x instructions x samples
     assert list(result.summary["measure"]) == ["reward", "parsed", "content"]
     expected = (table["trained_reward"] - table["base_reward"]).mean()
     assert result.summary.loc[0, "mean_difference"] == pytest.approx(expected)
-    before = (tiny_run / "rl" / "heldout_samples.jsonl").read_text()
+    before = (tiny_run / "rl_training" / "heldout_samples.jsonl").read_text()
     evaluate_heldout(params, tiny_run, adapter_dir, scorer)  # complete: nothing is sampled again
-    assert (tiny_run / "rl" / "heldout_samples.jsonl").read_text() == before
+    assert (tiny_run / "rl_training" / "heldout_samples.jsonl").read_text() == before
 
 
 @pytest.mark.slow

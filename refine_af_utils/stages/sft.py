@@ -8,7 +8,7 @@ seed and order of steps. Each arm trains in ``sft/<arm>/``: checkpoints every
 in ``sft/<arm>/model`` and the loss per step in ``sft/<arm>/loss.csv``.
 
 Multi-GPU: ``accelerate launch --config_file params/accelerate_configs/multi_gpu.yaml -m
-refine_af_utils.sft PARAMS`` trains both arms, then the notebook picks the results up.
+refine_af_utils.stages.sft PARAMS`` trains both arms, then the notebook picks the results up.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import pandas as pd
 
 from refine_af_utils.figures import sft_loss_figure
 from refine_af_utils.layout import ARMS, SFT_COMPLETE, SFT_LOSS, SFT_MODEL, TRAINER_STATE, RunLayout, stage_of_module
+from refine_af_utils.run_folder import StageResult
 from refine_af_utils.params import ModelParams, Params, SFTParams
 from refine_af_utils.prompts import sft_prompt
 from refine_af_utils.files import atomic_write_text, sha256_file
@@ -130,15 +131,14 @@ def train_arms(params: Params, run_dir: str | Path) -> dict[str, pd.DataFrame]:
 
 
 @dataclass
-class SFTStageResult:
+class SFTResult(StageResult):
     """Stage 5's loss table (one row per arm and step), the per-arm summary and the figure."""
 
     losses: pd.DataFrame
     summary: pd.DataFrame
-    figures: dict[str, Path]
 
 
-def run_sft_stage(params: Params, run_dir: str | Path) -> SFTStageResult:
+def run(params: Params, run_dir: str | Path) -> SFTResult:
     """Stage 5 for the notebook: train both arms, write ``sft/loss.csv`` and the loss figure."""
     from refine_af_utils.run_folder import open_stage
 
@@ -159,11 +159,11 @@ def run_sft_stage(params: Params, run_dir: str | Path) -> SFTStageResult:
     figure = sft_loss_figure(losses, stage.file("fig_loss"))
     stage.record_metrics({f"{arm}_{key.replace(' ', '_')}": value
                                    for arm, column in summary.items() for key, value in column.items()})
-    return SFTStageResult(losses, summary, {"loss": figure})
+    return SFTResult(losses, summary, figures={"loss": figure})
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    """``python -m refine_af_utils.sft PARAMS`` (or under ``accelerate launch``): stage 5's training alone."""
+    """``python -m refine_af_utils.stages.sft PARAMS`` (or under ``accelerate launch``): stage 5's training alone."""
     from refine_af_utils.run_folder import stage_command_line
 
     params, run_dir = stage_command_line(main.__doc__, argv)

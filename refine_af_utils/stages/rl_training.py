@@ -42,6 +42,7 @@ from refine_af_utils.figures import components_figure, heldout_figure, reward_kl
 from refine_af_utils.generation import Generation
 from refine_af_utils.files import atomic_write_text
 from refine_af_utils.layout import RL_CHECKPOINT, RL_CHECKPOINT_COMPLETE, RunLayout, stage_of_module
+from refine_af_utils.run_folder import StageResult
 from refine_af_utils.params import Params
 from refine_af_utils.reward import COMPONENTS, unparsed_reward
 from refine_af_utils.rl_reward import CompletionScorer, RefineAFRewardModel, group_reward_function
@@ -243,7 +244,7 @@ def split_instructions(records: Sequence[dict[str, Any]], heldout: int, num_prom
 
 
 def rl_prompts(params: Params, run_dir: Path) -> list[dict[str, Any]]:
-    """Stage 1 instructions with their split and instance prompt (stage 2's); written to ``rl/prompts.jsonl``."""
+    """Stage 1 instructions with their split and instance prompt (stage 2's); written to ``rl_training/prompts.jsonl``."""
     from refine_af_utils.instances import instance_prompts
 
     layout = RunLayout(run_dir)
@@ -297,13 +298,12 @@ class HeldoutResult:
 
 
 @dataclass
-class RLTrainingResult:
+class RLTrainingResult(StageResult):
     """What stage 3 made: the metrics table, the adapter folder, the held-out evaluation and the figures."""
 
     metrics: pd.DataFrame
     adapter_dir: Path
     heldout: Optional[HeldoutResult]
-    figures: dict[str, Path]
 
 
 def _stage_scorer(params: Params, run_dir: Path, scorers: Optional[dict[str, Scorer]]) -> CompletionScorer:
@@ -376,7 +376,7 @@ def heldout_samples(params: Params, run_dir: Path, adapter_dir: Path) -> list[di
 
     Both generators decode with stage 4's settings and draw the same noise: each batch is seeded
     by (sample number, its first instruction), the same for both. Rows are appended batch by
-    batch to ``rl/heldout_samples.jsonl``; a rerun regenerates a half-written batch whole and
+    batch to ``rl_training/heldout_samples.jsonl``; a rerun regenerates a half-written batch whole and
     appends only the missing rows.
     """
     from peft import PeftModel
@@ -446,7 +446,7 @@ def evaluate_heldout(params: Params, run_dir: str | Path, adapter_dir: Path,
     return HeldoutResult(table, summary, figure)
 
 
-def run_rl_stage(params: Params, run_dir: str | Path) -> RLTrainingResult:
+def run(params: Params, run_dir: str | Path) -> RLTrainingResult:
     """Stage 3 for the notebook: train (or resume), evaluate on held-out instructions, record headlines."""
     from refine_af_utils.run_folder import open_stage
 
@@ -470,11 +470,11 @@ def run_rl_stage(params: Params, run_dir: str | Path) -> RLTrainingResult:
         **{f"heldout_{m}_gain_ci_low": float(gain.loc[m, "ci_low"]) for m in gain.index},
         **{f"heldout_{m}_gain_ci_high": float(gain.loc[m, "ci_high"]) for m in gain.index},
     })
-    return RLTrainingResult(metrics, adapter_dir, heldout, figures)
+    return RLTrainingResult(metrics, adapter_dir, heldout, figures=figures)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    """``python -m refine_af_utils.rl_training PARAMS`` (or under ``accelerate launch``): stage 3's training alone."""
+    """``python -m refine_af_utils.stages.rl_training PARAMS`` (or under ``accelerate launch``): stage 3's training alone."""
     from refine_af_utils.run_folder import stage_command_line
 
     params, run_dir = stage_command_line(main.__doc__, argv)

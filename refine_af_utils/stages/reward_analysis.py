@@ -17,14 +17,14 @@ import pandas as pd
 from refine_af_utils.figures import component_histograms_figure, correlations_figure
 from refine_af_utils.params import Params
 from refine_af_utils.resumable import resume_batches
-from refine_af_utils.run_folder import StageRun, open_stage
+from refine_af_utils.run_folder import StageResult, StageRun, open_stage
 from refine_af_utils.reward import COMPONENTS, build_scorers, score_instances
 from refine_af_utils.scorers import InstanceText
 from refine_af_utils.seeds import SeedTask
 
 
 @dataclass
-class RewardAnalysisResult:
+class RewardAnalysisResult(StageResult):
     """What stage 2 made: per-instance scores and the summary tables and figures."""
 
     scores: pd.DataFrame
@@ -34,7 +34,6 @@ class RewardAnalysisResult:
     worst: pd.DataFrame
     filter_counts: pd.DataFrame
     truncated: dict[str, int]
-    figures: dict[str, Path]
 
 
 def _candidates(stage: StageRun, instructions: Sequence[dict[str, Any]], seeds: Sequence[SeedTask]
@@ -85,7 +84,7 @@ def _parse_candidates(candidates: Sequence[dict[str, Any]], max_instances: int) 
     return pd.DataFrame(rows), counts_table
 
 
-def run_reward_analysis(params: Params, run_dir: str | Path) -> RewardAnalysisResult:
+def run(params: Params, run_dir: str | Path) -> RewardAnalysisResult:
     """Stage 2: candidate instances from the untrained backbone, every component scored, figures."""
     from refine_af_utils.plots import histogram, save_figure
     from refine_af_utils.models import check_model_params
@@ -137,4 +136,4 @@ def run_reward_analysis(params: Params, run_dir: str | Path) -> RewardAnalysisRe
         **{f"truncated_{name}": count for name, count in truncated.items()},
         **{f"count_{k}": int(v) for k, v in zip(filter_counts["stage"], filter_counts["count"])},
     })
-    return RewardAnalysisResult(scores, correlations, by_type, best, worst, filter_counts, truncated, figures)
+    return RewardAnalysisResult(scores, correlations, by_type, best, worst, filter_counts, truncated, figures=figures)

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from refine_af_utils.layout import BATCHES_FILE, INSTRUCTIONS_FILE
-from refine_af_utils.instruction_generation import bootstrap_instructions, filter_counts, filter_reason, load_state, parse_continuation
+from refine_af_utils.stages.instruction_generation import bootstrap_instructions, filter_counts, filter_reason, load_state, parse_continuation
 from refine_af_utils.files import append_jsonl, read_jsonl
 from refine_af_utils.models import load_causal_lm
 from refine_af_utils.params import params_from_dict
@@ -137,7 +137,7 @@ def test_bootstrap_on_a_tiny_model(tmp_path, tiny_llama_dir):
 
 def _run_stage1(params_file: Path, out_dir: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "refine_af_utils.instruction_generation", str(params_file), str(out_dir)],
+        [sys.executable, "-m", "refine_af_utils.stages.instruction_generation", str(params_file), str(out_dir)],
         cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
 

@@ -6,7 +6,7 @@ from functools import partial
 import pytest
 
 from refine_af_utils.seeds import SeedTaskError, load_seed_tasks, write_seed_tasks
-from refine_af_utils.seed_tasks import seed_summary
+from refine_af_utils.stages.seed_tasks import seed_summary
 
 GOOD = {"id": "t1", "name": "n", "instruction": "Say hi to the user politely.",
         "instances": [{"input": "", "output": "Hi!"}], "is_classification": False}

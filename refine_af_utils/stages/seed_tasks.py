@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from refine_af_utils.params import Params
-from refine_af_utils.run_folder import open_stage
+from refine_af_utils.run_folder import StageResult, open_stage
 from refine_af_utils.seeds import SeedTask, load_seed_tasks, write_seed_tasks
 
 
@@ -36,15 +37,23 @@ def seed_summary(tasks: list[SeedTask]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["statistic", "value"])
 
 
-def run_seed_stage(params: "Params", run_dir: str | Path) -> tuple[list[SeedTask], pd.DataFrame]:
-    """Stage 0: load and validate the seed tasks, write them and their summary under ``<run_dir>/seeds``."""
+@dataclass
+class SeedTasksResult(StageResult):
+    """The run's seed tasks and their summary statistics."""
+
+    tasks: list[SeedTask]
+    summary: pd.DataFrame
+
+
+def run(params: "Params", run_dir: str | Path) -> SeedTasksResult:
+    """Stage 0: load and validate the seed tasks, write them and their summary into the stage's folder."""
     tasks = load_seed_tasks(params.seed_tasks)
     stage = open_stage(__name__, params, run_dir)
     write_seed_tasks(tasks, stage.file("seed_tasks"))
     summary = seed_summary(tasks)
     summary.to_csv(stage.file("summary"), index=False)
     stage.record_metrics(dict(zip(summary["statistic"], summary["value"].tolist())))
-    return tasks, summary
+    return SeedTasksResult(tasks, summary)
 
 
 def seed_table(tasks: list[SeedTask]) -> pd.DataFrame:
