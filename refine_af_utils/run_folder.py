@@ -420,7 +420,7 @@ class StageRun:
         """The stage's own folder (created)."""
         return self.layout.stage_folder(self.stage.id, create=True)
 
-    def file(self, name: str, **fields: Any) -> Path:
+    def file(self, name: str, /, **fields: Any) -> Path:
         """One of the stage's files by its name in ``layout.STAGE_FILES``."""
         return self.layout.file(self.stage.id, name, **fields)
 

@@ -101,6 +101,8 @@ def test_the_layout_owns_the_paths_stage_folders_come_from_the_registry(tmp_path
     assert layout.sft_model("self_instruct") == tmp_path / "sft" / "self_instruct" / "model"
     assert layout.score_cache == tmp_path / "reward_analysis" / "cache"
     assert layout.marker("03") == tmp_path / "stages" / "03.json"
+    # a file pattern's own field may be called "name" (stage 6's figures)
+    assert layout.file("06", "figure", name="per_category") == tmp_path / "superni_evaluation" / "per_category.png"
 
 
 def test_stage_config_is_the_registry_chain_less_what_a_stage_may_continue_under():
