@@ -27,16 +27,24 @@ class RunLockedError(RefineAFError, RuntimeError):
     """Another runner holds the run folder's lock."""
 
 
-def project_error_names() -> set[str]:
-    """Class names of every :class:`RefineAFError` subclass (imports the modules that define them).
+class UpstreamNotReadyError(RefineAFError, RuntimeError):
+    """``--only`` / ``--from`` asked for a stage whose earlier stages are missing or stale for these params."""
 
-    The runner matches these against the exception name papermill reports from a notebook.
+
+def project_error_names() -> set[str]:
+    """Class names of every :class:`RefineAFError` subclass (imports every module of the package, where they
+    are defined). The runner matches these against the exception name papermill reports from a notebook.
     """
     import importlib
+    import pkgutil
 
-    for module in ("params", "seeds", "superni", "results", "models", "scorers", "data", "notebook", "run"):
+    import refine_af_utils
+
+    for module in pkgutil.walk_packages(refine_af_utils.__path__, "refine_af_utils."):
+        if module.name.endswith("__main__"):
+            continue
         try:
-            importlib.import_module(f"refine_af_utils.{module}")
+            importlib.import_module(module.name)
         except ImportError:  # pragma: no cover - a broken optional dependency must not hide the real error
             continue
     names: set[str] = set()

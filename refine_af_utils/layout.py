@@ -125,7 +125,13 @@ RL_CHECKPOINT, RL_CHECKPOINT_COMPLETE = "update-{update}", "complete"
 
 
 def stage_of_module(module: str) -> Stage:
-    """The registry's stage whose module is ``module`` (a stage module passes its ``__name__``)."""
+    """The registry's stage whose module is ``module`` (a stage module passes its ``__name__``; run as
+    ``python -m refine_af_utils.stages.<stem>`` that is ``__main__``, whose spec still names the module)."""
+    if module == "__main__":
+        import sys
+
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        module = spec.name if spec is not None else module
     for stage in STAGES:
         if stage.module == module:
             return stage

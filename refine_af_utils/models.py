@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from refine_af_utils.environment import resolved_dtype_name, scorer_params
-from refine_af_utils.errors import RefineAFError
+from refine_af_utils.errors import ParamsError, RefineAFError
 from refine_af_utils.params import LoraParams, ModelParams, Params
 from refine_af_utils.files import atomic_write_text, cache_dir, partial_path, sha256_file
 
@@ -56,8 +56,17 @@ def check_device(device: str, key: str = "model.device") -> None:
     except (RuntimeError, ValueError) as error:
         raise DeviceUnavailableError(f"{key}: '{device}' is not a device name such as cpu, cuda, cuda:0 or mps "
                                      f"(available here: {', '.join(available)})") from error
-    if parsed.type not in ("cuda", "mps"):
-        return  # cpu, or another backend (xpu, ...) that torch itself judges
+    if parsed.type == "cpu":
+        return
+    if parsed.type not in ("cuda", "mps", "xpu"):
+        raise DeviceUnavailableError(f"{key}: '{device}' cannot run a model (a {parsed.type} tensor holds no data "
+                                     "or is not supported here); use cpu, cuda, cuda:N, mps or xpu")
+    if parsed.type == "xpu":
+        xpu = getattr(torch, "xpu", None)
+        if xpu is not None and xpu.is_available():
+            return
+        raise DeviceUnavailableError(f"{key}: device '{device}' is not available on this machine "
+                                     f"(available: {', '.join(available)})")
     if f"{parsed.type}:{parsed.index}" in available or (parsed.index is None and any(
             name.startswith(parsed.type) for name in available)):
         return
@@ -217,6 +226,33 @@ def lora_config(lora: LoraParams, task_type: str = "CAUSAL_LM") -> Any:
     return LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
                       target_modules=modules if isinstance(modules, str) else list(modules), task_type=task_type,
                       bias="none")
+
+
+def check_lora_targets(spec: ModelParams, lora: LoraParams, key: str) -> None:
+    """Refuse, before a stage writes anything, LoRA ``target_modules`` that match no module of the backbone.
+
+    The model is built from its config on the meta device (no weights are read); peft's own matching rule
+    decides. ``key`` names the params section (``rl.lora``, ``sft.lora``) in the one-line error.
+    """
+    from accelerate import init_empty_weights
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from transformers import AutoConfig
+
+    modules = lora.target_modules
+    if isinstance(modules, str):
+        return  # peft's shorthand ("all-linear") or one regular expression: peft resolves it on the model
+    config = AutoConfig.from_pretrained(resolve_model_path(spec.name_or_path), revision=spec.revision,
+                                        trust_remote_code=spec.trust_remote_code)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
+    names = [name for name, _ in model.named_modules() if name]
+    peft_config = lora_config(lora)
+    if any(check_target_module_exists(peft_config, name) for name in names):
+        return
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                     if isinstance(module, torch.nn.Linear)})
+    raise ParamsError(f"{key}.target_modules: {list(modules)} match no module of {spec.name_or_path} "
+                             f"(its linear layers: {', '.join(linear)})")
 
 
 def load_pretrained(spec: ModelParams) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

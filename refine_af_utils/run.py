@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from refine_af_utils.environment import resolve_dtypes
-from refine_af_utils.errors import RefineAFError, project_error_names
+from refine_af_utils.errors import RefineAFError, UpstreamNotReadyError, project_error_names
 from refine_af_utils.layout import STAGES, RunLayout, Stage
 from refine_af_utils.params import Params, load_params, parse_overrides
 from refine_af_utils.run_folder import (DEFAULT_RESULTS_ROOT, REPO_ROOT, add_run_arguments, run_folder, run_lock,
@@ -127,8 +127,28 @@ def dry_run(params: Params, run_dir: Path, stages: Sequence[Stage], force: bool 
     return lines
 
 
+def _sets(overrides: dict[str, Any]) -> str:
+    return "".join(f" --set {key}={json.dumps(value)}" for key, value in overrides.items())
+
+
+def check_upstream(params: Params, run_dir: Path, stages: Sequence[Stage], command: str) -> None:
+    """Refuse ``--only`` / ``--from`` when a stage before the first selected one is missing or stale.
+
+    A stage run on stale or torn upstream outputs would be marked complete over inputs that no longer
+    match its params (e.g. stage 4's instances for new instructions from an adapter trained on old ones).
+    ``command`` is the runner's command line without ``--only`` / ``--from``, for the message.
+    """
+    first = STAGES.index(stages[0]) if stages else 0
+    for stage in STAGES[:first]:
+        status = stage_status(run_dir, stage, params)
+        if status.run:
+            raise UpstreamNotReadyError(
+                f"stage {stages[0].id} ({stages[0].title}) needs stage {stage.id} ({stage.title}) first, which "
+                f"would run: {status.reason}; run `{command} --from {stage.id}` (or leave out --only/--from)")
+
+
 def _resolved_header(params_path: Path, overrides: dict[str, Any]) -> str:
-    sets = "".join(f" --set {key}={json.dumps(value)}" for key, value in overrides.items())
+    sets = _sets(overrides)
     return (f"Resolved params of run '{{run}}', written by the runner: {params_path}{sets}\n"
             "(extends applied, every key spelled out). Every stage notebook reads this file.")
 
@@ -147,11 +167,14 @@ def run_pipeline(
     params = resolve_dtypes(load_params(params_path, overrides=overrides))  # params.yaml holds the dtypes used
     run_dir = run_folder(results_root, params.run_name)
     stages = select_stages(only, start)
-    if dry:
+    command = f"python -m refine_af_utils.run {params_path}{_sets(overrides)}"
+    if dry:  # the same refusal as the run's, then what each stage would do
+        check_upstream(params, run_dir, stages, command)
         for line in dry_run(params, run_dir, stages, force):
             print(line, flush=True)
         return run_dir
     with run_lock(run_dir):
+        check_upstream(params, run_dir, stages, command)  # before anything is written
         resolved = write_resolved_params(
             run_dir, params, _resolved_header(params_path, overrides).replace("{run}", params.run_name))
         for stage in stages:

@@ -18,6 +18,7 @@ import shlex
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
@@ -70,20 +71,46 @@ def check_stage_config(out_dir: str | Path, config: dict[str, Any]) -> None:
     differs stops with the keys that changed (rerun the stage with ``--force`` to start over):
     a :class:`~refine_af_utils.errors.StageConfigError`. Call it only after the stage's inputs
     passed validation, so that a run that fails on bad input leaves no config that blocks the
-    corrected run.
+    corrected run. A folder whose last run failed (:func:`mark_config_failed`) is resumed with the
+    same settings and started over with other ones: a failure never blocks its own fix.
     """
+    import shutil
+
     path = Path(out_dir) / CONFIG_FILE
     config = json.loads(json.dumps(config, sort_keys=True))
     if path.is_file():
         before = json.loads(path.read_text())
+        failed = before.pop(FAILED_KEY, None)
         changed = sorted(k for k in set(before) | set(config) if before.get(k) != config.get(k))
-        if changed:
+        if changed and failed is None:
             raise StageConfigError(
                 f"{out_dir} was made with other settings ({', '.join(changed)} differ); "
                 "rerun the stage with --force to start it again"
             )
-    else:  # whole or absent: processes under accelerate never read a half-written file
-        atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if changed:
+            print(f"{out_dir}: its last run failed ({failed}); starting it over with the new settings "
+                  f"({', '.join(changed[:6])} differ)", file=sys.stderr, flush=True)
+            shutil.rmtree(out_dir)
+        elif failed is None:
+            return
+    # whole or absent: processes under accelerate never read a half-written file
+    atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+FAILED_KEY = "_failed"  # in a stage's config.json: the error its last run ended with
+
+
+def mark_config_failed(out_dir: str | Path, error: BaseException) -> None:
+    """Record in ``out_dir/config.json`` (when the stage wrote one) that its run ended with ``error``, so
+    that a rerun with corrected settings starts over instead of being refused (:func:`check_stage_config`)."""
+    path = Path(out_dir) / CONFIG_FILE
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    line = " ".join(str(error).split())[:300]
+    config[FAILED_KEY] = f"{type(error).__name__}: {line}" if line else type(error).__name__
+    atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def write_resolved_params(run_dir: str | Path, params: Any, header: str = "") -> Path:
@@ -106,11 +133,15 @@ def add_run_arguments(parser: "argparse.ArgumentParser", example: str = "evaluat
     parser.add_argument("--results-root", default=str(DEFAULT_RESULTS_ROOT), help="where run folders go")
 
 
-def stage_command_line(description: str, argv: Optional[Sequence[str]] = None) -> tuple[Any, Path]:
-    """Parse a stage entry point's command line (:func:`add_run_arguments`); return (params, run_dir).
+@contextlib.contextmanager
+def stage_command_line(description: str, argv: Optional[Sequence[str]] = None,
+                       module: Optional[str] = None) -> Iterator[tuple[Any, Path]]:
+    """Parse a stage entry point's command line (:func:`add_run_arguments`); yield (params, run_dir) while
+    the process holds the run's lock (or joins its holder: rank 0 of an accelerate job holds it for all).
 
     ``--set`` works as on the runner (dotted keys, YAML values, checked by the schema); the resolved
-    params are written to ``<run_dir>/params.yaml``.
+    params are written to ``<run_dir>/params.yaml`` under the lock, by rank 0 only. ``module``: the stage
+    module whose entry point this is (``__name__``): its config is marked failed if the ``with`` block raises.
     """
     import argparse
 
@@ -128,9 +159,15 @@ def stage_command_line(description: str, argv: Optional[Sequence[str]] = None) -
     except RefineAFError as error:
         parser.exit(2, f"error: {error}\n")
     sets = "".join(f" --set {key}={json.dumps(value)}" for key, value in overrides.items())
-    write_resolved_params(run_dir, params, f"Resolved params of run '{params.run_name}', written by a stage "
-                                           f"entry point: {args.params}{sets}")
-    return params, run_dir
+    session = stage_session(stage_of_module(module), run_dir) if module else hold_or_join_lock(run_dir)
+    try:
+        with session:
+            if int(os.environ.get("RANK", "0")) == 0:
+                write_resolved_params(run_dir, params, f"Resolved params of run '{params.run_name}', written by "
+                                                       f"a stage entry point: {args.params}{sets}")
+            yield params, run_dir
+    except RunLockedError as error:
+        parser.exit(2, f"error: {error}\n")
 
 
 def code_revision() -> str:
@@ -326,7 +363,11 @@ def stage_status(run_dir: str | Path, stage: Stage, params: "Params") -> StageSt
             changes = ", ".join(f"{k} {before.get(k, '<unset>')} -> {now.get(k, '<unset>')}" for k in dtypes)
             return StageStatus(True, f"the resolved dtype changed ({changes}; `auto` resolves by machine)",
                                from_scratch=True)
-        return StageStatus(True, f"params changed: {_some(keys, 6)}" if keys else "params changed")
+        # Only keys the stage may continue under (``Stage.resumable``) keep its outputs; any other change
+        # would be refused by its config check, so the stage starts over (and --dry-run says so).
+        in_place = bool(keys) and all(any(k == r or k.startswith(f"{r}.") for r in stage.resumable) for k in keys)
+        return StageStatus(True, f"params changed: {_some(keys, 6)}" if keys else "params changed",
+                           from_scratch=not in_place)
     return StageStatus(False, "complete, skipped (outputs, inputs and params unchanged; --force reruns it)")
 
 
@@ -368,16 +409,106 @@ def run_lock(run_dir: str | Path) -> Iterator[Path]:
                 who = "a process that is just starting"
             raise RunLockedError(f"{run_dir}: another runner is using this run ({who}); "
                                  "wait for it to finish or stop it") from None
+        token = f"{os.getpid()}-{uuid.uuid4().hex}"
         os.ftruncate(fd, 0)
-        os.write(fd, (json.dumps({"pid": os.getpid(), "command": _command_line(),
-                                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n").encode())
+        os.write(fd, (json.dumps({"pid": os.getpid(), "command": _command_line(), "token": token,
+                                  "job": _job_key(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                      + "\n").encode())
+        key = str(run_dir.resolve())
+        previous = os.environ.get(LOCK_TOKEN_ENV)
+        os.environ[LOCK_TOKEN_ENV] = f"{token} {key}"  # the processes it starts (the stage kernels) join it
+        _HELD.add(key)
         try:
             yield path
         finally:
+            _HELD.discard(key)
+            if previous is None:
+                os.environ.pop(LOCK_TOKEN_ENV, None)
+            else:
+                os.environ[LOCK_TOKEN_ENV] = previous
             os.ftruncate(fd, 0)  # still locked: nobody reads a stale holder
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+LOCK_TOKEN_ENV = "REFINE_AF_RUN_LOCK"  # "<token> <run_dir>": set by a lock's holder for the processes it starts
+_HELD: set[str] = set()  # run folders whose lock this process holds
+
+
+def _job_key() -> Optional[str]:
+    """The accelerate / torchrun job this process is a rank of (its launcher's pid on this host), else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import socket
+
+    return f"{socket.gethostname()}:{os.getppid()}"
+
+
+def _lock_holder(run_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads(RunLayout(run_dir).lock.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _joins_holder(run_dir: Path) -> bool:
+    """True when this process may write under a lock another process holds for it: it was started by the
+    holder (the runner's stage kernels inherit its token), or it is a rank > 0 of the holder's job."""
+    key = str(run_dir.resolve())
+    if key in _HELD:
+        return True
+    token, _, where = os.environ.get(LOCK_TOKEN_ENV, "").partition(" ")
+    if token and where == key and is_locked(run_dir) and _lock_holder(run_dir).get("token") == token:
+        return True
+    if _job_key() is not None and int(os.environ.get("RANK", "0")) > 0:
+        for _ in range(600):  # rank 0 takes the lock as it starts; wait for it (up to 60 s)
+            if is_locked(run_dir) and _lock_holder(run_dir).get("job") == _job_key():
+                return True
+            time.sleep(0.1)
+    return False
+
+
+@contextlib.contextmanager
+def hold_or_join_lock(run_dir: str | Path) -> Iterator[None]:
+    """Write into ``run_dir`` only under its lock: take it, or join it where the holder started this process
+    (the runner's stage kernels, a rank > 0 of an accelerate job whose rank 0 holds it, or this process
+    itself); refuse in one line (:class:`RunLockedError`) while anyone else holds it."""
+    run_dir = Path(run_dir)
+    if _joins_holder(run_dir):
+        yield
+        return
+    with run_lock(run_dir):
+        yield
+
+
+@contextlib.contextmanager
+def stage_session(stage: Stage, run_dir: str | Path) -> Iterator[None]:
+    """What every writer of a stage runs under: the run's lock (:func:`hold_or_join_lock`) and, when the
+    stage raises, its ``config.json`` marked failed so that corrected params start it over."""
+    with hold_or_join_lock(run_dir):
+        try:
+            yield
+        except Exception as error:
+            if stage.output_dir is not None:
+                mark_config_failed(Path(run_dir) / stage.output_dir, error)
+            raise
+
+
+def stage_entry(run: Any) -> Any:
+    """Decorator of every stage's ``run(params, run_dir)``: it runs in a :func:`stage_session`, so a notebook
+    run by hand takes the run lock (or refuses while a runner holds it) and a failure never blocks its fix."""
+    import functools
+
+    stage = stage_of_module(run.__module__)
+
+    @functools.wraps(run)
+    def entry(params: "Params", run_dir: str | Path) -> Any:
+        with stage_session(stage, run_dir):
+            return run(params, run_dir)
+
+    entry.stage_entry = stage  # type: ignore[attr-defined]  # for the structure test
+    return entry
 
 
 def is_locked(run_dir: str | Path) -> bool:

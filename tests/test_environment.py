@@ -155,8 +155,9 @@ def test_a_machine_that_resolves_auto_otherwise_reruns_the_stages_from_scratch(t
 def test_params_yaml_of_a_run_holds_the_resolved_dtypes(tmp_path, monkeypatch):
     for kind, dtype in (("avx2", "float32"), ("avx512_bf16", "bfloat16")):
         fake_cpu(monkeypatch, kind)
-        params, run_dir = stage_command_line("test", [str(DEFAULT), "--results-root", str(tmp_path / kind),
-                                                      "--set", "model.dtype=auto"])
+        with stage_command_line("test", [str(DEFAULT), "--results-root", str(tmp_path / kind),
+                                         "--set", "model.dtype=auto"]) as (params, run_dir):
+            pass
         written = yaml.safe_load((run_dir / "params.yaml").read_text())
         assert params.model.dtype == written["model"]["dtype"] == dtype
         assert "auto" not in json.dumps(written)

@@ -38,6 +38,13 @@ def _one_line(error: pytest.ExceptionInfo) -> str:
     return message
 
 
+def one_line(kind: type, call, *args) -> str:
+    """The one-line message of the ``kind`` error ``call(*args)`` raises."""
+    with pytest.raises(kind) as error:
+        call(*args)
+    return _one_line(error)
+
+
 # --- item 2: one runner per run folder ----------------------------------------------------------
 
 HOLDER = (
@@ -47,6 +54,97 @@ HOLDER = (
     "    print('locked', flush=True)\n"
     "    time.sleep(300)\n"
 )
+
+
+def test_stage_entry_points_and_notebooks_by_hand_refuse_a_held_run_and_the_holders_children_join(tmp_path):
+    """Issue 24 item 1: `python -m refine_af_utils.stages.sft` beside a runner rewrote the runner's params.yaml;
+    now every writer takes the run's lock or joins its holder (the runner's kernels, ranks of one job)."""
+    from refine_af_utils.run_folder import LOCK_TOKEN_ENV, hold_or_join_lock
+    from refine_af_utils.stages import seed_tasks
+
+    smoke = REPO_ROOT / "params" / "smoke.yaml"
+    root = tmp_path / "results"
+    run_dir = root / "smoke"
+    run_dir.mkdir(parents=True)
+    (run_dir / "params.yaml").write_text("the runner's\n")
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir)], stdout=subprocess.PIPE, text=True,
+                              cwd=REPO_ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        entry = subprocess.run([sys.executable, "-m", "refine_af_utils.stages.sft", str(smoke), "--results-root",
+                                str(root), "--set", "seed_tasks=elsewhere.jsonl"],
+                               capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+        assert entry.returncode == 2, entry.stderr
+        assert entry.stderr.count("\n") == 1 and f"another runner is using this run (pid {holder.pid}" in entry.stderr
+        assert (run_dir / "params.yaml").read_text() == "the runner's\n"  # not rewritten
+        with pytest.raises(RunLockedError, match=f"pid {holder.pid}"):  # a notebook run by hand
+            seed_tasks.run(load_params(smoke), run_dir)
+        assert not (run_dir / "seed_tasks").exists()
+        token = json.loads((run_dir / ".lock").read_text())["token"]
+        os.environ[LOCK_TOKEN_ENV] = f"{token} {run_dir.resolve()}"  # what the runner gives the kernels it starts
+        try:
+            with hold_or_join_lock(run_dir):
+                pass
+            assert seed_tasks.run(load_params(smoke), run_dir).summary is not None  # joined: it writes
+            os.environ[LOCK_TOKEN_ENV] = f"not-the-token {run_dir.resolve()}"
+            with pytest.raises(RunLockedError):
+                seed_tasks.run(load_params(smoke), run_dir)
+        finally:
+            os.environ.pop(LOCK_TOKEN_ENV, None)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_stage_that_fails_at_run_time_is_started_over_by_corrected_params_without_force(tmp_path, capsys):
+    """Issue 24 item 2: a run-time failure after config.json was written used to refuse the corrected rerun
+    ("made with other settings ... --force"). The stage's session marks the config failed; the same settings
+    resume it, other settings start it over."""
+    from refine_af_utils.layout import STAGE
+    from refine_af_utils.run_folder import stage_session
+
+    run_dir = tmp_path / "r"
+    folder = run_dir / STAGE["02"].output_dir
+    check_stage_config(folder, {"reward.weight": 1})
+    (folder / "candidates.jsonl").write_text("{}\n")
+    with pytest.raises(ZeroDivisionError):
+        with stage_session(STAGE["02"], run_dir):
+            1 / 0
+    assert json.loads((folder / "config.json").read_text())["_failed"] == "ZeroDivisionError: division by zero"
+    check_stage_config(folder, {"reward.weight": 1})  # the same settings: resumed, outputs kept, mark gone
+    assert (folder / "candidates.jsonl").is_file() and "_failed" not in (folder / "config.json").read_text()
+    with pytest.raises(StageConfigError, match="made with other settings"):  # not failed: refused as before
+        check_stage_config(folder, {"reward.weight": 2})
+    with pytest.raises(RuntimeError):
+        with stage_session(STAGE["02"], run_dir):
+            raise RuntimeError("out of memory")
+    check_stage_config(folder, {"reward.weight": 2})
+    assert not (folder / "candidates.jsonl").exists()  # started over
+    assert json.loads((folder / "config.json").read_text()) == {"reward.weight": 2}
+    assert "its last run failed (RuntimeError: out of memory); starting it over" in capsys.readouterr().err
+
+
+def test_errors_validation_could_catch_stop_before_the_stage_writes(tmp_path):
+    """Issue 24 item 2: model.device=meta, LoRA target modules that match nothing, too few seeds for a prompt:
+    one line each, before any config.json."""
+    from refine_af_utils.models import check_lora_targets
+    from refine_af_utils.stages import instruction_generation, seed_tasks
+
+    smoke = load_params(REPO_ROOT / "params" / "smoke.yaml")
+    run_dir = tmp_path / "r"
+    seed_tasks.run(smoke, run_dir)
+    meta = load_params(REPO_ROOT / "params" / "smoke.yaml", overrides={"model.device": "meta"})
+    assert "model.device: 'meta' cannot run a model" in one_line(DeviceUnavailableError, instruction_generation.run,
+                                                                meta, run_dir)
+    few = load_params(REPO_ROOT / "params" / "smoke.yaml",
+                      overrides={"instruction_generation.num_prompt_instructions": 40})
+    assert "36 seed tasks, but a prompt takes instruction_generation.num_prompt_instructions = 40" in one_line(
+        SeedTaskError, instruction_generation.run, few, run_dir)
+    assert not (run_dir / "instruction_generation").exists()
+    bad = load_params(REPO_ROOT / "params" / "smoke.yaml", overrides={"rl.lora.target_modules": ["q_projx"]})
+    assert "rl.lora.target_modules: ['q_projx'] match no module of embedded:smollm2-135m-instruct (its linear " \
+           "layers: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj)" in one_line(
+               ParamsError, check_lora_targets, bad.model, bad.rl.lora, "rl.lora")
 
 
 def test_a_second_runner_exits_at_once_naming_the_holder_and_a_killed_holder_does_not_block(tmp_path):
@@ -291,6 +389,23 @@ def test_scoring_errors_are_project_errors_the_runner_prints_as_one_line():
     error = ScoringError("scorer 'x': instance i-1 has an empty output")
     assert isinstance(error, RefineAFError) and isinstance(error, ValueError)
     assert "ScoringError" in project_error_names()
+
+
+def test_the_runner_knows_every_project_error_in_a_fresh_process():
+    """Each RefineAFError subclass defined anywhere in the package, found by a fresh interpreter (as the runner
+    is after a notebook failed): a missing one would print a traceback instead of one line."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "refine_af_utils"
+    defined = {node.name for path in package.rglob("*.py") for node in ast.walk(ast.parse(path.read_text()))
+               if isinstance(node, ast.ClassDef) and any(getattr(b, "id", "") == "RefineAFError" for b in node.bases)}
+    assert {"DataError", "StudySpecError", "UpstreamNotReadyError", "CompareError"} <= defined
+    found = subprocess.run([sys.executable, "-c", "from refine_af_utils.errors import project_error_names as p; "
+                            "print(' '.join(sorted(p())))"], capture_output=True, text=True, check=True).stdout.split()
+    assert defined <= set(found)
 
 
 @pytest.mark.slow

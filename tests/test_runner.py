@@ -104,12 +104,14 @@ def test_same_content_rewritten_stays_complete_and_sizes_and_times_spare_rehashi
     hash_outputs(run_dir, STAGES[0], json.loads((run_dir / "stages" / "00.json").read_text())["outputs"])
 
 
-def test_a_params_change_reruns_in_place_and_names_the_keys(finished_run):
+def test_a_params_change_names_the_keys_and_reruns_in_place_only_under_resumable_keys(finished_run):
     params, run_dir = finished_run
     changed = load_params(SMOKE, overrides={"rl.kl_coef": 0.2, "rl.updates": 3})
     statuses = _statuses(run_dir, changed)
     assert [s for s, status in statuses.items() if status.run] == ["03", "04", "05", "06", "07"]
-    assert statuses["03"].reason == "params changed: rl.kl_coef, rl.updates" and not statuses["03"].from_scratch
+    assert statuses["03"].reason == "params changed: rl.kl_coef, rl.updates" and statuses["03"].from_scratch
+    more_updates = _statuses(run_dir, load_params(SMOKE, overrides={"rl.updates": 3}))["03"]
+    assert more_updates.run and not more_updates.from_scratch  # training continues from its checkpoint
 
 
 def test_old_torn_and_missing_markers_mean_run(finished_run):
@@ -168,6 +170,41 @@ def test_dry_run_names_an_upstream_change_and_what_it_implies_later(finished_run
     assert lines[2].startswith("[04] 04_instance_generation.ipynb: run (stage 03's outputs changed")
 
 
+def _tree(run_dir: Path) -> dict[str, bytes]:
+    """Every file of a run folder by content, less the runner's empty lock file (taken before it checks)."""
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+@pytest.mark.parametrize("dry", [True, False])
+def test_only_refuses_a_stage_whose_upstream_is_stale_and_dry_run_agrees(finished_run, capsys, dry):
+    """--only 04 after a stage 1 change would write instances for new instructions with an adapter trained on
+    the old ones: refused in one line, by --dry-run and by the run alike, and the run folder is untouched."""
+    params, run_dir = finished_run
+    before = _tree(run_dir)
+    args = [str(SMOKE), "--results-root", str(run_dir.parent), "--set", "num_instructions=9", "--only", "04"]
+    assert main(args + (["--dry-run"] if dry else [])) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert ("stage 04 (instance generation (both arms)) needs stage 01 (instruction generation) first, which would "
+            "run: params changed: num_instructions; run `python -m refine_af_utils.run") in captured.err
+    assert '--set num_instructions=9 --from 01`' in captured.err
+    assert _tree(run_dir) == before  # params.yaml, markers, outputs: byte-identical
+
+
+def test_only_refuses_a_report_over_a_torn_upstream_file(finished_run, capsys):
+    """A torn last row of rl_training/metrics.csv (a crash mid-append) changes stage 3's outputs: --only 07 would
+    put the torn row in the report, so it is refused, naming stage 3."""
+    params, run_dir = finished_run
+    with open(run_dir / "rl_training" / "out.txt", "a") as handle:
+        handle.write("4,0.46")  # no newline: torn
+    assert main([str(SMOKE), "--results-root", str(run_dir.parent), "--only", "07"]) == 2
+    err = capsys.readouterr().err
+    assert "needs stage 03 (RL training) first, which would run: its outputs changed since it ran: " \
+           "rl_training/out.txt changed" in err and "--from 03`" in err
+    assert main([str(SMOKE), "--results-root", str(run_dir.parent), "--from", "03", "--dry-run"]) == 0
+
+
 def test_a_bad_set_key_is_rejected_by_its_dotted_name_before_anything_is_written(tmp_path, capsys):
     root = tmp_path / "results"
     root.mkdir()
@@ -183,13 +220,15 @@ def test_a_bad_set_key_is_rejected_by_its_dotted_name_before_anything_is_written
 
 def test_stage_entry_points_take_set_and_record_the_resolved_params(tmp_path, capsys):
     root = tmp_path / "results"
-    params, run_dir = stage_command_line("test", [str(SMOKE), "--results-root", str(root),
-                                                  "--set", "rl.updates=5", "--set", "model.device=cuda"])
+    with stage_command_line("test", [str(SMOKE), "--results-root", str(root),
+                                     "--set", "rl.updates=5", "--set", "model.device=cuda"]) as (params, run_dir):
+        pass
     assert params.rl.updates == 5 and params.model.device == "cuda" and run_dir == root / "smoke"
     assert load_params(run_dir / "params.yaml") == params
     assert "--set rl.updates=5 --set model.device=\"cuda\"" in (run_dir / "params.yaml").read_text()
     with pytest.raises(SystemExit) as exit_info:
-        stage_command_line("test", [str(SMOKE), "--results-root", str(root), "--set", "rl.update=5"])
+        with stage_command_line("test", [str(SMOKE), "--results-root", str(root), "--set", "rl.update=5"]):
+            pass
     assert exit_info.value.code == 2 and "unknown key 'rl.update'" in capsys.readouterr().err
 
 

@@ -57,6 +57,7 @@ def test_every_stage_exposes_run_returning_a_stage_result_and_its_notebook_calls
 
     for stage in STAGES:
         module = importlib.import_module(stage.module)
+        assert getattr(module.run, "stage_entry", None) == stage, stage  # @stage_entry: the lock, failures marked
         returned = typing.get_type_hints(module.run)["return"]
         assert issubclass(returned, StageResult), stage
         assert list(typing.get_type_hints(module.run)) == ["params", "run_dir", "return"], stage

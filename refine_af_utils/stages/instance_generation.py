@@ -25,7 +25,7 @@ from refine_af_utils.layout import ARMS, RunLayout, stage_of_module
 from refine_af_utils.params import Params
 from refine_af_utils.files import sha256_file
 from refine_af_utils.resumable import resume_batches
-from refine_af_utils.run_folder import StageResult, open_stage
+from refine_af_utils.run_folder import StageResult, open_stage, stage_entry
 from refine_af_utils.reward import COMPONENTS, build_scorers, score_instances
 from refine_af_utils.scorers import InstanceText
 from refine_af_utils.seeding import derive_seed
@@ -153,6 +153,7 @@ class InstanceGenerationResult(StageResult):
     comparison: pd.DataFrame
 
 
+@stage_entry
 def run(params: Params, run_dir: str | Path) -> InstanceGenerationResult:
     """Stage 4: generate, filter, score and export both arms' datasets under ``<run_dir>/data``."""
     from refine_af_utils.models import check_model_params

@@ -43,10 +43,10 @@ from refine_af_utils.prompts import (
     instruction_generation_prompt,
     parse_yes_no,
 )
-from refine_af_utils.run_folder import StageResult, check_stage_config
+from refine_af_utils.run_folder import StageResult, check_stage_config, stage_entry
 from refine_af_utils.rouge import NoveltyPool
 from refine_af_utils.seeding import derive_seed
-from refine_af_utils.seeds import SeedTask
+from refine_af_utils.seeds import SeedTask, SeedTaskError
 
 BLACKLIST = [
     "image", "images", "graph", "graphs", "picture", "pictures", "file", "files",
@@ -135,11 +135,18 @@ def load_state(out_dir: str | Path) -> BootstrapState:
     return BootstrapState(instructions, batches)
 
 
-def _prompt_seeds(seeds: Sequence[SeedTask], variant: str) -> list[str]:
-    chosen = [s for s in seeds if s.is_classification] if variant == "classification" else list(seeds)
-    if not chosen:
-        raise ValueError("the classification prompt variant needs classification seed tasks")
-    return [s.instruction for s in chosen]
+def prompt_seeds(params: Params, seeds: Sequence[SeedTask]) -> list[str]:
+    """The seed instructions prompts draw from; refused in one line (before the stage writes anything) when
+    they are fewer than a prompt's ``instruction_generation.num_prompt_instructions``."""
+    cfg = params.instruction_generation
+    classification = cfg.prompt_variant == "classification"
+    chosen = [s.instruction for s in seeds if s.is_classification or not classification]
+    if len(chosen) < cfg.num_prompt_instructions:
+        kind = "classification seed tasks (prompt_variant: classification)" if classification else "seed tasks"
+        raise SeedTaskError(f"{params.seed_tasks}: {len(chosen)} {kind}, but a prompt takes "
+                            f"instruction_generation.num_prompt_instructions = {cfg.num_prompt_instructions}; "
+                            "give more seed tasks or lower that key")
+    return chosen
 
 
 def classification_examples(seeds: Sequence[SeedTask], count: int, rng: random.Random) -> list[tuple[str, bool]]:
@@ -173,6 +180,7 @@ def bootstrap_instructions(
     """Generate instructions until ``params.num_instructions`` are accepted, resuming from ``out_dir``."""
     cfg, clf = params.instruction_generation, params.classification
     out_dir = Path(out_dir)
+    seed_texts = prompt_seeds(params, seeds)  # inputs first: a refused run leaves no config behind
     out_dir.mkdir(parents=True, exist_ok=True)
     check_stage_config(out_dir, stage_config(_STAGE, params))
     state = load_state(out_dir)
@@ -180,12 +188,8 @@ def bootstrap_instructions(
     for record in state.instructions:
         pool.add(record["instruction"])
     machine = [r["instruction"] for r in state.instructions]
-    seed_texts = _prompt_seeds(seeds, cfg.prompt_variant)
     examples = classification_examples(seeds, clf.num_examples,
                                       random.Random(derive_seed(params.random_seed, _STAGE.id, "classification-examples")))
-    num_from_seeds = cfg.num_prompt_instructions - cfg.num_machine_in_prompt
-    if len(seed_texts) < num_from_seeds:
-        raise ValueError(f"{num_from_seeds} seed instructions per prompt asked for, {len(seed_texts)} available")
 
     progress = tqdm(total=params.num_instructions, initial=min(len(machine), params.num_instructions),
                     desc="instructions", unit="inst")
@@ -315,14 +319,19 @@ class InstructionGenerationResult(StageResult):
     throughput: dict[str, float]
 
 
+@stage_entry
 def run(params: Params, run_dir: str | Path) -> InstructionGenerationResult:
     """Stage 1: bootstrap instructions into ``<run_dir>/instructions`` with tables and figures."""
     from refine_af_utils.models import load_causal_lm
     from refine_af_utils.plots import histogram, save_figure
     from refine_af_utils.run_folder import open_stage
 
+    from refine_af_utils.models import check_model_params
+
     stage = open_stage(__name__, params, run_dir)
     seeds = stage.layout.seed_tasks()
+    prompt_seeds(params, seeds)  # inputs and device before the model loads and the stage writes anything
+    check_model_params(params.model)
     model, tokenizer = load_causal_lm(params.model)
     state = bootstrap_instructions(params, seeds, stage.folder, model, tokenizer)
     table = instruction_table(state.instructions)

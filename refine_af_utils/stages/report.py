@@ -36,7 +36,7 @@ from refine_af_utils.figures import (
 )
 from refine_af_utils.files import atomic_write_text, read_jsonl
 from refine_af_utils.layout import ARMS, MODELS, STAGES, RunLayout
-from refine_af_utils.run_folder import StageResult
+from refine_af_utils.run_folder import StageResult, stage_entry
 from refine_af_utils.reward import COMPONENTS
 
 def markdown_table(table: pd.DataFrame, index: bool = True, digits: int = 4) -> str:
@@ -462,6 +462,7 @@ def build_report(run_dir: str | Path, run_name: str | None = None, random_seed: 
     return report
 
 
+@stage_entry
 def run(params: Any, run_dir: str | Path) -> Report:
     """Stage 7 for the notebook: build the report and record what it contains."""
     from refine_af_utils.run_folder import open_stage

@@ -17,7 +17,7 @@ import pandas as pd
 from refine_af_utils.figures import component_histograms_figure, correlations_figure
 from refine_af_utils.params import Params
 from refine_af_utils.resumable import resume_batches
-from refine_af_utils.run_folder import StageResult, StageRun, open_stage
+from refine_af_utils.run_folder import StageResult, StageRun, open_stage, stage_entry
 from refine_af_utils.reward import COMPONENTS, build_scorers, score_instances
 from refine_af_utils.scorers import InstanceText
 from refine_af_utils.seeds import SeedTask
@@ -84,6 +84,7 @@ def _parse_candidates(candidates: Sequence[dict[str, Any]], max_instances: int) 
     return pd.DataFrame(rows), counts_table
 
 
+@stage_entry
 def run(params: Params, run_dir: str | Path) -> RewardAnalysisResult:
     """Stage 2: candidate instances from the untrained backbone, every component scored, figures."""
     from refine_af_utils.plots import histogram, save_figure

@@ -42,7 +42,7 @@ from refine_af_utils.figures import components_figure, heldout_figure, reward_kl
 from refine_af_utils.generation import Generation
 from refine_af_utils.files import atomic_write_text
 from refine_af_utils.layout import RL_CHECKPOINT, RL_CHECKPOINT_COMPLETE, RunLayout, stage_of_module
-from refine_af_utils.run_folder import StageResult
+from refine_af_utils.run_folder import StageResult, stage_entry
 from refine_af_utils.params import Params
 from refine_af_utils.reward import COMPONENTS, unparsed_reward
 from refine_af_utils.rl_reward import CompletionScorer, RefineAFRewardModel, group_reward_function
@@ -326,7 +326,7 @@ def train_generator(params: Params, run_dir: str | Path, scorers: Optional[dict[
     from peft import PeftModel, get_peft_model
     from transformers import set_seed
 
-    from refine_af_utils.models import check_model_params, load_causal_lm, lora_config
+    from refine_af_utils.models import check_lora_targets, check_model_params, load_causal_lm, lora_config
     from refine_af_utils.run_folder import open_stage
 
     cfg = params.rl
@@ -334,6 +334,7 @@ def train_generator(params: Params, run_dir: str | Path, scorers: Optional[dict[
     run_dir, layout = stage.run_dir, stage.layout
     layout.seed_tasks(), layout.instructions()  # inputs, device and model first: a failed run leaves no config
     check_model_params(params.model)
+    check_lora_targets(params.model, params.rl.lora, "rl.lora")
     scorer = scorer or _stage_scorer(params, run_dir, scorers)  # checks stage 2's outputs and the scorers
     checkpoints = layout.rl_checkpoints
     stage.check_config()  # rl.updates may grow: training continues
@@ -446,6 +447,7 @@ def evaluate_heldout(params: Params, run_dir: str | Path, adapter_dir: Path,
     return HeldoutResult(table, summary, figure)
 
 
+@stage_entry
 def run(params: Params, run_dir: str | Path) -> RLTrainingResult:
     """Stage 3 for the notebook: train (or resume), evaluate on held-out instructions, record headlines."""
     from refine_af_utils.run_folder import open_stage
@@ -477,8 +479,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     """``python -m refine_af_utils.stages.rl_training PARAMS`` (or under ``accelerate launch``): stage 3's training alone."""
     from refine_af_utils.run_folder import stage_command_line
 
-    params, run_dir = stage_command_line(main.__doc__, argv)
-    metrics, _ = train_generator(params, run_dir)
+    with stage_command_line(main.__doc__, argv, __name__) as (params, run_dir):
+        metrics, _ = train_generator(params, run_dir)
     print(metrics.to_string())
 
 

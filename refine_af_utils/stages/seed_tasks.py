@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from refine_af_utils.params import Params
-from refine_af_utils.run_folder import StageResult, open_stage
+from refine_af_utils.run_folder import StageResult, open_stage, stage_entry
 from refine_af_utils.seeds import SeedTask, load_seed_tasks, write_seed_tasks
 
 
@@ -45,6 +45,7 @@ class SeedTasksResult(StageResult):
     summary: pd.DataFrame
 
 
+@stage_entry
 def run(params: "Params", run_dir: str | Path) -> SeedTasksResult:
     """Stage 0: load and validate the seed tasks, write them and their summary into the stage's folder."""
     tasks = load_seed_tasks(params.seed_tasks)

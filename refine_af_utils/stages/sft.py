@@ -23,7 +23,7 @@ import pandas as pd
 
 from refine_af_utils.figures import sft_loss_figure
 from refine_af_utils.layout import ARMS, SFT_COMPLETE, SFT_LOSS, SFT_MODEL, TRAINER_STATE, RunLayout, stage_of_module
-from refine_af_utils.run_folder import StageResult
+from refine_af_utils.run_folder import StageResult, stage_entry
 from refine_af_utils.params import ModelParams, Params, SFTParams
 from refine_af_utils.prompts import sft_prompt
 from refine_af_utils.files import atomic_write_text, sha256_file
@@ -117,13 +117,15 @@ def training_sets(params: Params, run_dir: str | Path) -> dict[str, list[dict[st
 
 def train_arms(params: Params, run_dir: str | Path) -> dict[str, pd.DataFrame]:
     """Fine-tune the base backbone on each arm's training set (resuming); the loss table per arm."""
-    from refine_af_utils.models import check_model_params
+    from refine_af_utils.models import check_lora_targets, check_model_params
     from refine_af_utils.run_folder import open_stage
 
     stage = open_stage(__name__, params, run_dir)
     layout = stage.layout
     data = training_sets(params, run_dir)  # reads and checks stage 4's datasets before anything is written
     check_model_params(params.model)
+    if not params.sft.full_fine_tuning:
+        check_lora_targets(params.model, params.sft.lora, "sft.lora")
     stage.check_config(**{f"{arm}_data_sha256": sha256_file(layout.arm_data(arm))  # each arm's adapter: one dataset
                           for arm in ARMS})
     return {arm: fine_tune(params.model, data[arm], layout.sft_arm(arm), params.sft, stage.derive_seed("trainer"))
@@ -138,6 +140,7 @@ class SFTResult(StageResult):
     summary: pd.DataFrame
 
 
+@stage_entry
 def run(params: Params, run_dir: str | Path) -> SFTResult:
     """Stage 5 for the notebook: train both arms, write ``sft/loss.csv`` and the loss figure."""
     from refine_af_utils.run_folder import open_stage
@@ -166,9 +169,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     """``python -m refine_af_utils.stages.sft PARAMS`` (or under ``accelerate launch``): stage 5's training alone."""
     from refine_af_utils.run_folder import stage_command_line
 
-    params, run_dir = stage_command_line(main.__doc__, argv)
-    for arm, table in train_arms(params, run_dir).items():
-        print(arm, table.tail(1).to_string(index=False))
+    with stage_command_line(main.__doc__, argv, __name__) as (params, run_dir):
+        for arm, table in train_arms(params, run_dir).items():
+            print(arm, table.tail(1).to_string(index=False))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from refine_af_utils.comparison import (
 )
 from refine_af_utils.figures import EVALUATION_FIGURES, evaluation_figure
 from refine_af_utils.layout import MODELS, RunLayout
-from refine_af_utils.run_folder import StageResult
+from refine_af_utils.run_folder import StageResult, stage_entry
 from refine_af_utils.params import ModelParams, Params
 from refine_af_utils.prompts import evaluation_prompt
 from refine_af_utils.superni import BUNDLED_SUPERNI, SuperNIError, SuperNITask, load_tasks, score
@@ -124,6 +124,7 @@ class SuperNIEvaluationResult(StageResult):
     statistics: EvaluationStatistics | None = None
 
 
+@stage_entry
 def run(params: Params, run_dir: str | Path) -> SuperNIEvaluationResult:
     """Stage 6 for the notebook: predict with the three models, score, tabulate and draw."""
     from refine_af_utils.models import check_device, resolve_model_path
