@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from refine_af_utils.errors import RefineAFError
-from refine_af_utils.files import atomic_write_text, cache_dir, sha256_file
+from refine_af_utils.files import atomic_write_text, cache_dir, copy_capped, sha256_file
 
 BASE_URL_ENV = "REFINE_AF_DATA_URL"
 DEFAULT_BASE_URL = "https://raw.githubusercontent.com"
@@ -88,8 +88,7 @@ def download(url: str, target: Path, timeout: float = TIMEOUT_S) -> Path:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response, open(target, "wb") as out:
             expected = response.headers.get("Content-Length")
-            shutil.copyfileobj(response, out, 1 << 20)
-            size = out.tell()
+            size = copy_capped(response, out, url)
         if expected is not None and size != int(expected):
             raise DataError(f"{url}: download cut off ({size} of {expected} bytes); run the command again")
     except urllib.error.HTTPError as error:

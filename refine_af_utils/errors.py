@@ -27,6 +27,10 @@ class RunLockedError(RefineAFError, RuntimeError):
     """Another runner holds the run folder's lock."""
 
 
+class DownloadLimitError(RefineAFError, OSError):
+    """A download over its size cap or its total time (one line naming the URL and the limit)."""
+
+
 class UpstreamNotReadyError(RefineAFError, RuntimeError):
     """``--only`` / ``--from`` asked for a stage whose earlier stages are missing or stale for these params."""
 

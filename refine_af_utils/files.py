@@ -21,6 +21,34 @@ def cache_dir() -> Path:
     return Path(os.environ.get("REFINE_AF_CACHE", Path.home() / ".cache" / "refine-af"))
 
 
+MAX_DOWNLOAD_BYTES = 512 * 2**20  # larger than any file the package downloads (Super-NI's largest task: ~40 MB)
+MAX_DOWNLOAD_SECONDS = 600.0  # in all, however slowly the server sends (a timeout only bounds each read)
+
+
+def copy_capped(source: Any, out: Any, what: str, max_bytes: int = MAX_DOWNLOAD_BYTES,
+                seconds: float = MAX_DOWNLOAD_SECONDS) -> int:
+    """Copy a response body to ``out`` in chunks, at most ``max_bytes`` and ``seconds`` in all; return its size.
+
+    Raises :class:`~refine_af_utils.errors.DownloadLimitError` (an ``OSError``) naming ``what`` and the limit.
+    """
+    import time
+
+    from refine_af_utils.errors import DownloadLimitError
+
+    length = getattr(source, "headers", {}).get("Content-Length") if hasattr(source, "headers") else None
+    if length is not None and length.isdigit() and int(length) > max_bytes:
+        raise DownloadLimitError(f"{what}: {int(length)} bytes, over the {max_bytes}-byte limit")
+    started, size = time.monotonic(), 0
+    while chunk := source.read(1 << 20):
+        size += len(chunk)
+        if size > max_bytes:
+            raise DownloadLimitError(f"{what}: over the {max_bytes}-byte limit")
+        if time.monotonic() - started > seconds:
+            raise DownloadLimitError(f"{what}: not done after {seconds:.0f} s (the limit for one download)")
+        out.write(chunk)
+    return size
+
+
 def partial_path(path: str | Path) -> Path:
     """Where a whole-or-absent write of ``path`` (a file or a folder) is made before it is renamed into place."""
     path = Path(path)
@@ -75,6 +103,32 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
                 except json.JSONDecodeError as error:
                     raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg})") from error
     return records
+
+
+def whole_csv_rows(path: str | Path) -> tuple[str, list[str]]:
+    """An append-only CSV's header and its whole rows: a last row without its newline (torn by a crash) or
+    with another number of fields than the header is left out. ``("", [])`` for a missing or empty file.
+    Every reader of such a file (the stage that resumes it, the report) uses this one rule."""
+    path = Path(path)
+    if not path.is_file():
+        return "", []
+    complete = path.read_text(encoding="utf-8").split("\n")[:-1]  # after the last newline: torn or empty
+    if not complete:
+        return "", []
+    width = len(complete[0].split(","))
+    return complete[0], [line for line in complete[1:] if len(line.split(",")) == width]
+
+
+def read_whole_csv(path: str | Path) -> Any:
+    """:func:`whole_csv_rows` as a pandas DataFrame (a missing or empty file raises FileNotFoundError)."""
+    import io
+
+    import pandas as pd
+
+    header, rows = whole_csv_rows(path)
+    if not header:
+        raise FileNotFoundError(f"{path}: missing or empty")
+    return pd.read_csv(io.StringIO("\n".join([header, *rows]) + "\n"))
 
 
 def truncate_torn_tail(path: str | Path) -> None:

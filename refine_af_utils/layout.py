@@ -157,9 +157,17 @@ def stage_fingerprint(stage: Stage, params: "Params") -> str:
     hashed as this machine resolves them (``auto`` is float32 here, bfloat16 there): a run continued
     on a machine that resolves them differently reruns its stages instead of mixing dtypes.
     """
-    from refine_af_utils.environment import resolve_dtypes
+    import hashlib
+    import json
 
-    return resolve_dtypes(params).fingerprint(*stage_sections(stage))
+    from refine_af_utils.environment import resolve_dtypes
+    from refine_af_utils.inputs import input_contents
+
+    fingerprint = resolve_dtypes(params).fingerprint(*stage_sections(stage))
+    contents = input_contents(params, stage_sections(stage))  # local inputs by content, not by path
+    if not contents:
+        return fingerprint
+    return hashlib.sha256(json.dumps([fingerprint, contents], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -176,9 +184,14 @@ def stage_params(stage: Stage, params: "Params") -> dict[str, Any]:
     """``{section: settings}`` of the sections a stage depends on, dtypes resolved on this machine (what its
     marker records and :func:`stage_fingerprint` hashes)."""
     from refine_af_utils.environment import resolve_dtypes
+    from refine_af_utils.inputs import input_contents
 
     settings = resolve_dtypes(params).to_dict()
-    return {section: settings[section] for section in stage_sections(stage)}
+    result = {section: settings[section] for section in stage_sections(stage)}
+    contents = input_contents(params, stage_sections(stage))
+    if contents:  # what local inputs hold (sha256): an edit reruns the stage, named "inputs.<key>"
+        result["inputs"] = contents
+    return result
 
 
 def stage_config(stage: Stage, params: "Params") -> dict[str, Any]:
@@ -210,6 +223,11 @@ class RunLayout:
         if name is None:
             raise ValueError(f"stage {stage_id} writes at the top of the run folder, not into a folder of its own")
         path = self.run_dir / name
+        if path.is_symlink():  # writing through it would put results outside the results root
+            from refine_af_utils.errors import StageConfigError
+
+            raise StageConfigError(f"{path} is a symbolic link (to {path.resolve()}); a stage writes only inside "
+                                   "its run folder: replace the link by a folder")
         if create:
             path.mkdir(parents=True, exist_ok=True)
         return path

@@ -71,6 +71,7 @@ def run_stage(stage: Stage, params_path: Path, run_dir: Path, params: Params, fo
     other error propagates with its traceback.
     """
     import papermill
+    from nbclient.exceptions import DeadKernelError
     from papermill.exceptions import PapermillExecutionError
 
     from refine_af_utils.notebook import kernel_config
@@ -78,7 +79,7 @@ def run_stage(stage: Stage, params_path: Path, run_dir: Path, params: Params, fo
     layout = RunLayout(run_dir)
     if force:
         if stage.output_dir is not None:
-            shutil.rmtree(run_dir / stage.output_dir, ignore_errors=True)
+            shutil.rmtree(layout.stage_folder(stage.id), ignore_errors=True)  # a symbolic link is refused
         layout.metrics(stage.id).unlink(missing_ok=True)
         layout.marker(stage.id).unlink(missing_ok=True)
     inputs = upstream_hashes(run_dir, stage)  # what the stage reads, as it starts
@@ -101,6 +102,9 @@ def run_stage(stage: Stage, params_path: Path, run_dir: Path, params: Params, fo
             raise
         message = " ".join(str(error.evalue).splitlines())
         raise StageError(f"[{stage.id}] {stage.title}: {message} (full traceback in {executed})") from None
+    except DeadKernelError:
+        raise StageError(f"[{stage.id}] {stage.title}: the notebook's kernel died (killed, or out of memory?); "
+                         f"rerun to resume (what it ran so far is in {executed})") from None
     seconds = round(time.time() - started, 1)
     write_marker(run_dir, stage, params, seconds, inputs)
     return seconds
@@ -156,15 +160,20 @@ def _resolved_header(params_path: Path, overrides: dict[str, Any]) -> str:
 def run_pipeline(
     params_path: str | Path, only: Optional[str] = None, start: Optional[str] = None,
     force: bool = False, results_root: str | Path = DEFAULT_RESULTS_ROOT,
-    overrides: Optional[dict[str, Any]] = None, dry: bool = False,
+    overrides: Optional[dict[str, Any]] = None, dry: bool = False, refresh_downloads: bool = False,
 ) -> Path:
     """Run the selected stages for a params file (``overrides``: dotted keys); return the run directory.
 
-    ``dry``: print what would run and why, and change nothing.
+    ``dry``: print what would run and why, and change nothing. ``refresh_downloads``: fetch URL inputs
+    (a seed URL) again first; stages whose input content changed then rerun.
     """
     params_path = Path(params_path)
     overrides = overrides or {}
     params = resolve_dtypes(load_params(params_path, overrides=overrides))  # params.yaml holds the dtypes used
+    if refresh_downloads and not dry:
+        from refine_af_utils.seeds import refresh_seed_download
+
+        refresh_seed_download(params.seed_tasks)
     run_dir = run_folder(results_root, params.run_name)
     stages = select_stages(only, start)
     command = f"python -m refine_af_utils.run {params_path}{_sets(overrides)}"
@@ -202,10 +211,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     group.add_argument("--from", dest="start", metavar="STAGE", help="run this stage and the ones after it")
     parser.add_argument("--force", action="store_true", help="rerun stages even if complete, from scratch")
     parser.add_argument("--dry-run", action="store_true", help="print per stage run or skip and why; change nothing")
+    parser.add_argument("--refresh-downloads", action="store_true",
+                        help="fetch URL inputs (seed_tasks: https://...) again; stages whose input changed rerun")
     args = parser.parse_args(argv)
     try:
         run_dir = run_pipeline(args.params, args.only, args.start, args.force, args.results_root,
-                               overrides=parse_overrides(args.overrides), dry=args.dry_run)
+                               overrides=parse_overrides(args.overrides), dry=args.dry_run,
+                               refresh_downloads=args.refresh_downloads)
     except StageError as error:
         print(error, file=sys.stderr)
         return 1

@@ -9,14 +9,15 @@ into the cache. Stage 0 (:mod:`refine_af_utils.stages.seed_tasks`) validates the
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from refine_af_utils.errors import RefineAFError, decode_utf8
-from refine_af_utils.files import atomic_write_text, cache_dir, partial_path
+from refine_af_utils.files import atomic_write_text, cache_dir, copy_capped, partial_path
 
 if TYPE_CHECKING:
     pass
@@ -69,18 +70,37 @@ class SeedTask:
         }
 
 
-def _fetch(url: str) -> Path:
-    """Download ``url`` once into the cache; later calls reuse the file."""
+def _cache_path(url: str) -> Path:
     digest = hashlib.sha256(url.encode()).hexdigest()[:16]
-    target = cache_dir() / "seeds" / f"{digest}-{Path(url.split('?')[0]).name or 'seeds.jsonl'}"
-    if target.is_file():
+    return cache_dir() / "seeds" / f"{digest}-{Path(url.split('?')[0]).name or 'seeds.jsonl'}"
+
+
+def cached_seed_file(url: str) -> Optional[Path]:
+    """The downloaded copy of a seed URL (None before the first download)."""
+    target = _cache_path(url)
+    return target if target.is_file() else None
+
+
+def refresh_seed_download(source: str | Path) -> None:
+    """Fetch a seed URL again into the cache (the runner's ``--refresh-downloads``); other sources: nothing."""
+    if str(source).startswith(("http://", "https://")):
+        _fetch(str(source), refresh=True)
+
+
+def _fetch(url: str, refresh: bool = False) -> Path:
+    """Download ``url`` once into the cache; later calls reuse the file (``refresh``: download it again)."""
+    target = _cache_path(url)
+    if target.is_file() and not refresh:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = partial_path(target)
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
-            out.write(response.read())
-    except OSError as error:
+            size = copy_capped(response, out, url)
+            expected = response.headers.get("Content-Length")
+        if expected is not None and size != int(expected):
+            raise SeedTaskError(f"{url}: download cut off ({size} of {expected} bytes); run again")
+    except (OSError, http.client.HTTPException) as error:  # timeouts, resets, limits, IncompleteRead
         raise SeedTaskError(f"{url}: could not download the seed tasks ({error})") from error
     partial.replace(target)
     return target
@@ -164,6 +184,8 @@ def load_seed_tasks(source: str | Path) -> list[SeedTask]:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise SeedTaskError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from error
+            except RecursionError:
+                raise SeedTaskError(f"{where}: JSON nested too deeply to read (a seed task is a flat object)") from None
             task = _parse_task(record, where)
             if task.id in seen:
                 raise SeedTaskError(f"{where}: field 'id' duplicates id {task.id!r} of line {seen[task.id]}")

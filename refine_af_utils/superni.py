@@ -64,6 +64,8 @@ def load_task(path: str | Path, max_instances: int = 100) -> SuperNITask:
         data = json.loads(decode_utf8(path.read_bytes(), str(path), SuperNIError))
     except json.JSONDecodeError as error:
         raise SuperNIError(f"{path}:{error.lineno}: not valid JSON ({error.msg} at column {error.colno})") from error
+    except RecursionError:
+        raise SuperNIError(f"{path}: JSON nested too deeply to read (not a Super-NI task file)") from None
     except OSError as error:
         raise SuperNIError(f"{path}: cannot read the task ({error})") from error
     if not isinstance(data, dict):
@@ -73,7 +75,7 @@ def load_task(path: str | Path, max_instances: int = 100) -> SuperNITask:
         raise SuperNIError(f"{path}: field 'Definition' must start with a non-empty string")
     categories = _field(data, "Categories", list, path)
     raw_instances = _field(data, "Instances", list, path)
-    instances = []
+    instances, seen = [], {}
     for index, raw in enumerate(raw_instances[:max_instances]):
         where = f"{path}: field 'Instances[{index}]'"
         if not isinstance(raw, dict) or not isinstance(raw.get("input"), str):
@@ -81,7 +83,11 @@ def load_task(path: str | Path, max_instances: int = 100) -> SuperNITask:
         outputs = raw.get("output")
         if not isinstance(outputs, list) or not outputs or not all(isinstance(o, str) for o in outputs):
             raise SuperNIError(f"{where}: 'output' must be a non-empty list of acceptable answers")
-        instances.append(SuperNIInstance(str(raw.get("id", f"{path.stem}-{index}")), raw["input"], outputs))
+        instance_id = str(raw.get("id", f"{path.stem}-{index}"))
+        if instance_id in seen:  # predictions are keyed by (task, id): a duplicate would merge two instances
+            raise SuperNIError(f"{where}: id {instance_id!r} duplicates that of 'Instances[{seen[instance_id]}]'")
+        seen[instance_id] = index
+        instances.append(SuperNIInstance(instance_id, raw["input"], outputs))
     if len(raw_instances) < max_instances:
         warnings.warn(f"{path.stem}: {len(raw_instances)} instances, fewer than {max_instances}; using all of them",
                       stacklevel=2)
@@ -99,6 +105,9 @@ def load_tasks(superni_dir: str | Path, max_instances: int = 100) -> list[SuperN
     if not names:
         raise SuperNIError(f"{split}: no task names (the file is empty); list one test task a line, "
                            "e.g. task1356_xlsum_title_generation")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:  # predictions are keyed by (task, id): refused now, not after every prediction is made
+        raise SuperNIError(f"{split}: lists {', '.join(repeated)} more than once; list each test task once")
     tasks = []
     for name in names:
         if name.startswith(EXCLUDED_TASKS):

@@ -470,3 +470,61 @@ def test_stages_2_to_5_check_inputs_device_and_model_before_writing_their_config
             entry(load_params(REPO_ROOT / "params" / "smoke.yaml", overrides={"reward.coherence.device": "cuda:99"}),
                   run_dir)
     assert not config.exists()
+
+
+# --- issue 24, the next-in-line list ------------------------------------------------------------------
+
+def test_downloads_have_a_size_cap_and_a_total_time_limit():
+    import io
+
+    from refine_af_utils.errors import DownloadLimitError
+    from refine_af_utils.files import copy_capped
+
+    out = io.BytesIO()
+    assert copy_capped(io.BytesIO(b"x" * 10), out, "http://h/f", max_bytes=10) == 10 and out.getvalue() == b"x" * 10
+    with pytest.raises(DownloadLimitError, match=r"^http://h/f: over the 9-byte limit$"):
+        copy_capped(io.BytesIO(b"x" * 10), io.BytesIO(), "http://h/f", max_bytes=9)
+
+    class Trickle(io.BytesIO):  # a server that sends one byte at a time, slowly
+        def read(self, size: int = -1) -> bytes:
+            import time
+
+            time.sleep(0.02)
+            return super().read(1)
+
+    with pytest.raises(DownloadLimitError, match=r"http://h/f: not done after 0 s \(the limit for one download\)"):
+        copy_capped(Trickle(b"y" * 100), io.BytesIO(), "http://h/f", seconds=0.05)
+    assert issubclass(DownloadLimitError, OSError)  # the downloaders' one-line OSError handling applies
+
+
+def test_a_symlinked_stage_folder_is_refused_in_one_line(tmp_path):
+    from refine_af_utils.layout import RunLayout
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    run_dir = tmp_path / "results" / "r"
+    run_dir.mkdir(parents=True)
+    (run_dir / "superni_evaluation").symlink_to(outside)
+    message = one_line(StageConfigError, RunLayout(run_dir).stage_folder, "06", True)
+    assert "superni_evaluation is a symbolic link" in message and "replace the link by a folder" in message
+    assert not any(outside.iterdir())
+
+
+def test_duplicate_superni_tasks_and_ids_and_deeply_nested_json_are_one_line(tmp_path):
+    folder = tmp_path / "superni"
+    shutil.copytree(BUNDLED_SUPERNI, folder)
+    split = folder / "splits" / "default" / "test_tasks.txt"
+    first = split.read_text().splitlines()[0]
+    split.write_text(split.read_text() + first + "\n")
+    assert f"lists {first} more than once" in one_line(SuperNIError, load_tasks, folder)
+    split.write_text("\n".join(split.read_text().splitlines()[:-1]) + "\n")
+    task = folder / "tasks" / f"{first}.json"
+    data = json.loads(task.read_text())
+    data["Instances"][1]["id"] = data["Instances"][0]["id"]
+    task.write_text(json.dumps(data))
+    assert f"id {data['Instances'][0]['id']!r} duplicates that of 'Instances[0]'" in one_line(
+        SuperNIError, load_tasks, folder)
+    task.write_text("[" * 100_000 + "]" * 100_000)
+    assert "nested too deeply" in one_line(SuperNIError, load_tasks, folder)
+    seeds = _params_file(tmp_path, "[" * 20_000 + "]" * 20_000 + "\n", "seeds.jsonl")  # under the line limit
+    assert "seeds.jsonl:1: JSON nested too deeply" in one_line(SeedTaskError, load_seed_tasks, seeds)

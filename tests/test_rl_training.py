@@ -167,6 +167,22 @@ def test_truncate_metrics_cuts_a_torn_row_and_later_updates(tmp_path):
     assert not path.exists()
 
 
+def test_every_reader_of_metrics_csv_leaves_out_a_torn_row(tmp_path):
+    """Issue 24 item 3: the report read a torn last row of rl_training/metrics.csv (second-half reward 0.0284 ->
+    0.4642); the stage that resumes the file and the report now read it by one rule (files.read_whole_csv)."""
+    import inspect
+
+    from refine_af_utils.files import read_whole_csv
+    from refine_af_utils.stages import report
+
+    path = tmp_path / "metrics.csv"
+    path.write_text("update,reward\n1,0.02\n2,0.03\n3,0.4642")
+    assert read_whole_csv(path)["reward"].tolist() == [0.02, 0.03]
+    path.write_text("update,reward\n1,0.02\n2,0.03,9\n")
+    assert read_whole_csv(path)["update"].tolist() == [1]
+    assert "read_whole_csv(_require(layout.rl_metrics_file))" in inspect.getsource(report)
+
+
 def test_only_the_main_process_writes_metrics_rows(tmp_path, tiny_llama_dir):
     params = params_from_dict(tiny_rl_params(tiny_llama_dir))
     scorer = CompletionScorer({}, params.reward, unparsed_reward=-0.5)

@@ -258,3 +258,60 @@ def test_the_runner_reruns_stage_0_from_scratch_after_its_output_is_edited(tmp_p
 
     run_pipeline(SMOKE, only="00", results_root=root, overrides={"num_instructions": 7})
     assert "[00] 00_seed_tasks.ipynb: complete, skipped" in capsys.readouterr().out
+
+
+def test_local_inputs_are_fingerprinted_by_content(tmp_path):
+    """Issue 24 item 4: an edited local seed file or Super-NI checkout left stages 0 and 6 'complete'."""
+    import shutil
+
+    from refine_af_utils.seeds import BUNDLED_SEED_TASKS
+    from refine_af_utils.superni import BUNDLED_SUPERNI
+
+    seeds, superni = tmp_path / "seeds.jsonl", tmp_path / "superni"
+    shutil.copy(BUNDLED_SEED_TASKS, seeds)
+    shutil.copytree(BUNDLED_SUPERNI, superni)
+    params = load_params(SMOKE, overrides={"seed_tasks": str(seeds), "evaluation.superni_dir": str(superni)})
+    run_dir = tmp_path / "results" / "smoke"
+    for stage in STAGES:
+        _fake_stage(run_dir, stage)
+        write_marker(run_dir, stage, params, seconds=1.0)
+    assert not any(status.run for status in _statuses(run_dir, params).values())
+    marker = json.loads((run_dir / "stages" / "06.json").read_text())
+    assert set(marker["params"]["inputs"]) == {"seed_tasks", "evaluation.superni_dir"}
+    task = next((superni / "tasks").glob("*.json"))
+    task.write_text(task.read_text().replace('"Definition"', '"Definition" ', 1))  # same path, other content
+    statuses = _statuses(run_dir, params)
+    assert [s for s, status in statuses.items() if status.run] == ["06", "07"]
+    assert statuses["06"].reason == "params changed: inputs.evaluation.superni_dir" and statuses["06"].from_scratch
+    with open(seeds, "a") as handle:
+        handle.write("\n")
+    assert _statuses(run_dir, params)["00"].reason == "params changed: inputs.seed_tasks"
+
+
+def test_a_seed_url_is_fingerprinted_by_its_download_and_refreshed_by_one_flag(tmp_path, monkeypatch):
+    import functools
+    import http.server
+    import threading
+
+    from refine_af_utils.seeds import BUNDLED_SEED_TASKS, refresh_seed_download, resolve_seed_source
+
+    monkeypatch.setenv("REFINE_AF_CACHE", str(tmp_path / "cache"))
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "seeds.jsonl").write_bytes(BUNDLED_SEED_TASKS.read_bytes())
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/seeds.jsonl"
+        params = load_params(SMOKE, overrides={"seed_tasks": url})
+        resolve_seed_source(url)  # stage 0's download
+        run_dir = tmp_path / "results" / "smoke"
+        _fake_stage(run_dir, STAGES[0])
+        write_marker(run_dir, STAGES[0], params, seconds=1.0)
+        (served / "seeds.jsonl").write_bytes(BUNDLED_SEED_TASKS.read_bytes() + b"\n")  # the server's file changes
+        assert not stage_status(run_dir, STAGES[0], params).run  # the downloaded copy is what the run used
+        refresh_seed_download(url)  # python -m refine_af_utils.run ... --refresh-downloads
+        assert stage_status(run_dir, STAGES[0], params).reason == "params changed: inputs.seed_tasks"
+    finally:
+        server.shutdown()

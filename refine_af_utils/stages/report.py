@@ -34,7 +34,7 @@ from refine_af_utils.figures import (
     reward_kl_figure,
     sft_loss_figure,
 )
-from refine_af_utils.files import atomic_write_text, read_jsonl
+from refine_af_utils.files import atomic_write_text, read_jsonl, read_whole_csv
 from refine_af_utils.layout import ARMS, MODELS, STAGES, RunLayout
 from refine_af_utils.run_folder import StageResult, stage_entry
 from refine_af_utils.reward import COMPONENTS
@@ -410,7 +410,7 @@ def build_report(run_dir: str | Path, run_name: str | None = None, random_seed: 
     report.figure("02_correlations", lambda p: correlations_figure(correlations, p), "component correlations")
 
     report.text("## Stage 3: RL training of the instance generator")
-    rl = _csv(layout.rl_metrics_file)
+    rl = read_whole_csv(_require(layout.rl_metrics_file))  # a torn last row (a crash mid-append) is left out
     half = max(len(rl) // 2, 1)
     measures = ["reward", "parsed_share", "content_reward", "kl_penalty"]
     rl_summary = pd.DataFrame({"first half": rl.iloc[:half][measures].mean(),

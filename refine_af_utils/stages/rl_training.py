@@ -40,7 +40,7 @@ from torch import nn
 
 from refine_af_utils.figures import components_figure, heldout_figure, reward_kl_figure
 from refine_af_utils.generation import Generation
-from refine_af_utils.files import atomic_write_text
+from refine_af_utils.files import atomic_write_text, read_whole_csv, whole_csv_rows
 from refine_af_utils.layout import RL_CHECKPOINT, RL_CHECKPOINT_COMPLETE, RunLayout, stage_of_module
 from refine_af_utils.run_folder import StageResult, stage_entry
 from refine_af_utils.params import Params
@@ -273,18 +273,11 @@ def truncate_metrics(path: Path, updates_done: int) -> None:
     """
     if not path.is_file():
         return
-    text = path.read_text()
-    lines = text.split("\n")
-    complete = lines[:-1]  # the part after the last newline is torn (or empty)
-    if not complete:
-        path.unlink()
-        return
-    header, rows = complete[0], complete[1:]
-    width = len(header.split(","))
-    kept = [line for line in rows if len(line.split(",")) == width and float(line.split(",")[0]) <= updates_done]
+    header, rows = whole_csv_rows(path)
+    kept = [line for line in rows if float(line.split(",")[0]) <= updates_done]
     if not kept:
         path.unlink()
-    elif len(kept) != len(rows) or text != "\n".join(complete) + "\n":
+    elif path.read_text(encoding="utf-8") != "\n".join([header, *kept]) + "\n":
         atomic_write_text(path, "\n".join([header, *kept]) + "\n")
 
 
@@ -369,7 +362,7 @@ def train_generator(params: Params, run_dir: str | Path, scorers: Optional[dict[
     if last is not None and (last / RL_CHECKPOINT_COMPLETE).is_file():
         shutil.rmtree(adapter_dir, ignore_errors=True)
         shutil.copytree(last / "adapter", adapter_dir)
-    return pd.read_csv(layout.rl_metrics_file), adapter_dir
+    return read_whole_csv(layout.rl_metrics_file), adapter_dir
 
 
 def heldout_samples(params: Params, run_dir: Path, adapter_dir: Path) -> list[dict[str, Any]]:
