@@ -55,7 +55,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
                                "rl.parse_penalty_sd": 6.0},
     "ppo_b4_u6_t96": {"rl.algorithm": "ppo", "rl.batch_size": 4, "rl.updates": 6},
 }
-UPSTREAM = ("seeds", "instructions", "reward_analysis")
+UPSTREAM = ("seed_tasks", "instruction_generation", "reward_analysis")  # stage folders 00-02
 
 
 def decoding_signature(params: Params) -> str:

@@ -40,8 +40,9 @@ def build_stage_from_page(repo: Path) -> None:
     text = _insert_before_closing(text, "STAGES = [", "\n]\n", blocks["refine_af_utils/layout.py: STAGES"])
     text = _insert_before_closing(text, "STAGE_FILES: dict", "\n}\n", blocks["refine_af_utils/layout.py: STAGE_FILES"])
     layout.write_text(text)
-    (module,) = [title for title in blocks if title.startswith("refine_af_utils/stages/")]
-    (repo / module).write_text(blocks[module])
+    for title in blocks:
+        if title.startswith(("refine_af_utils/stages/", "tests/")):
+            (repo / title).write_text(blocks[title])
     (cells_title,) = [title for title in blocks if title.startswith("notebooks/")]
     template = nbformat.read(REPO_ROOT / "notebooks" / "00_seed_tasks.ipynb", as_version=4)
     cells = [nbformat.v4.new_code_cell(source.strip("\n")) for source in blocks[cells_title].split("# %%\n")]
@@ -65,7 +66,8 @@ def copy_repository(target: Path) -> Path:
 def test_the_page_has_every_block_the_test_needs():
     titles = set(page_blocks())
     assert {"refine_af_utils/layout.py: STAGES", "refine_af_utils/layout.py: STAGE_FILES",
-            "refine_af_utils/stages/instruction_words.py", "notebooks/08_instruction_words.ipynb: cells"} <= titles
+            "refine_af_utils/stages/instruction_words.py", "notebooks/08_instruction_words.ipynb: cells",
+            "tests/test_instruction_words.py"} <= titles
 
 
 @pytest.mark.slow
@@ -102,6 +104,6 @@ def test_a_stage_built_from_the_page_runs_through_the_real_runner(smoke_run, tmp
     assert len(lines) == 9 and all(": skip (complete" in line for line in lines), dry.stdout
 
     structure = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                "tests/test_structure.py"], cwd=repo, env=env, capture_output=True, text=True,
-                               timeout=300)
+                                "tests/test_structure.py", "tests/test_instruction_words.py"], cwd=repo, env=env,
+                               capture_output=True, text=True, timeout=300)
     assert structure.returncode == 0, structure.stdout[-3000:]

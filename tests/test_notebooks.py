@@ -302,7 +302,7 @@ def test_smoke_compare_a_second_real_run_is_identical(smoke_run):
     shutil.copytree(run_dir, second, ignore=shutil.ignore_patterns(".lock"))
     run_pipeline(smoke_run.params_path, start="06", force=True, results_root=smoke_run.results_root,
                  overrides={"run_name": "smoke-b"})
-    predictions = Path("eval") / "predictions_refine_af.jsonl"
+    predictions = Path("superni_evaluation") / "predictions_refine_af.jsonl"
     assert (second / predictions).stat().st_mtime_ns > (run_dir / predictions).stat().st_mtime_ns  # made again
     comparison = compare_runs(run_dir, second)
     assert comparison.verdict == "identical", comparison.table[comparison.table["judgement"] != "identical"]

@@ -29,11 +29,11 @@ STAGE_2_CANDIDATES = (
     "import sys, yaml\n"
     "from pathlib import Path\n"
     "from refine_af_utils.params import params_from_dict\n"
-    "from refine_af_utils.layout import RunLayout\n"
+    "from refine_af_utils.run_folder import open_stage\n"
     "from refine_af_utils.stages.reward_analysis import _candidates\n"
     "params = params_from_dict(yaml.safe_load(Path(sys.argv[1]).read_text()))\n"
-    "layout = RunLayout(sys.argv[2])\n"
-    "_candidates(params, layout.instructions(), layout.seed_tasks(), layout.stage_folder('02', create=True))\n"
+    "stage = open_stage('refine_af_utils.stages.reward_analysis', params, sys.argv[2])\n"
+    "_candidates(stage, stage.layout.instructions(), stage.layout.seed_tasks())\n"
 )
 TOPICS = ["a river", "a city", "a teacher", "a storm", "a market", "a garden", "a train", "a letter", "a song",
           "a mountain", "a robot", "a library"]

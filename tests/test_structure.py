@@ -95,9 +95,10 @@ def test_lower_layers_import_no_stage_module():
 
 def test_the_layout_owns_the_paths_stage_folders_come_from_the_registry(tmp_path):
     layout = RunLayout(tmp_path)
-    assert [layout.stage_folder(s.id).name for s in STAGES if s.output_dir] == \
-        ["seed_tasks", "instruction_generation", "reward_analysis", "rl_training", "instance_generation", "sft",
-         "superni_evaluation"]
+    folders = [layout.stage_folder(s.id).name for s in STAGES if s.output_dir]
+    assert folders == [s.stem for s in STAGES if s.output_dir]  # each stage's folder is its stem
+    assert folders[:7] == ["seed_tasks", "instruction_generation", "reward_analysis", "rl_training",
+                           "instance_generation", "sft", "superni_evaluation"]  # (docs/adding-a-stage.md adds more)
     assert layout.arm_data("refine_af") == tmp_path / "instance_generation" / "refine_af.jsonl"
     assert layout.sft_model("self_instruct") == tmp_path / "sft" / "self_instruct" / "model"
     assert layout.score_cache == tmp_path / "reward_analysis" / "cache"
