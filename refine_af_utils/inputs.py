@@ -18,12 +18,14 @@ from refine_af_utils.files import sha256_file
 
 def superni_tree_sha256(folder: Path) -> Optional[str]:
     """sha256 over a Super-NI checkout's test split and the task files it lists (None when there is no split)."""
-    split = folder / "splits" / "default" / "test_tasks.txt"
+    from refine_af_utils.superni import task_file, test_split_file
+
+    split = test_split_file(folder)
     if not split.is_file():
         return None
     digest = hashlib.sha256(sha256_file(split).encode())
     for name in sorted({line.strip() for line in split.read_text(errors="replace").splitlines() if line.strip()}):
-        path = folder / "tasks" / f"{name}.json"
+        path = task_file(folder, name)
         digest.update(f"{name} {sha256_file(path) if path.is_file() else 'missing'}".encode())
     return digest.hexdigest()
 

@@ -115,7 +115,7 @@ INSTRUCTIONS_FILE, BATCHES_FILE = STAGE_FILES["01"]["instructions"], STAGE_FILES
 STUDY_REPORT, STUDY_TABLE, STUDY_FIGURE = "study.md", "study_{name}.csv", "fig_{name}.png"
 CONFIG_FILE = "config.json"  # in every stage folder: the settings it was made with (run_folder.check_stage_config)
 RESOLVED_PARAMS = "params.yaml"  # at the top of a run folder: the params it runs with, every key resolved
-LOCK_FILE = ".lock"  # at the top of a run (or study) folder: one runner at a time (run_folder.run_lock)
+LOCK_FILE = ".lock"  # at the top of a run (or study) folder: one runner at a time (locking.run_lock)
 # A study's own files, hidden (never a stage's output): per run, its setting, seed and the stages copied from
 # other runs, and the copies in progress; in the study folder, the submitit jobs' folder.
 STUDY_FILE, STUDY_TMP_DIR, STUDY_JOBS_DIR = ".study.json", ".study-tmp", ".submitit"

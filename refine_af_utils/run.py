@@ -40,8 +40,9 @@ from refine_af_utils.environment import resolve_dtypes
 from refine_af_utils.errors import RefineAFError, UpstreamNotReadyError, project_error_names
 from refine_af_utils.layout import STAGES, RunLayout, Stage
 from refine_af_utils.params import Params, load_params, parse_overrides
-from refine_af_utils.run_folder import (DEFAULT_RESULTS_ROOT, REPO_ROOT, add_run_arguments, run_folder, run_lock,
-                                        stage_status, upstream_hashes, write_marker, write_resolved_params)
+from refine_af_utils.locking import run_lock
+from refine_af_utils.run_folder import (DEFAULT_RESULTS_ROOT, REPO_ROOT, add_run_arguments, run_folder, stage_status,
+                                        upstream_hashes, write_marker, write_resolved_params)
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 

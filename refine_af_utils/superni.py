@@ -94,10 +94,20 @@ def load_task(path: str | Path, max_instances: int = 100) -> SuperNITask:
     return SuperNITask(path.stem, str(categories[0]), definition[0], instances, len(raw_instances))
 
 
+def test_split_file(superni_dir: str | Path) -> Path:
+    """A Super-NI checkout's list of test tasks, ``splits/default/test_tasks.txt``."""
+    return Path(superni_dir) / "splits" / "default" / "test_tasks.txt"
+
+
+def task_file(superni_dir: str | Path, name: str) -> Path:
+    """A Super-NI checkout's file of task ``name``, ``tasks/<name>.json``."""
+    return Path(superni_dir) / "tasks" / f"{name}.json"
+
+
 def load_tasks(superni_dir: str | Path, max_instances: int = 100) -> list[SuperNITask]:
     """The tasks of ``splits/default/test_tasks.txt`` (task1415 excluded), each with its first instances."""
     superni_dir = Path(superni_dir)
-    split = superni_dir / "splits" / "default" / "test_tasks.txt"
+    split = test_split_file(superni_dir)
     if not split.is_file():
         raise SuperNIError(f"{split}: test task list not found (point superni_dir at a natural-instructions checkout)")
     names = [line.strip() for line in decode_utf8(split.read_bytes(), str(split), SuperNIError).splitlines()
@@ -112,7 +122,7 @@ def load_tasks(superni_dir: str | Path, max_instances: int = 100) -> list[SuperN
     for name in names:
         if name.startswith(EXCLUDED_TASKS):
             continue
-        path = superni_dir / "tasks" / f"{name}.json"
+        path = task_file(superni_dir, name)
         if not path.is_file():
             raise SuperNIError(f"{split}: lists '{name}', but {path} does not exist")
         tasks.append(load_task(path, max_instances))

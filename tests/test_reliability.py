@@ -14,7 +14,8 @@ import pytest
 from refine_af_utils.errors import RefineAFError, StageConfigError, decode_utf8
 from refine_af_utils.models import DeviceUnavailableError, ModelNotFoundError, check_device
 from refine_af_utils.params import ParamsError, load_params, params_from_dict
-from refine_af_utils.run_folder import check_stage_config, run_folder, run_lock
+from refine_af_utils.locking import run_lock
+from refine_af_utils.run_folder import check_stage_config, run_folder
 from refine_af_utils.errors import RunLockedError
 from refine_af_utils.run import main
 from refine_af_utils.seeds import MAX_SEED_LINE_BYTES, SeedTaskError, load_seed_tasks
@@ -49,7 +50,7 @@ def one_line(kind: type, call, *args) -> str:
 
 HOLDER = (
     "import sys, time\n"
-    "from refine_af_utils.run_folder import run_lock\n"
+    "from refine_af_utils.locking import run_lock\n"
     "with run_lock(sys.argv[1]):\n"
     "    print('locked', flush=True)\n"
     "    time.sleep(300)\n"
@@ -59,7 +60,7 @@ HOLDER = (
 def test_stage_entry_points_and_notebooks_by_hand_refuse_a_held_run_and_the_holders_children_join(tmp_path):
     """Issue 24 item 1: `python -m refine_af_utils.stages.sft` beside a runner rewrote the runner's params.yaml;
     now every writer takes the run's lock or joins its holder (the runner's kernels, ranks of one job)."""
-    from refine_af_utils.run_folder import LOCK_TOKEN_ENV, hold_or_join_lock
+    from refine_af_utils.locking import LOCK_TOKEN_ENV, hold_or_join_lock
     from refine_af_utils.stages import seed_tasks
 
     smoke = REPO_ROOT / "params" / "smoke.yaml"

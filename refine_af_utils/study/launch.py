@@ -12,7 +12,8 @@ from typing import Any, Optional, Sequence
 from refine_af_utils.errors import RefineAFError
 from refine_af_utils.layout import STUDY_FILE, STUDY_JOBS_DIR, STUDY_REPORT, stage_fingerprint
 from refine_af_utils.run import run_pipeline
-from refine_af_utils.run_folder import DEFAULT_RESULTS_ROOT, is_locked, run_lock
+from refine_af_utils.locking import is_locked, run_lock
+from refine_af_utils.run_folder import DEFAULT_RESULTS_ROOT
 from refine_af_utils.study.report import write_study_report
 from refine_af_utils.study.reuse import (
     complete_prefix,

@@ -19,7 +19,8 @@ from refine_af_utils.files import atomic_write_text, partial_path, sha256_file
 from refine_af_utils.layout import STUDY_FILE, RunLayout, Stage, stage_fingerprint
 from refine_af_utils.layout import STUDY_TMP_DIR as TMP_DIR  # per run: copies in progress, renamed into place
 from refine_af_utils.params import Params
-from refine_af_utils.run_folder import is_locked, is_transient, read_marker, run_lock, sha_map, stage_status
+from refine_af_utils.locking import is_locked, run_lock
+from refine_af_utils.run_folder import is_transient, read_marker, sha_map, stage_status
 from refine_af_utils.study.spec import StudyRun
 
 
