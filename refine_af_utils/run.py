@@ -47,17 +47,30 @@ from refine_af_utils.run_folder import (DEFAULT_RESULTS_ROOT, REPO_ROOT, add_run
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 
 
-def select_stages(only: Optional[str] = None, start: Optional[str] = None) -> list[Stage]:
-    """The stages to run: all, ``--only ID`` or ``--from ID`` onwards."""
+def select_stages(only: Optional[str] = None, start: Optional[str] = None,
+                  until: Optional[str] = None) -> list[Stage]:
+    """The stages to run: all, ``--only ID``, or from ``--from ID`` to ``--until ID`` (both included).
+    An id is the notebook number, with or without its leading zero (``1`` is ``01``)."""
     ids = [s.id for s in STAGES]
-    for name, value in (("--only", only), ("--from", start)):
-        if value is not None and value not in ids:
+
+    def stage_id(name: str, value: Optional[str]) -> Optional[str]:
+        if value is None:
+            return None
+        value = value.zfill(2) if value.isdigit() else value
+        if value not in ids:
             raise SystemExit(f"{name} {value}: unknown stage (stages: {', '.join(ids)})")
+        return value
+
+    only, start, until = stage_id("--only", only), stage_id("--from", start), stage_id("--until", until)
     if only is not None:
+        if until is not None:
+            raise SystemExit("--until goes with --from (or alone), not with --only")
         return [s for s in STAGES if s.id == only]
-    if start is not None:
-        return STAGES[ids.index(start):]
-    return list(STAGES)
+    first = ids.index(start) if start is not None else 0
+    last = ids.index(until) if until is not None else len(ids) - 1
+    if last < first:
+        raise SystemExit(f"--until {until} comes before --from {start}: nothing to run")
+    return STAGES[first:last + 1]
 
 
 class StageError(RefineAFError, RuntimeError):
@@ -162,6 +175,7 @@ def run_pipeline(
     params_path: str | Path, only: Optional[str] = None, start: Optional[str] = None,
     force: bool = False, results_root: str | Path = DEFAULT_RESULTS_ROOT,
     overrides: Optional[dict[str, Any]] = None, dry: bool = False, refresh_downloads: bool = False,
+    until: Optional[str] = None,
 ) -> Path:
     """Run the selected stages for a params file (``overrides``: dotted keys); return the run directory.
 
@@ -176,7 +190,7 @@ def run_pipeline(
 
         refresh_seed_download(params.seed_tasks)
     run_dir = run_folder(results_root, params.run_name)
-    stages = select_stages(only, start)
+    stages = select_stages(only, start, until)
     command = f"python -m refine_af_utils.run {params_path}{_sets(overrides)}"
     if dry:  # the same refusal as the run's, then what each stage would do
         check_upstream(params, run_dir, stages, command)
@@ -210,6 +224,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--only", metavar="STAGE", help="run only this stage (its notebook number, e.g. 01)")
     group.add_argument("--from", dest="start", metavar="STAGE", help="run this stage and the ones after it")
+    parser.add_argument("--until", metavar="STAGE", help="stop after this stage (with or without --from)")
     parser.add_argument("--force", action="store_true", help="rerun stages even if complete, from scratch")
     parser.add_argument("--dry-run", action="store_true", help="print per stage run or skip and why; change nothing")
     parser.add_argument("--refresh-downloads", action="store_true",
@@ -218,7 +233,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         run_dir = run_pipeline(args.params, args.only, args.start, args.force, args.results_root,
                                overrides=parse_overrides(args.overrides), dry=args.dry_run,
-                               refresh_downloads=args.refresh_downloads)
+                               refresh_downloads=args.refresh_downloads, until=args.until)
     except StageError as error:
         print(error, file=sys.stderr)
         return 1

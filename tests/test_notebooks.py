@@ -61,6 +61,13 @@ def test_stage_selection():
     assert [s.id for s in select_stages(start="01")] == [s.id for s in STAGES][1:]
     with pytest.raises(SystemExit, match="unknown stage"):
         select_stages(only="9")
+    assert [s.id for s in select_stages(only="1")] == ["01"]  # the notebook number without its leading zero
+    assert [s.id for s in select_stages(start="2", until="04")] == ["02", "03", "04"]
+    assert [s.id for s in select_stages(until="1")] == ["00", "01"]
+    with pytest.raises(SystemExit, match="--until 01 comes before --from 02"):
+        select_stages(start="02", until="01")
+    with pytest.raises(SystemExit, match="not with --only"):
+        select_stages(only="02", until="03")
 
 
 def test_runner_reports_bad_params_without_a_traceback(tmp_path, capsys):

@@ -529,3 +529,32 @@ def test_duplicate_superni_tasks_and_ids_and_deeply_nested_json_are_one_line(tmp
     assert "nested too deeply" in one_line(SuperNIError, load_tasks, folder)
     seeds = _params_file(tmp_path, "[" * 20_000 + "]" * 20_000 + "\n", "seeds.jsonl")  # under the line limit
     assert "seeds.jsonl:1: JSON nested too deeply" in one_line(SeedTaskError, load_seed_tasks, seeds)
+
+
+def test_a_truncated_seed_download_is_one_line_and_leaves_no_file(tmp_path, monkeypatch):
+    """Issue 24: a seed URL whose server stops mid-body (IncompleteRead) printed a raw traceback."""
+    import http.server
+    import threading
+
+    from refine_af_utils.seeds import cached_seed_file, resolve_seed_source
+
+    class Truncating(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b'{"id": "seed_task_0", "na')  # then the connection closes
+
+        def log_message(self, *args) -> None:
+            pass
+
+    monkeypatch.setenv("REFINE_AF_CACHE", str(tmp_path / "cache"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Truncating)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/seed_tasks.jsonl"
+        message = one_line(SeedTaskError, resolve_seed_source, url)
+        assert message == f"{url}: download cut off (25 of 1000 bytes); run again"
+        assert cached_seed_file(url) is None  # nothing half-downloaded is kept as the seed file
+    finally:
+        server.shutdown()
