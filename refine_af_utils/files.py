@@ -21,7 +21,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("REFINE_AF_CACHE", Path.home() / ".cache" / "refine-af"))
 
 
-MAX_DOWNLOAD_BYTES = 512 * 2**20  # larger than any file the package downloads (Super-NI's largest task: ~40 MB)
+MAX_DOWNLOAD_BYTES = 512 * 2**20  # a generous cap on one downloaded file (not measured against Super-NI's largest)
 MAX_DOWNLOAD_SECONDS = 600.0  # in all, however slowly the server sends (a timeout only bounds each read)
 
 
@@ -35,7 +35,8 @@ def copy_capped(source: Any, out: Any, what: str, max_bytes: int = MAX_DOWNLOAD_
 
     from refine_af_utils.errors import DownloadLimitError
 
-    length = getattr(source, "headers", {}).get("Content-Length") if hasattr(source, "headers") else None
+    headers = getattr(source, "headers", None)
+    length = headers.get("Content-Length") if headers is not None else None
     if length is not None and length.isdigit() and int(length) > max_bytes:
         raise DownloadLimitError(f"{what}: {int(length)} bytes, over the {max_bytes}-byte limit")
     started, size = time.monotonic(), 0

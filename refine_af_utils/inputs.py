@@ -9,11 +9,24 @@ inputs are part of the package, and ``superni@<commit>`` names its content by it
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 from typing import Any, Optional
 
 from refine_af_utils.files import sha256_file
+
+
+@functools.lru_cache(maxsize=4096)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)
+
+
+def content_sha256(path: Path) -> str:
+    """sha256 of a file, hashed once per process while its size and modification time stay (the markers'
+    rule): every stage's fingerprint and params record ask for the same inputs again."""
+    stat = path.stat()
+    return _sha256_of(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
 def superni_tree_sha256(folder: Path) -> Optional[str]:
@@ -23,10 +36,10 @@ def superni_tree_sha256(folder: Path) -> Optional[str]:
     split = test_split_file(folder)
     if not split.is_file():
         return None
-    digest = hashlib.sha256(sha256_file(split).encode())
+    digest = hashlib.sha256(content_sha256(split).encode())
     for name in sorted({line.strip() for line in split.read_text(errors="replace").splitlines() if line.strip()}):
         path = task_file(folder, name)
-        digest.update(f"{name} {sha256_file(path) if path.is_file() else 'missing'}".encode())
+        digest.update(f"{name} {content_sha256(path) if path.is_file() else 'missing'}".encode())
     return digest.hexdigest()
 
 
@@ -39,7 +52,7 @@ def input_contents(params: Any, sections: list[str]) -> dict[str, str]:
         source = str(params.seed_tasks)
         path = cached_seed_file(source) if source.startswith(("http://", "https://")) else Path(source).expanduser()
         if path is not None and path.is_file():
-            contents["seed_tasks"] = sha256_file(path)
+            contents["seed_tasks"] = content_sha256(path)
     if "evaluation" in sections:
         value = params.evaluation.superni_dir
         if value != "bundled" and not value.startswith("superni@"):

@@ -91,7 +91,11 @@ def check_stage_config(out_dir: str | Path, config: dict[str, Any]) -> None:
             shutil.rmtree(out_dir)
         elif failed is None:
             return
-    # whole or absent: processes under accelerate never read a half-written file
+    _write_config(path, config)
+
+
+def _write_config(path: Path, config: dict[str, Any]) -> None:
+    """Whole or absent: processes under accelerate never read a half-written ``config.json``."""
     atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -108,7 +112,7 @@ def mark_config_failed(out_dir: str | Path, error: BaseException) -> None:
         return
     line = " ".join(str(error).split())[:300]
     config[FAILED_KEY] = f"{type(error).__name__}: {line}" if line else type(error).__name__
-    atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    _write_config(path, config)
 
 
 def write_resolved_params(run_dir: str | Path, params: Any, header: str = "") -> Path:

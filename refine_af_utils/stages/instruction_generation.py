@@ -321,18 +321,15 @@ class InstructionGenerationResult(StageResult):
 
 @stage_entry
 def run(params: Params, run_dir: str | Path) -> InstructionGenerationResult:
-    """Stage 1: bootstrap instructions into ``<run_dir>/instructions`` with tables and figures."""
+    """Stage 1: bootstrap instructions into ``<run_dir>/instruction_generation`` with tables and figures."""
     from refine_af_utils.models import load_causal_lm
     from refine_af_utils.plots import histogram, save_figure
     from refine_af_utils.run_folder import open_stage
 
-    from refine_af_utils.models import check_model_params
-
     stage = open_stage(__name__, params, run_dir)
     seeds = stage.layout.seed_tasks()
-    prompt_seeds(params, seeds)  # inputs and device before the model loads and the stage writes anything
-    check_model_params(params.model)
-    model, tokenizer = load_causal_lm(params.model)
+    prompt_seeds(params, seeds)  # before the slow model load; bootstrap_instructions checks again for direct callers
+    model, tokenizer = load_causal_lm(params.model)  # checks the device (meta refused) before loading
     state = bootstrap_instructions(params, seeds, stage.folder, model, tokenizer)
     table = instruction_table(state.instructions)
     counts = filter_counts(state.batches)
