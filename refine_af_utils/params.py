@@ -362,25 +362,45 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any], source: str
     return data
 
 
-def resolve_params_data(path: str | Path, overrides: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+def resolve_params_data(path: str | Path, overrides: Optional[dict[str, Any]] = None,
+                        overrides_source: str = "--set") -> dict[str, Any]:
     """The mapping :func:`load_params` validates: the file, its ``extends`` chain, then ``overrides``."""
     data = resolve_extends(path)
-    return apply_overrides(data, overrides or {}, str(path))
+    return apply_overrides(data, overrides or {}, f"{overrides_source} (over {path})")
 
 
-def load_params(path: str | Path, overrides: Optional[dict[str, Any]] = None) -> Params:
+def _blame_override(error: ParamsError, path: Path, overrides: dict[str, Any], overrides_source: str) -> ParamsError:
+    """``error`` reworded to name ``overrides_source`` when the key it is about was set there, not in the file."""
+    message = str(error)
+    prefix = f"{path}: "
+    if not message.startswith(prefix):
+        return error
+    for dotted in sorted(overrides, key=len, reverse=True):  # the most specific key that the message names
+        if f"key '{dotted}'" in message or f"key '{dotted}." in message:
+            return ParamsError(f"{overrides_source} {dotted}={overrides[dotted]!r} (over {path}): "
+                               f"{message[len(prefix):]}")
+    return error
+
+
+def load_params(path: str | Path, overrides: Optional[dict[str, Any]] = None,
+                overrides_source: str = "--set") -> Params:
     """Load and validate a params YAML file; ``overrides`` are dotted keys applied on top.
 
     The file may name a parent with ``extends:`` (a path relative to it); its keys are deep-merged
     over the parent's (:func:`~refine_af_utils.params_loading.resolve_extends`). ``overrides`` (e.g. from
     ``--set``, see :func:`parse_overrides`) go on last and are typed and checked by the schema like the
-    file's keys.
+    file's keys; an error about one of them names ``overrides_source`` and the key, not the file.
 
     Raises :class:`ParamsError` with one line naming the file and the line (bad YAML, a duplicate
     key, a byte that is not UTF-8) or the dotted key (unknown, missing, wrong type or out of range).
     """
     path = Path(path)
-    return params_from_dict(resolve_params_data(path, overrides), str(path))
+    overrides = overrides or {}
+    data = resolve_params_data(path, overrides, overrides_source)
+    try:
+        return params_from_dict(data, str(path))
+    except ParamsError as error:
+        raise _blame_override(error, path, overrides, overrides_source) from None
 
 
 def params_yaml(params: Params, header: str = "") -> str:

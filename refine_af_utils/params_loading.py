@@ -9,6 +9,7 @@ YAML, gives a key twice or is not a mapping stops with a one-line
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,8 +18,34 @@ import yaml
 from refine_af_utils.errors import ParamsError, decode_utf8
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml's safe loader, except that a key given twice in one mapping is an error (not: the last wins)."""
+# YAML 1.2's core schema reads `1e-4` and `5E3` as floats; PyYAML follows YAML 1.1, which wants a dot in a
+# float and so reads `1e-4` as the string '1e-4'. This is 1.1's float pattern with the dot made optional
+# when an exponent is given (plain integers still resolve to int: the pattern needs a dot or an exponent).
+_YAML12_FLOAT = re.compile(r"""^(?:
+     [-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X)
+
+
+class _Yaml12NumberLoader(yaml.SafeLoader):
+    """yaml's safe loader with YAML 1.2 floats (``1e-4`` is a float), for params files and ``--set`` alike."""
+
+
+_Yaml12NumberLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:float"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12NumberLoader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789."))
+
+
+def load_yaml_text(text: str) -> Any:
+    """One YAML document with YAML 1.2 numbers (the params files' and ``--set``'s reading)."""
+    return yaml.load(text, Loader=_Yaml12NumberLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+class _UniqueKeyLoader(_Yaml12NumberLoader):
+    """The params loader, except that a key given twice in one mapping is an error (not: the last wins)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
@@ -115,7 +142,7 @@ def parse_overrides(items: Sequence[str], source: str = "--set") -> dict[str, An
             raise ParamsError(f"{source} {item!r}: expected KEY=VALUE with a dotted key, e.g. "
                               "evaluation.max_new_tokens=64")
         try:
-            overrides[key] = yaml.safe_load(text)
+            overrides[key] = load_yaml_text(text)
         except yaml.YAMLError as error:
             problem = " ".join(str(getattr(error, "problem", None) or error).split())
             raise ParamsError(f"{source} {item!r}: the value is not valid YAML ({problem})") from error

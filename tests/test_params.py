@@ -209,6 +209,30 @@ def test_bad_set_keys_and_values_get_the_schema_messages(item, message):
     with pytest.raises(ParamsError) as error:
         load_params(path, overrides=parse_overrides([item]))
     assert message in str(error.value) and str(path) in str(error.value) and "\n" not in str(error.value)
+    assert str(error.value).startswith("--set "), "the error names --set, where the key came from, not the file"
+
+
+def test_an_error_in_the_file_still_names_the_file_when_set_is_given(tmp_path):
+    path = _write(tmp_path, "extends: " + str(REPO_ROOT / "params" / "smoke.yaml") + "\nrl:\n  kl_coef: -1\n")
+    with pytest.raises(ParamsError) as error:
+        load_params(path, overrides=parse_overrides(["evaluation.max_new_tokens=8"]))
+    assert str(error.value).startswith(f"{path}: key 'rl.kl_coef' must be at least 0")
+
+
+@pytest.mark.parametrize("text, value", [("1e-4", 1e-4), ("5E3", 5000.0), ("-2.5e+3", -2500.0), (".5", 0.5),
+                                         ("1.", 1.0), ("12", 12), ("1_000", 1000), ("0x10", 16), ("1e", "1e")])
+def test_numbers_are_read_as_yaml_1_2_in_files_and_set(tmp_path, text, value):
+    """``1e-4`` is a float (YAML 1.2), not the string PyYAML's YAML 1.1 makes of it; integers stay ints."""
+    from refine_af_utils.params_loading import load_yaml_text
+
+    parsed = load_yaml_text(text)
+    assert parsed == value and type(parsed) is type(value)
+    assert parse_overrides([f"rl.learning_rate={text}"]) == {"rl.learning_rate": value}
+    path = _write(tmp_path, "extends: " + str(REPO_ROOT / "params" / "smoke.yaml") + f"\nrl:\n  learning_rate: {text}\n")
+    if isinstance(value, (int, float)) and value > 0:  # a learning rate must be positive
+        assert load_params(path).rl.learning_rate == float(value)
+        assert load_params(REPO_ROOT / "params" / "smoke.yaml",
+                           overrides=parse_overrides([f"rl.learning_rate={text}"])).rl.learning_rate == float(value)
 
 
 @pytest.mark.parametrize("item", ["evaluation.max_new_tokens", "=3", "a..b=3", "x=[unclosed"])
@@ -256,7 +280,7 @@ def test_trainer_args_pass_through_to_trl_and_refuse_what_the_package_sets(tmp_p
 
     for overrides, message in [
         ({"sft.trainer_args.learning_rate": 1e-3},
-         r"smoke\.yaml: key 'sft\.trainer_args\.learning_rate' is set by the package from sft\.learning_rate; set that instead"),
+         r"^--set sft\.trainer_args\.learning_rate=0\.001 \(over \S*smoke\.yaml\): key 'sft\.trainer_args\.learning_rate' is set by the package from sft\.learning_rate; set that instead"),
         ({"sft.trainer_args.max_steps": 3}, r"key 'sft\.trainer_args\.max_steps' is set by the package from sft\.epochs"),
         ({"rl.trainer_args.warmup_stepz": 3}, r"key 'rl\.trainer_args\.warmup_stepz' is not a field of trl's PPOConfig"),
         ({**grpo, "rl.trainer_args.beta": 0.1}, r"key 'rl\.trainer_args\.beta' is set by the package from rl\.kl_coef"),

@@ -210,11 +210,11 @@ def test_a_bad_set_key_is_rejected_by_its_dotted_name_before_anything_is_written
     root.mkdir()
     assert main([str(SMOKE), "--results-root", str(root), "--set", "evaluation.max_new_tokes=3"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"{SMOKE}: unknown key 'evaluation.max_new_tokes'" in err
+    assert err.count("\n") == 1 and f"--set (over {SMOKE}): unknown key 'evaluation.max_new_tokes'" in err
     assert main([str(SMOKE), "--results-root", str(root), "--set", "evaluation.max_new_tokens"]) == 2
     assert "expected KEY=VALUE" in capsys.readouterr().err
     assert main([str(SMOKE), "--results-root", str(root), "--set", "rl.kl_coef=-1"]) == 2
-    assert "key 'rl.kl_coef' must be at least 0" in capsys.readouterr().err
+    assert f"--set rl.kl_coef=-1 (over {SMOKE}): key 'rl.kl_coef' must be at least 0" in capsys.readouterr().err
     assert not any(root.iterdir())
 
 

@@ -49,7 +49,8 @@ class StudyRun:
 
     def load(self) -> Params:
         """The run's params, resolved and validated."""
-        return load_params(self.setting.params, overrides=self.overrides)
+        return load_params(self.setting.params, overrides=self.overrides,
+                           overrides_source=f"study setting '{self.setting.name}'")
 
 
 @dataclass(frozen=True)
