@@ -10,6 +10,7 @@ short message naming the command that produces their outputs, instead of a trace
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -136,3 +137,32 @@ def kernel_config() -> Any:
         config.KernelManager.transport = "ipc"
         config.KernelManager.ip = str(runtime / f"kernel-{uuid.uuid4()}-ipc")
     return config
+
+
+# `![caption](fig_x.png)`: an image link of the report, relative to the report's folder.
+_IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(([^)\s]+\.png)\)")
+
+
+def show_markdown(path: str | os.PathLike) -> None:
+    """Display a Markdown file (``report.md``) with its relative PNG links shown as images.
+
+    ``IPython.display.Markdown(filename=...)`` leaves ``![..](fig_x.png)`` relative, and JupyterLab resolves
+    it against the notebook's folder, not the file's: every figure 404s. Here the text between images is
+    displayed as Markdown and each image as a PNG output, which JupyterLab, the executed notebook and
+    any notebook viewer show without a server. A link to a missing PNG is left as written.
+    """
+    from IPython.display import Image, Markdown, display
+
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    start = 0
+    for match in _IMAGE_LINK.finditer(text):
+        image = path.parent / match.group(2)
+        if not image.is_file():
+            continue
+        if text[start:match.start()].strip():
+            display(Markdown(text[start:match.start()]))
+        display(Image(filename=str(image)))
+        start = match.end()
+    if text[start:].strip():
+        display(Markdown(text[start:]))

@@ -287,6 +287,12 @@ def test_smoke_07_report(smoke_run):
     assert wall["stage"].tolist() == ["00", "01", "02", "03", "04", "05", "06", "0-6"]
     assert wall["seconds"].iloc[-1] == pytest.approx(wall["seconds"].iloc[:-1].sum(), abs=0.2)
     check_executed(run_dir, "07")
+    # The executed notebook shows every figure of the report as a PNG output (no relative link left to 404)
+    executed = json.loads((run_dir / "notebooks" / next(s for s in STAGES if s.id == "07").notebook).read_text())
+    outputs = [o for c in executed["cells"] for o in c.get("outputs", [])]
+    pngs = [o for o in outputs if "image/png" in o.get("data", {})]
+    markdown = "".join("".join(o["data"]["text/markdown"]) for o in outputs if "text/markdown" in o.get("data", {}))
+    assert len(pngs) >= len(expected_figures) and "](fig_" not in markdown and "## Environment" in markdown
     figures = {p.name: p.read_bytes() for p in run_dir.glob("fig_*.png")}
     run_pipeline(smoke_run.params_path, only="07", force=True, results_root=smoke_run.results_root)
     assert {p.name: p.read_bytes() for p in run_dir.glob("fig_*.png")} == figures  # regenerated: byte-identical
