@@ -39,6 +39,7 @@ LAB_PORT ?= 8888
 lab: install
 	$(PY) -m ipykernel install --sys-prefix --name refine-af --display-name "Python (refine-af)"
 	$(VENV)/bin/jupyter lab --ServerApp.ip=127.0.0.1 --ServerApp.port=$(LAB_PORT) --ServerApp.root_dir="$(CURDIR)" \
+		--ContentsManager.pre_save_hook=refine_af_utils.notebook.keep_committed_notebooks_clean \
 		$(if $(filter 0,$(shell id -u)),--allow-root)
 
 # Notebook hygiene and lint, the same checks as .pre-commit-config.yaml (nothing is modified).

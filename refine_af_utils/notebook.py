@@ -166,3 +166,30 @@ def show_markdown(path: str | os.PathLike) -> None:
         start = match.end()
     if text[start:].strip():
         display(Markdown(text[start:]))
+
+
+# `make lab` passes this to Jupyter (--ContentsManager.pre_save_hook); tests/test_browser.py too.
+PRE_SAVE_HOOK = "refine_af_utils.notebook.keep_committed_notebooks_clean"
+
+
+def keep_committed_notebooks_clean(model: dict[str, Any], path: str, contents_manager: Any = None,
+                                   **_: Any) -> None:
+    """Jupyter pre-save hook: a notebook under ``notebooks/`` is saved without outputs (nbstripout's rule).
+
+    Exploring in ``make lab`` (Run All, autosave, Ctrl+S) then never dirties the committed notebooks:
+    outputs stay in the browser and in the runner's executed copies under ``results/<run>/notebooks/``.
+    When only outputs changed, the file on disk is written back as it was (byte for byte).
+    """
+    import nbformat
+    from nbstripout import strip_output
+
+    on_disk = (Path(getattr(contents_manager, "root_dir", REPO_ROOT)) / path.strip("/")).resolve()
+    if model.get("type") != "notebook" or on_disk.parent != (REPO_ROOT / "notebooks").resolve():
+        return
+    notebook = strip_output(nbformat.from_dict(model["content"]), keep_output=False, keep_count=False,
+                            keep_id=True, extra_keys=["metadata.widgets"])
+    if on_disk.is_file():
+        committed = nbformat.read(on_disk, as_version=4)
+        if [(c.cell_type, c.source) for c in committed.cells] == [(c.cell_type, c.source) for c in notebook.cells]:
+            notebook = committed
+    model["content"] = notebook

@@ -3,7 +3,8 @@
 One test opens ``notebooks/00_seed_tasks.ipynb`` from the repository, runs all cells from the Run menu and
 finds the seed summary table in the page; another runs ``notebooks/07_report.ipynb`` on a copy of the smoke
 run and checks that every image in its outputs loaded. The notebooks write into a temporary run folder
-(``REFINE_AF_RUN_DIR``); autosave is off and the committed notebooks are checked to be unchanged afterwards.
+(``REFINE_AF_RUN_DIR``). JupyterLab runs with the pre-save hook of ``make lab``: the test saves notebook 00
+after Run All and checks that the committed file is byte-identical (outputs never reach ``notebooks/``).
 
 Without Debian's ``chromium`` and ``chromium-driver`` the test is skipped with that reason, or fails when
 ``REFINE_AF_REQUIRE_BROWSER=1`` (set by ``.ci/run``). ``REFINE_AF_UPDATE_SCREENSHOT=1`` also saves the
@@ -27,6 +28,7 @@ from typing import Any
 import pytest
 
 from conftest import REPO_ROOT
+from refine_af_utils.notebook import PRE_SAVE_HOOK
 
 NOTEBOOK = "notebooks/00_seed_tasks.ipynb"
 SCREENSHOT = REPO_ROOT / "docs" / "jupyterlab.png"
@@ -81,8 +83,7 @@ def _jupyter_lab(tmp_path: Path, run_dir: Path):
     ``run_dir`` (``REFINE_AF_RUN_DIR``); stopped afterwards."""
     port, token = _free_port(), "refine-af-browser-test"
     settings = tmp_path / "lab-settings" / "@jupyterlab"
-    for plugin, values in (("docmanager-extension/plugin", {"autosave": False}),
-                           ("apputils-extension/notification", {"fetchNews": "false", "checkForUpdates": False})):
+    for plugin, values in (("apputils-extension/notification", {"fetchNews": "false", "checkForUpdates": False}),):
         (settings / f"{plugin}.jupyterlab-settings").parent.mkdir(parents=True, exist_ok=True)
         (settings / f"{plugin}.jupyterlab-settings").write_text(json.dumps(values))
     env = {**os.environ, "REFINE_AF_PARAMS": "params/smoke.yaml", "REFINE_AF_RUN_DIR": str(run_dir),
@@ -92,6 +93,7 @@ def _jupyter_lab(tmp_path: Path, run_dir: Path):
                f"--ServerApp.port={port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
                f"--ServerApp.root_dir={REPO_ROOT}", f"--LabApp.user_settings_dir={tmp_path / 'lab-settings'}",
                f"--LabApp.workspaces_dir={tmp_path / 'workspaces'}",
+               f"--ContentsManager.pre_save_hook={PRE_SAVE_HOOK}",  # as `make lab` (tested below)
                # nothing leaves the machine: no extension index, update check or news feed
                "--LabApp.extension_manager=readonly", "--LabApp.news_url=None",
                "--LabApp.check_for_updates_class=jupyterlab.handlers.announcements.NeverCheckForUpdate"]
@@ -196,6 +198,16 @@ def test_notebook_00_runs_in_jupyterlab_in_headless_chromium(browser, jupyter_la
         assert float(rows["tasks"]) == 36 and float(rows["classification tasks"]) == 10  # the 36 bundled seeds
         errors = driver.find_elements(By.CSS_SELECTOR, ".jp-OutputArea-output[data-mime-type*='error']")
         assert not errors, errors[0].text
+        # Save (Ctrl+S): the pre-save hook writes the committed notebook back without outputs, byte for byte
+        from selenium.webdriver.common.action_chains import ActionChains
+        from selenium.webdriver.common.keys import Keys
+
+        saved_before = (REPO_ROOT / NOTEBOOK).stat().st_mtime_ns
+        ActionChains(driver).key_down(Keys.CONTROL).send_keys("s").key_up(Keys.CONTROL).perform()
+        deadline = time.time() + 30
+        while (REPO_ROOT / NOTEBOOK).stat().st_mtime_ns == saved_before and time.time() < deadline:
+            time.sleep(0.5)
+        assert (REPO_ROOT / NOTEBOOK).stat().st_mtime_ns != saved_before, "Ctrl+S did not save the notebook"
         time.sleep(1)  # let the layout settle for the screenshot
         shot = tmp_path / "jupyterlab.png"
         assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
@@ -244,3 +256,9 @@ def test_notebook_07_shows_every_figure_of_the_report_in_jupyterlab(browser, smo
         finally:
             driver.quit()
             _restore_if_saved(notebook, committed)
+
+
+def test_make_lab_runs_jupyter_with_the_pre_save_hook():
+    """``make lab`` is the JupyterLab the browser test drives: the same hook keeps notebooks/ free of outputs."""
+    lab_target = (REPO_ROOT / "Makefile").read_text().split("\nlab:", 1)[1].split("\n\n", 1)[0]
+    assert f"--ContentsManager.pre_save_hook={PRE_SAVE_HOOK}" in lab_target
