@@ -29,7 +29,10 @@ data, a stage folder made with other settings, a missing model) is printed as on
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
+import re
 import shutil
 import sys
 import time
@@ -38,11 +41,12 @@ from typing import Any, Optional, Sequence
 
 from refine_af_utils.environment import resolve_dtypes
 from refine_af_utils.errors import RefineAFError, UpstreamNotReadyError, project_error_names
-from refine_af_utils.layout import STAGES, RunLayout, Stage
-from refine_af_utils.params import Params, load_params, parse_overrides
+from refine_af_utils.layout import STAGES, RunLayout, Stage, stage_fingerprint
+from refine_af_utils.params import Params, check_run_name, load_params, parse_overrides
 from refine_af_utils.locking import run_lock
-from refine_af_utils.run_folder import (DEFAULT_RESULTS_ROOT, REPO_ROOT, add_run_arguments, run_folder, stage_status,
-                                        upstream_hashes, write_marker, write_resolved_params)
+from refine_af_utils.run_copy import TMP_DIR, complete_prefix, copy_stage
+from refine_af_utils.run_folder import (DEFAULT_RESULTS_ROOT, REPO_ROOT, add_run_arguments, read_marker, run_folder,
+                                        stage_status, upstream_hashes, write_marker, write_resolved_params)
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 
@@ -149,20 +153,61 @@ def _sets(overrides: dict[str, Any]) -> str:
     return "".join(f" --set {key}={json.dumps(value)}" for key, value in overrides.items())
 
 
-def check_upstream(params: Params, run_dir: Path, stages: Sequence[Stage], command: str) -> None:
+def check_upstream(params: Params, run_dir: Path, stages: Sequence[Stage], command: str,
+                   copied: Sequence[Stage] = ()) -> None:
     """Refuse ``--only`` / ``--from`` when a stage before the first selected one is missing or stale.
 
     A stage run on stale or torn upstream outputs would be marked complete over inputs that no longer
     match its params (e.g. stage 4's instances for new instructions from an adapter trained on old ones).
-    ``command`` is the runner's command line without ``--only`` / ``--from``, for the message.
+    ``command`` is the runner's command line without ``--only`` / ``--from``, for the message; ``copied``:
+    stages that will be copied, complete, from another run before anything runs.
     """
     first = STAGES.index(stages[0]) if stages else 0
     for stage in STAGES[:first]:
+        if stage in copied:
+            continue
         status = stage_status(run_dir, stage, params)
         if status.run:
             raise UpstreamNotReadyError(
                 f"stage {stages[0].id} ({stages[0].title}) needs stage {stage.id} ({stage.title}) first, which "
                 f"would run: {status.reason}; run `{command} --from {stage.id}` (or leave out --only/--from)")
+
+
+def derived_run_name(run_name: str, overrides: dict[str, Any]) -> str:
+    """``<run_name>--<key>-<value>...``: where ``--set`` on a finished run writes (readable, a folder name).
+
+    Each override gives its last key part and its value with characters outside ``[A-Za-z0-9._-]``
+    dropped; past 60 characters the suffix is a 10-digit hash of the overrides instead.
+    """
+    parts = []
+    for key, value in sorted(overrides.items()):
+        text = re.sub(r"[^A-Za-z0-9._-]+", "", json.dumps(value) if not isinstance(value, str) else value)
+        parts.append(f"{key.rsplit('.', 1)[-1]}-{text or 'x'}")
+    suffix = "_".join(parts)
+    if len(suffix) > 60:
+        suffix = "set-" + hashlib.sha256(json.dumps(overrides, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return f"{run_name}--{suffix}"
+
+
+def _derive_run(params: Params, results_root: Path, overrides: dict[str, Any],
+                in_place: bool) -> tuple[Params, Optional[Path], list[Stage]]:
+    """Where ``--set`` writes: its run, unless that run has a finished stage the overrides would change
+    (then a derived run, :func:`derived_run_name`); never derived with ``in_place`` or a ``run_name`` override.
+
+    Returns the params to run (``run_name`` derived or not), the finished base run (None when not
+    derived) and its leading stages that ``--set`` leaves unchanged (copied from it, not rerun).
+    """
+    if not overrides or in_place or "run_name" in overrides:
+        return params, None, []
+    base_dir = results_root / params.run_name
+    changed = [stage for stage in STAGES if (marker := read_marker(base_dir, stage)) is not None
+               and marker.get("params_fingerprint") != stage_fingerprint(stage, params)]
+    if not changed:
+        return params, None, []
+    derived = dataclasses.replace(params, run_name=derived_run_name(params.run_name, overrides))
+    check_run_name(derived.run_name, "--set")
+    copyable = [stage for stage in STAGES if stage.output_dir is not None]
+    return derived, base_dir, copyable[:complete_prefix(base_dir, copyable, derived)]
 
 
 def _resolved_header(params_path: Path, overrides: dict[str, Any]) -> str:
@@ -175,16 +220,20 @@ def run_pipeline(
     params_path: str | Path, only: Optional[str] = None, start: Optional[str] = None,
     force: bool = False, results_root: str | Path = DEFAULT_RESULTS_ROOT,
     overrides: Optional[dict[str, Any]] = None, dry: bool = False, refresh_downloads: bool = False,
-    until: Optional[str] = None,
+    until: Optional[str] = None, in_place: bool = False,
 ) -> Path:
     """Run the selected stages for a params file (``overrides``: dotted keys); return the run directory.
 
     ``dry``: print what would run and why, and change nothing. ``refresh_downloads``: fetch URL inputs
-    (a seed URL) again first; stages whose input content changed then rerun.
+    (a seed URL) again first; stages whose input content changed then rerun. ``overrides`` on a run that
+    has finished stages go to a derived run (:func:`derived_run_name`), which first copies the base run's
+    leading stages whose settings they leave unchanged; ``in_place`` changes the base run itself.
     """
     params_path = Path(params_path)
     overrides = overrides or {}
     params = resolve_dtypes(load_params(params_path, overrides=overrides))  # params.yaml holds the dtypes used
+    base_name = params.run_name
+    params, base_dir, shared = _derive_run(params, Path(results_root), overrides, in_place)
     if refresh_downloads and not dry:
         from refine_af_utils.seeds import refresh_seed_download
 
@@ -192,13 +241,37 @@ def run_pipeline(
     run_dir = run_folder(results_root, params.run_name)
     stages = select_stages(only, start, until)
     command = f"python -m refine_af_utils.run {params_path}{_sets(overrides)}"
+    to_copy = [stage for stage in shared if stage_status(run_dir, stage, params).run]
+    derived = "" if base_dir is None else (
+        f"--set changes the finished run '{base_name}': writing to {run_dir} instead (stages "
+        f"{', '.join(s.id for s in shared) or 'none'} copied from it, same settings; --in-place changes "
+        f"'{base_name}' itself)")
     if dry:  # the same refusal as the run's, then what each stage would do
-        check_upstream(params, run_dir, stages, command)
-        for line in dry_run(params, run_dir, stages, force):
+        check_upstream(params, run_dir, stages, command, copied=to_copy)
+        if derived:
+            print(derived, flush=True)
+        copied_now = [] if force else to_copy  # --force reruns them after the copy anyway
+        lines = dry_run(params, run_dir, [s for s in stages if s not in copied_now], force)
+        lines += [f"[{s.id}] {s.notebook}: skip (copied from {base_dir}: same settings)" for s in copied_now
+                  if s in stages]
+        for line in sorted(lines):
             print(line, flush=True)
         return run_dir
+    new_folder = not run_dir.exists()
     with run_lock(run_dir):
-        check_upstream(params, run_dir, stages, command)  # before anything is written
+        try:
+            check_upstream(params, run_dir, stages, command, copied=to_copy)  # before anything is written
+        except UpstreamNotReadyError:
+            if new_folder:  # the lock made it: a refused run leaves nothing behind
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        if derived:
+            print(derived, flush=True)
+        if to_copy:
+            with run_lock(base_dir):  # nobody writes into the base run while its stages are copied
+                shutil.rmtree(run_dir / TMP_DIR, ignore_errors=True)  # what a killed copy left
+                for stage in to_copy:
+                    copy_stage(base_dir, run_dir, stage)
         resolved = write_resolved_params(
             run_dir, params, _resolved_header(params_path, overrides).replace("{run}", params.run_name))
         for stage in stages:
@@ -227,13 +300,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--until", metavar="STAGE", help="stop after this stage (with or without --from)")
     parser.add_argument("--force", action="store_true", help="rerun stages even if complete, from scratch")
     parser.add_argument("--dry-run", action="store_true", help="print per stage run or skip and why; change nothing")
+    parser.add_argument("--in-place", action="store_true",
+                        help="with --set on a run that has finished stages: change that run itself (default: "
+                             "a derived run <run_name>--<key>-<value>, reusing the stages --set leaves unchanged)")
     parser.add_argument("--refresh-downloads", action="store_true",
                         help="fetch URL inputs (seed_tasks: https://...) again; stages whose input changed rerun")
     args = parser.parse_args(argv)
     try:
         run_dir = run_pipeline(args.params, args.only, args.start, args.force, args.results_root,
                                overrides=parse_overrides(args.overrides), dry=args.dry_run,
-                               refresh_downloads=args.refresh_downloads, until=args.until)
+                               refresh_downloads=args.refresh_downloads, until=args.until,
+                               in_place=args.in_place)
     except StageError as error:
         print(error, file=sys.stderr)
         return 1

@@ -150,7 +150,7 @@ def test_dry_run_after_an_evaluation_change_skips_stages_0_to_5_and_names_the_ke
     params, run_dir = finished_run
     before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
     assert main([str(SMOKE), "--results-root", str(run_dir.parent), "--set", "evaluation.max_new_tokens=64",
-                 "--dry-run"]) == 0
+                 "--dry-run", "--in-place"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(": ")[1].split(" ")[0] for line in lines] == ["skip"] * 6 + ["run"] * 2
     assert [line[1:3] for line in lines] == [s.id for s in STAGES]
@@ -182,7 +182,8 @@ def test_only_refuses_a_stage_whose_upstream_is_stale_and_dry_run_agrees(finishe
     the old ones: refused in one line, by --dry-run and by the run alike, and the run folder is untouched."""
     params, run_dir = finished_run
     before = _tree(run_dir)
-    args = [str(SMOKE), "--results-root", str(run_dir.parent), "--set", "num_instructions=9", "--only", "04"]
+    args = [str(SMOKE), "--results-root", str(run_dir.parent), "--set", "num_instructions=9", "--only", "04",
+            "--in-place"]
     assert main(args + (["--dry-run"] if dry else [])) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1
@@ -190,6 +191,79 @@ def test_only_refuses_a_stage_whose_upstream_is_stale_and_dry_run_agrees(finishe
             "run: params changed: num_instructions; run `python -m refine_af_utils.run") in captured.err
     assert '--set num_instructions=9 --from 01`' in captured.err
     assert _tree(run_dir) == before  # params.yaml, markers, outputs: byte-identical
+
+
+def _verdicts(out: str) -> dict[str, str]:
+    """``{stage id: "run" | "skip"}`` from the runner's per-stage lines (dry or real)."""
+    verdicts = {}
+    for line in out.splitlines():
+        if line.startswith("[") and line[3] == "]":
+            verdict = line.split(": ", 1)[1]
+            verdicts[line[1:3]] = "skip" if verdict.startswith(("skip", "complete")) else "run"
+    return verdicts
+
+
+def test_set_on_a_finished_run_writes_a_derived_run_that_copies_the_unchanged_stages(finished_run, capsys):
+    """--set on a finished run leaves it as it was: a derived run gets the stages the change leaves unchanged
+    (copied, not rerun); --dry-run says the same, per stage, and writes nothing."""
+    params, run_dir = finished_run
+    before = _tree(run_dir)
+    args = [str(SMOKE), "--results-root", str(run_dir.parent), "--set", "evaluation.max_new_tokens=64", "--until", "05"]
+    assert main(args + ["--dry-run"]) == 0
+    dry = capsys.readouterr().out
+    derived = run_dir.parent / "smoke--max_new_tokens-64"
+    assert dry.splitlines()[0] == (f"--set changes the finished run 'smoke': writing to {derived} instead (stages "
+                                   "00, 01, 02, 03, 04, 05 copied from it, same settings; --in-place changes 'smoke' itself)")
+    assert not derived.exists() and _tree(run_dir) == before  # the dry run wrote nothing
+    assert main(args) == 0
+    real = capsys.readouterr().out
+    assert _verdicts(dry) == _verdicts(real) == {f"0{i}": "skip" for i in range(6)}
+    assert _tree(run_dir) == before  # the finished run is untouched
+    assert {name: data for name, data in _tree(derived).items() if not name.startswith(("stages/", "params.yaml"))} \
+        == {name: data for name, data in before.items() if name.split("/")[0] in
+            {"seed_tasks", "instruction_generation", "reward_analysis", "rl_training", "instance_generation", "sft",
+             "metrics", "notebooks"} and not name.startswith(("metrics/06", "metrics/07"))}
+    changed = load_params(SMOKE, overrides={"evaluation.max_new_tokens": 64, "run_name": derived.name})
+    assert [s.id for s, status in zip(STAGES, _statuses(derived, changed).values()) if status.run] == ["06", "07"]
+    assert main([*args[:-2], "--dry-run"]) == 0  # the same --set again: the derived run, now with 00-05
+    assert _verdicts(capsys.readouterr().out) == {**{f"0{i}": "skip" for i in range(6)}, "06": "run", "07": "run"}
+
+
+def test_set_naming_run_name_or_in_place_or_on_an_unfinished_run_is_not_derived(finished_run, tmp_path, capsys):
+    params, run_dir = finished_run
+    for extra in (["--set", "run_name=mine"], ["--in-place"]):
+        assert main([str(SMOKE), "--results-root", str(run_dir.parent), "--set", "evaluation.max_new_tokens=64",
+                     *extra, "--dry-run"]) == 0
+        assert "writing to" not in capsys.readouterr().out
+    empty = tmp_path / "elsewhere"
+    assert main([str(SMOKE), "--results-root", str(empty), "--set", "evaluation.max_new_tokens=64", "--dry-run"]) == 0
+    assert "writing to" not in capsys.readouterr().out
+    assert main([str(SMOKE), "--results-root", str(run_dir.parent), "--set", "evaluation.max_new_tokens=8",
+                 "--dry-run"]) == 0  # smoke.yaml's own value: nothing changes, so nothing is derived
+    assert "writing to" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text, name", [
+    ({"evaluation.max_new_tokens": 64}, "smoke--max_new_tokens-64"),
+    ({"rl.learning_rate": 1e-4, "model.dtype": "bfloat16"}, "smoke--dtype-bfloat16_learning_rate-0.0001"),
+    ({"rl.lora.target_modules": ["q_proj", "v_proj"]}, "smoke--target_modules-q_projv_proj"),
+    ({"seed_tasks": "https://example.org/a/very/long/path/to/some/seed_tasks_file.jsonl"}, None),
+])
+def test_derived_run_names_are_readable_folder_names(text, name):
+    from refine_af_utils.params import check_run_name
+    from refine_af_utils.run import derived_run_name
+
+    derived = derived_run_name("smoke", text)
+    check_run_name(derived)
+    assert derived == name if name else (derived.startswith("smoke--set-") and len(derived) == len("smoke--set-") + 10)
+
+
+def test_a_refused_derived_run_leaves_no_folder(finished_run, capsys):
+    params, run_dir = finished_run
+    before = set(run_dir.parent.iterdir())
+    assert main([str(SMOKE), "--results-root", str(run_dir.parent), "--set", "num_instructions=9", "--only", "04"]) == 2
+    assert "needs stage 01 (instruction generation) first" in capsys.readouterr().err
+    assert set(run_dir.parent.iterdir()) == before
 
 
 def test_only_refuses_a_report_over_a_torn_upstream_file(finished_run, capsys):

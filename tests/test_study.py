@@ -156,7 +156,7 @@ def test_reuse_copies_the_longest_shared_chain_and_a_cut_copy_never_looks_comple
     params = runs["b-seed1"].load()
 
     # a kill in the middle of the copy (here: as the marker, the last file, is written) leaves no marker
-    import refine_af_utils.study.reuse as reuse  # copy_stage calls the reuse module's _replace_file
+    import refine_af_utils.run_copy as reuse  # copy_stage calls run_copy's _replace_file
 
     real = reuse._replace_file
 
