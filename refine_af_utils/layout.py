@@ -46,6 +46,7 @@ class Stage:
     sections: tuple[str, ...] = ()  # the params keys it reads beyond those of the stages before it
     resumable: tuple[str, ...] = ()  # dotted keys that may change while the stage continues its folder
     own_folder: bool = True  # False: it writes at the top of the run folder (the report)
+    headline: tuple[str, ...] = ()  # keys of its metrics/<id>.json the runner prints when it ends
 
     @property
     def notebook(self) -> str:
@@ -63,17 +64,22 @@ class Stage:
 
 
 STAGES = [
-    Stage("00", "seed_tasks", "seed tasks", ("seed_tasks",)),
+    Stage("00", "seed_tasks", "seed tasks", ("seed_tasks",), headline=("tasks", "classification tasks")),
     Stage("01", "instruction_generation", "instruction generation",
           ("model", "random_seed", "num_instructions", "instruction_generation", "classification"),
-          resumable=("num_instructions",)),  # more instructions later: the bootstrap continues
-    Stage("02", "reward_analysis", "reward analysis", ("instance_generation", "reward", "reward_analysis")),
+          resumable=("num_instructions",),  # more instructions later: the bootstrap continues
+          headline=("instructions", "count_candidates", "tokens_per_second")),
+    Stage("02", "reward_analysis", "reward analysis", ("instance_generation", "reward", "reward_analysis"),
+          headline=("instances", "mean_reward")),
     Stage("03", "rl_training", "RL training", ("rl",),
-          resumable=("rl.updates", "rl.checkpoint_every")),  # more updates later: training continues
-    Stage("04", "instance_generation", "instance generation (both arms)"),
-    Stage("05", "sft", "SFT (both arms)", ("sft",)),
-    Stage("06", "superni_evaluation", "Super-NI evaluation", ("evaluation",)),
-    Stage("07", "report", "report", own_folder=False),
+          resumable=("rl.updates", "rl.checkpoint_every"),  # more updates later: training continues
+          headline=("updates", "heldout_reward_gain", "last_kl")),
+    Stage("04", "instance_generation", "instance generation (both arms)",
+          headline=("self_instruct_instances", "refine_af_instances", "reward_all_instructions_difference")),
+    Stage("05", "sft", "SFT (both arms)", ("sft",), headline=("self_instruct_last_loss", "refine_af_last_loss")),
+    Stage("06", "superni_evaluation", "Super-NI evaluation", ("evaluation",),
+          headline=("wins", "ties", "losses", "self_instruct_rougeL", "refine_af_rougeL")),
+    Stage("07", "report", "report", own_folder=False, headline=("tables", "figures")),
 ]
 STAGE = {stage.id: stage for stage in STAGES}
 

@@ -27,9 +27,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Hashable, Optional, Sequence, TypeVar
 
-from tqdm.auto import tqdm
 
 from refine_af_utils.files import append_jsonl, read_jsonl, truncate_torn_tail
+from refine_af_utils.progress import tqdm
 
 Job = TypeVar("Job")
 Context = TypeVar("Context")

@@ -29,6 +29,7 @@ data, a stage folder made with other settings, a missing model) is printed as on
 from __future__ import annotations
 
 import argparse
+import os
 import dataclasses
 import hashlib
 import json
@@ -44,8 +45,9 @@ from refine_af_utils.errors import RefineAFError, UpstreamNotReadyError, project
 from refine_af_utils.layout import STAGES, RunLayout, Stage, stage_fingerprint
 from refine_af_utils.params import Params, check_run_name, load_params, parse_overrides
 from refine_af_utils.locking import run_lock
+from refine_af_utils.progress import TEXT_PROGRESS_ENV
 from refine_af_utils.run_copy import TMP_DIR, complete_prefix, copy_stage
-from refine_af_utils.run_folder import (DEFAULT_RESULTS_ROOT, REPO_ROOT, add_run_arguments, read_marker, run_folder,
+from refine_af_utils.run_folder import (DEFAULT_RESULTS_ROOT, REPO_ROOT, add_run_arguments, read_marker, read_metrics, run_folder,
                                         stage_status, upstream_hashes, write_marker, write_resolved_params)
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
@@ -104,6 +106,7 @@ def run_stage(stage: Stage, params_path: Path, run_dir: Path, params: Params, fo
     executed = layout.notebooks / stage.notebook
     executed.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    os.environ[TEXT_PROGRESS_ENV] = "1"  # the kernel's bars: text heartbeats here, final state in the notebook
     try:
         papermill.execute_notebook(
             str(NOTEBOOK_DIR / stage.notebook),
@@ -286,8 +289,35 @@ def run_pipeline(
                     scratch = True
             print(f"[{stage.id}] {stage.notebook}: running", flush=True)
             seconds = run_stage(stage, resolved, run_dir, params, force=scratch)
-            print(f"[{stage.id}] {stage.notebook}: done in {seconds:.0f} s", flush=True)
+            print(f"[{stage.id}] {stage.notebook}: done in {seconds:.0f} s{stage_headline(run_dir, stage)}",
+                  flush=True)
     return run_dir
+
+
+def _figure(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, dict)):
+        return str(len(value))
+    return str(value)
+
+
+def stage_headline(run_dir: Path, stage: Stage) -> str:
+    """``" (key value, ...)"``: the stage's :attr:`~refine_af_utils.layout.Stage.headline` metrics, each with
+    its 95% interval where the stage records one (``<key>_ci_low`` / ``_ci_high``); "" when none is recorded."""
+    try:
+        metrics = read_metrics(run_dir, stage.id)
+    except (OSError, ValueError, RefineAFError):
+        return ""
+    parts = []
+    for key in stage.headline:
+        if key not in metrics:
+            continue
+        interval = ""
+        if f"{key}_ci_low" in metrics and f"{key}_ci_high" in metrics:
+            interval = f" [{_figure(metrics[f'{key}_ci_low'])}, {_figure(metrics[f'{key}_ci_high'])}]"
+        parts.append(f"{key.replace('_', ' ')} {_figure(metrics[key])}{interval}")
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -318,7 +348,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if not args.dry_run:
-        print(f"results in {run_dir}")
+        report = RunLayout(run_dir).report
+        print(f"results in {run_dir}" + (f"; report: {report}" if report.is_file() else ""))
     return 0
 
 

@@ -35,6 +35,7 @@ SFT_CONFIG_OWNED: dict[str, str] = {
     "output_dir": "the run layout (sft/<arm>)", "num_train_epochs": "sft.epochs", "learning_rate": "sft.learning_rate",
     "per_device_train_batch_size": "sft.batch_size", "gradient_accumulation_steps": "sft.gradient_accumulation_steps",
     "max_length": "sft.max_length", "gradient_checkpointing": "sft.gradient_checkpointing",
+    "activation_checkpointing": "sft.gradient_checkpointing",
     "save_steps": "sft.save_steps", "save_strategy": "sft.save_steps (checkpoints every save_steps)",
     "save_total_limit": "resume (the last whole checkpoint is kept)",
     "completion_only_loss": "the method (loss on the output only)", "logging_steps": "loss.csv (one row per step)",
@@ -129,7 +130,7 @@ def sft_config_args(cfg: Any, output_dir: Path, seed: int, device: str, dtype: A
         "output_dir": str(output_dir), "num_train_epochs": cfg.epochs, "learning_rate": cfg.learning_rate,
         "per_device_train_batch_size": cfg.batch_size, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "max_length": cfg.max_length, "completion_only_loss": True, "logging_steps": 1,
-        "gradient_checkpointing": cfg.gradient_checkpointing, "save_strategy": "steps", "save_steps": cfg.save_steps,
+        "activation_checkpointing": cfg.gradient_checkpointing, "save_strategy": "steps", "save_steps": cfg.save_steps,
         "save_total_limit": 1, "seed": seed, "data_seed": seed, "use_cpu": device == "cpu",
         "bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16,
     }

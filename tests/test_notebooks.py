@@ -19,6 +19,7 @@ keys stay as they are; add a new metric there by hand), then review the diff of 
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ import pandas as pd
 import pytest
 
 from refine_af_utils.environment import reproduction_key
+from refine_af_utils.library_noise import KNOWN_LOG_RECORDS, KNOWN_WARNINGS
 from refine_af_utils.params import load_params
 from refine_af_utils.run_folder import read_metrics
 from refine_af_utils.run import NOTEBOOK_DIR, STAGES, main, run_pipeline, select_stages
@@ -119,6 +121,16 @@ def check_executed(run_dir: Path, stage_id: str) -> None:
     stage = next(s for s in STAGES if s.id == stage_id)
     executed = nbformat.read(run_dir / "notebooks" / stage.notebook, as_version=4)
     assert any(c.get("outputs") for c in executed.cells if c.cell_type == "code")
+    outputs = [o for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    # progress under the runner is text (refine_af_utils.progress): no widget saved frozen at 0%, and a
+    # stage with a bar keeps its final state
+    assert not [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    if stage.id in ("01", "02", "03", "04", "05", "06"):
+        assert any(o.get("output_type") == "stream" and "100%|" in o.get("text", "") for o in outputs), stage.id
+    # the known library noise (refine_af_utils.library_noise) is not in the saved notebook
+    streams = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    noise = [p for _, p, _ in KNOWN_WARNINGS] + [p for p, _ in KNOWN_LOG_RECORDS] + [r"Consider training"]
+    assert not [p for p in noise if re.search(p, streams)], stage.id
     assert json.loads((run_dir / "stages" / f"{stage.id}.json").read_text())["seconds"] > 0
 
 

@@ -30,7 +30,6 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from refine_af_utils.figures import filter_counts_figure, novelty_figure
 from refine_af_utils.generation import generate_batch
@@ -47,6 +46,7 @@ from refine_af_utils.run_folder import StageResult, check_stage_config, stage_en
 from refine_af_utils.rouge import NoveltyPool
 from refine_af_utils.seeding import derive_seed
 from refine_af_utils.seeds import SeedTask, SeedTaskError
+from refine_af_utils.progress import tqdm
 
 BLACKLIST = [
     "image", "images", "graph", "graphs", "picture", "pictures", "file", "files",

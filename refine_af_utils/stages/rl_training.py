@@ -50,6 +50,8 @@ from refine_af_utils.scorers import Scorer
 from refine_af_utils import trl_bridge
 from refine_af_utils.seeding import derive_seed
 from refine_af_utils.stats import paired_summary
+from refine_af_utils.library_noise import quiet_known_noise, quiet_load_report
+from refine_af_utils.progress import use_text_progress
 
 # PPO lives in trl.experimental in the pinned trl (1.9.2, the last release that ships it); we
 # use it on purpose, so its "experimental API" warning is silenced.
@@ -165,8 +167,9 @@ def train_ppo_segment(segment: Segment) -> SegmentResult:
     dtype = torch_dtype(params.model.dtype, params.model.device)
     fresh = segment.last_checkpoint is None
     value_source = resolve_model_path(params.model.name_or_path) if fresh else segment.last_checkpoint / "value_model"
-    value_model = AutoModelForSequenceClassification.from_pretrained(
-        value_source, num_labels=1, dtype=dtype, trust_remote_code=params.model.trust_remote_code)
+    with quiet_load_report():  # its score head is new by design (zeroed below)
+        value_model = AutoModelForSequenceClassification.from_pretrained(
+            value_source, num_labels=1, dtype=dtype, trust_remote_code=params.model.trust_remote_code)
     value_model.config.pad_token_id = tokenizer.pad_token_id
     head = getattr(value_model, "score", None)
     if fresh and isinstance(head, nn.Linear):
@@ -187,7 +190,9 @@ def train_ppo_segment(segment: Segment) -> SegmentResult:
                          eval_dataset=Dataset.from_list(encoded[: cfg.batch_size]), value_model=value_model,
                          peft_config=None, optimizers=(optimizer, scheduler),
                          callbacks=[metrics_callback(segment.logger)])
-    trainer.train()
+    use_text_progress(trainer, "stage 3: PPO updates")
+    with quiet_known_noise():
+        trainer.train()
     return SegmentResult(trainer.model.policy, trainer.model.value_model, trainer.accelerator.is_main_process)
 
 
@@ -208,6 +213,7 @@ def _train_group_segment(segment: Segment, algorithm: str) -> SegmentResult:
     trainer = Trainer(model=segment.policy, reward_funcs=[reward], args=config,
                       train_dataset=Dataset.from_list(segment.rows), processing_class=segment.tokenizer,
                       callbacks=[metrics_callback(segment.logger)])
+    use_text_progress(trainer, f"stage 3: {algorithm.upper()} updates")
     trainer.train()
     return SegmentResult(trainer.model, None, trainer.accelerator.is_main_process)
 

@@ -29,6 +29,7 @@ from refine_af_utils.prompts import sft_prompt
 from refine_af_utils.files import atomic_write_text, sha256_file
 from refine_af_utils import trl_bridge
 from refine_af_utils.seeding import derive_seed
+from refine_af_utils.progress import use_text_progress
 
 _STAGE = stage_of_module(__name__)  # this module's stage in the registry
 
@@ -74,6 +75,7 @@ def fine_tune(model_spec: ModelParams, instances: Sequence[dict[str, Any]], outp
     set_seed(seed)  # the LoRA initialisation happens in SFTTrainer: the same for both arms and on resume
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(sft_records(instances, tokenizer.eos_token)),
                          processing_class=tokenizer, peft_config=peft_config, callbacks=list(callbacks))
+    use_text_progress(trainer, f"stage 5: SFT {output_dir.name}")
     checkpoint = _last_whole_checkpoint(output_dir)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if not trainer.is_world_process_zero():
