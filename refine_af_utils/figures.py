@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import pandas as pd
 
@@ -87,16 +87,30 @@ def sft_loss_figure(losses: pd.DataFrame, path: Path) -> Path:
     return save_figure(grouped_lines(losses, "epoch", "loss", "arm", "Stage 5: SFT loss on each arm's dataset"), path)
 
 
-def evaluation_figure(name: str, per_category: pd.DataFrame, comparison: pd.DataFrame, path: Path) -> Path:
-    """Draw ``per_category`` (bars per model) or ``task_deltas`` (per-task difference histogram) to ``path``."""
-    from refine_af_utils.plots import grouped_bars, histogram, save_figure
+MODEL_LABELS = {"base": "base model", "self_instruct": "Self-Instruct", "refine_af": "REFINE-AF"}
 
+
+def evaluation_figure(name: str, statistics: Any, path: Path) -> Path:
+    """Draw stage 6's ``task_forest`` (the headline: per-task REFINE-AF minus Self-Instruct ROUGE-L with its
+    CI, sorted) or ``per_category`` (ROUGE-L per category and model with CIs) from its
+    :class:`~refine_af_utils.comparison.EvaluationStatistics` (``tasks``, ``per_category``) to ``path``."""
+    from refine_af_utils.plots import forest, grouped_intervals, save_figure
+
+    if name == "task_forest":
+        tasks = statistics.tasks.assign(label=[f"{t} ({c})" for t, c in zip(statistics.tasks["task"],
+                                                                           statistics.tasks["category"])])
+        wins, losses = int((tasks["delta"] > 0).sum()), int((tasks["delta"] < 0).sum())
+        return save_figure(forest(
+            tasks, "label", "delta", "ci_low", "ci_high",
+            f"REFINE-AF minus Self-Instruct per task (n = {len(tasks)} tasks: {wins} above 0, {losses} below)",
+            "ROUGE-L difference (x100) with its 95% CI over the task's instances", colour_by="significant"), path)
     if name == "per_category":
-        return save_figure(grouped_bars(per_category[list(MODELS)], "ROUGE-L per category", "ROUGE-L"), path)
-    if name == "task_deltas":
-        return save_figure(histogram(comparison["delta"], "REFINE-AF minus Self-Instruct, per task",
-                                     "ROUGE-L difference", vline=0.0, vline_label="tie"), path)
+        rows = statistics.per_category
+        rows = rows[(rows["metric"] == "rougeL") & rows["model"].isin(list(MODELS))]
+        return save_figure(grouped_intervals(
+            rows, "category", "model", "mean", "ci_low", "ci_high",
+            "ROUGE-L per category and model (95% cluster bootstrap CIs)", "ROUGE-L (x100)", MODEL_LABELS), path)
     raise ValueError(f"unknown evaluation figure '{name}'")
 
 
-EVALUATION_FIGURES = ("per_category", "task_deltas")
+EVALUATION_FIGURES = ("task_forest", "per_category")

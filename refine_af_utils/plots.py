@@ -221,3 +221,59 @@ def density_histograms(samples: Sequence[tuple[str, Sequence[float], float]], ti
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     return fig
+
+
+OUTCOME_COLOURS = {"win": "#55A868", "loss": "#C44E52", "no": "#8C8C8C"}
+
+
+def forest(table: pd.DataFrame, label: str, estimate: str, low: str, high: str, title: str, xlabel: str,
+           colour_by: str | None = None, note: str = "") -> plt.Figure:
+    """A forest plot: one row per row of ``table``, sorted by ``estimate`` (largest on top), its interval as a
+    horizontal line, a zero line; rows coloured by ``colour_by`` (``win`` / ``loss`` / other) when given."""
+    rows = table.sort_values([estimate, label], ascending=[True, False]).reset_index(drop=True)
+    fig, ax = plt.subplots(figsize=(7.5, 0.32 * len(rows) + 1.6))
+    positions = np.arange(len(rows))
+    colours = [OUTCOME_COLOURS.get(str(v), OUTCOME_COLOURS["no"]) for v in
+               (rows[colour_by] if colour_by else ["no"] * len(rows))]
+    values = rows[estimate].to_numpy(dtype=float)
+    ax.hlines(positions, rows[low].to_numpy(dtype=float), rows[high].to_numpy(dtype=float), colors=colours,
+              linewidth=2)
+    ax.scatter(values, positions, color=colours, zorder=3, s=22)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_yticks(positions, [str(v) for v in rows[label]], fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    if colour_by:
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([], [], color=c, marker="o", linewidth=2, label=n) for n, c in
+                   (("CI above 0", OUTCOME_COLOURS["win"]), ("CI below 0", OUTCOME_COLOURS["loss"]),
+                    ("CI includes 0", OUTCOME_COLOURS["no"]))]
+        ax.legend(handles=handles, fontsize=8, loc="lower right")
+    if note:
+        fig.text(0.01, 0.0, note, fontsize=7, va="top")
+    fig.tight_layout()
+    return fig
+
+
+def grouped_intervals(table: pd.DataFrame, group: str, series: str, estimate: str, low: str, high: str,
+                      title: str, xlabel: str, labels: Mapping[str, str] | None = None) -> plt.Figure:
+    """Per ``group`` (a row band), one point with its interval per ``series`` (offset within the band)."""
+    groups = list(dict.fromkeys(table[group]))[::-1]
+    names = list(dict.fromkeys(table[series]))
+    step = 0.7 / max(len(names), 1)
+    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(groups) * max(len(names), 1) * 0.6 + 1.6))
+    for k, name in enumerate(names):
+        rows = table[table[series] == name].set_index(group).reindex(groups)
+        y = np.arange(len(groups)) + (k - (len(names) - 1) / 2) * step
+        ax.hlines(y, rows[low].to_numpy(dtype=float), rows[high].to_numpy(dtype=float), color=f"C{k}", linewidth=2)
+        ax.scatter(rows[estimate].to_numpy(dtype=float), y, color=f"C{k}", s=18, zorder=3,
+                   label=(labels or {}).get(name, name))
+    ax.set_yticks(np.arange(len(groups)), groups, fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -281,7 +281,7 @@ def test_smoke_07_report(smoke_run):
     expected_tables = {"environment", "main", "tasks_improved", "per_category", "seeds", "filter_counts", "reward_components",
                        "reward_correlations", "rl_summary", "rl_heldout", "dataset_statistics", "arm_comparison",
                        "reward_by_arm", "sft_summary", "wall_time", "task_stats"}
-    expected_figures = {"06_per_category", "06_task_deltas", "01_filter_counts", "01_novelty", "02_components",
+    expected_figures = {"06_per_category", "06_task_forest", "01_filter_counts", "01_novelty", "02_components",
                         "02_correlations", "03_reward_kl", "03_components", "03_heldout", "04_arm_comparison",
                         "04_arm_rewards", "05_sft_loss",
                         "wall_time"}

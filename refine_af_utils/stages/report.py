@@ -19,6 +19,7 @@ from refine_af_utils.comparison import (
     DIFFERENCE,
     PAPER_TASKS_IMPROVED,
     STATISTICS_FILES,
+    EvaluationStatistics,
     statistics_from_run,
 )
 from refine_af_utils.figures import (
@@ -360,6 +361,10 @@ def build_report(run_dir: str | Path, run_name: str | None = None, random_seed: 
                 "the statistic is the mean over instances, as Tk-Instruct's score); per task, its instances. "
                 "The REFINE-AF minus Self-Instruct difference is paired by instance (same task and id).")
     report.text(chance_sentence(overall_ci, tests))
+    statistics = EvaluationStatistics(overall_ci, task_stats, per_category_ci, tests)
+    report.figure("06_task_forest", lambda p: evaluation_figure("task_forest", statistics, p),
+        f"the headline, per task: REFINE-AF minus Self-Instruct ROUGE-L with its {level} CI over the task's "
+        "instances, sorted (green: CI above 0, red: below, grey: includes 0)")
     report.table("main", main_table(overall_ci),
                  "overall ROUGE-L and exact match (x100, means over instances) per model and the paired "
                  f"REFINE-AF minus Self-Instruct difference, with {level} cluster bootstrap CIs")
@@ -371,7 +376,6 @@ def build_report(run_dir: str | Path, run_name: str | None = None, random_seed: 
                  "(Clopper-Pearson) interval of the share, the tests over tasks and their power")
     report.text(power_line(tasks, tests))
 
-    per_category = _csv(layout.file("06", "per_category"), index_col="category")
     report.table("per_category", per_category_table(per_category_ci),
                  f"ROUGE-L per category (means over instances) with {level} cluster bootstrap CIs, and the winning arm "
                  "(only where the CI of the paired difference excludes 0)")
@@ -379,11 +383,8 @@ def build_report(run_dir: str | Path, run_name: str | None = None, random_seed: 
                  f"per task: ROUGE-L per model, REFINE-AF minus Self-Instruct with its {level} CI over the task's "
                  "instances, the outcome, whether it is significant, and flags (floor: every model scores 0; "
                  "constant label: every instance has the same reference answer)")
-    comparison = _csv(layout.file("06", "task_comparison"))
-    report.figure("06_per_category", lambda p: evaluation_figure("per_category", per_category, comparison, p),
-                  "ROUGE-L per category and model")
-    report.figure("06_task_deltas", lambda p: evaluation_figure("task_deltas", per_category, comparison, p),
-                  "per-task ROUGE-L difference, REFINE-AF minus Self-Instruct")
+    report.figure("06_per_category", lambda p: evaluation_figure("per_category", statistics, p),
+                  f"ROUGE-L per category and model, with {level} cluster bootstrap CIs")
 
     report.text("## Stage 0: seed tasks")
     report.table("seeds", _csv(layout.file("00", "summary"), index_col="statistic"), "seed task statistics")

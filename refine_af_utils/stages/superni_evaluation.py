@@ -154,7 +154,7 @@ def run(params: Params, run_dir: str | Path) -> SuperNIEvaluationResult:
     overall.to_csv(stage.file("overall"), index_label="model")
     comparison.round(4).to_csv(stage.file("task_comparison"), index=False)
     write_statistics(layout, statistics, improvement)
-    figures = {name: evaluation_figure(name, per_category, comparison, stage.file("figure", name=name))
+    figures = {name: evaluation_figure(name, statistics, stage.file("figure", name=name))
                for name in EVALUATION_FIGURES}
     stage.record_metrics({
         **{f"{name}_rougeL": float(overall.loc[name, "rougeL"]) for name in MODELS},
