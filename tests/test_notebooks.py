@@ -127,6 +127,12 @@ def check_executed(run_dir: Path, stage_id: str) -> None:
     assert not [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
     if stage.id in ("01", "02", "03", "04", "05", "06"):
         assert any(o.get("output_type") == "stream" and "100%|" in o.get("text", "") for o in outputs), stage.id
+    # the notebook closes with its conclusion, computed from this run's metrics (refine_af_utils.conclusions)
+    from refine_af_utils.conclusions import conclusion
+
+    last = [c for c in executed.cells if c.cell_type == "code"][-1]
+    shown = "".join("".join(o.get("data", {}).get("text/markdown", "")) for o in last.get("outputs", []))
+    assert shown == conclusion(stage.id, run_dir) and shown.startswith("**This run's"), stage.id
     # the known library noise (refine_af_utils.library_noise) is not in the saved notebook
     streams = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
     noise = [p for _, p, _ in KNOWN_WARNINGS] + [p for p, _ in KNOWN_LOG_RECORDS] + [r"Consider training"]

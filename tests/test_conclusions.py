@@ -1,0 +1,36 @@
+"""Notebook conclusions say what the numbers show, and change with them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from refine_af_utils.conclusions import CONCLUSIONS, conclusion, interval_verdict
+from refine_af_utils.layout import STAGES
+
+
+@pytest.mark.parametrize("low, high, verdict", [(-0.01, 0.02, "not distinguishable from 0"), (0.001, 0.02, "above 0"),
+                                                (-0.02, -0.001, "below 0"), (0.0, 0.0, "not distinguishable from 0")])
+def test_an_interval_is_read_by_whether_it_includes_0(low, high, verdict):
+    assert interval_verdict((low + high) / 2, low, high).endswith(f": {verdict}")
+
+
+def test_every_stage_has_a_conclusion():
+    assert list(CONCLUSIONS) == [stage.id for stage in STAGES]
+
+
+def test_the_result_conclusion_follows_the_run(tmp_path):
+    metrics = {"wins": 8, "ties": 2, "losses": 2, "tasks": 12, "win_share_percent": 66.7, "win_share_ci_low": 0.349,
+               "win_share_ci_high": 0.901, "sign_test_p": 0.109, "significant_wins": 4, "significant_losses": 1,
+               "refine_af_rougeL": 18.56, "self_instruct_rougeL": 12.79, "base_rougeL": 12.88,
+               "refine_af_minus_self_instruct_rougeL_ci": [-6.18, 16.97]}
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "06.json").write_text(json.dumps(metrics))
+    text = conclusion("06", tmp_path)
+    assert "8 of 12 tasks (67%, exact 95% CI 35-90%" in text
+    assert text.endswith("+5.77 [-6.18, +16.97] (95% CI): not distinguishable from 0.")
+    metrics.update(refine_af_rougeL=22.0, refine_af_minus_self_instruct_rougeL_ci=[1.5, 16.0], wins=11, losses=0)
+    (tmp_path / "metrics" / "06.json").write_text(json.dumps(metrics))
+    text = conclusion("06", tmp_path)
+    assert "11 of 12 tasks" in text and text.endswith("+9.21 [+1.5, +16] (95% CI): above 0.")
