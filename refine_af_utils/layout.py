@@ -121,6 +121,8 @@ INSTRUCTIONS_FILE, BATCHES_FILE = STAGE_FILES["01"]["instructions"], STAGE_FILES
 STUDY_REPORT, STUDY_TABLE, STUDY_FIGURE = "study.md", "study_{name}.csv", "fig_{name}.png"
 CONFIG_FILE = "config.json"  # in every stage folder: the settings it was made with (run_folder.check_stage_config)
 RESOLVED_PARAMS = "params.yaml"  # at the top of a run folder: the params it runs with, every key resolved
+EXPORT_DIR = "datasets"  # at the top of a run folder: both arms as Hugging Face dataset folders (export.py)
+EXPORT_DATA, EXPORT_CARD = "data/train.jsonl", "README.md"  # in each exported arm's folder
 LOCK_FILE = ".lock"  # at the top of a run (or study) folder: one runner at a time (locking.run_lock)
 # A study's own files, hidden (never a stage's output): per run, its setting, seed and the stages copied from
 # other runs, and the copies in progress; in the study folder, the submitit jobs' folder.
@@ -357,6 +359,10 @@ class RunLayout:
     def arm_data(self, arm: str) -> Path:
         """Stage 4's dataset of one arm: the instances stage 5 trains on."""
         return self.file("04", "dataset", arm=arm)
+
+    def exported_dataset(self, arm: str) -> Path:
+        """One arm's dataset as a Hugging Face dataset folder (``README.md`` card, ``data/train.jsonl``)."""
+        return self.run_dir / EXPORT_DIR / arm
 
     def sft_arm(self, arm: str) -> Path:
         """Stage 5's folder for one arm (checkpoints, ``model/``, ``complete``)."""
