@@ -110,7 +110,9 @@ def check_trainer_args(params: Any, source: str) -> None:
                                   f"{config.__name__}")
         with tempfile.TemporaryDirectory() as scratch:  # trl checks the values now, not hours into the run
             try:
-                config(**{"report_to": [], **extra, "output_dir": scratch, "use_cpu": True})
+                # activation_checkpointing set: trl's default gradient_checkpointing=True is a deprecated alias
+                config(**{"report_to": [], "activation_checkpointing": False, **extra, "output_dir": scratch,
+                          "use_cpu": True})
             except (TypeError, ValueError) as error:
                 first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                 raise ParamsError(f"{source}: key '{section}.trainer_args' is refused by trl's {config.__name__}: "
