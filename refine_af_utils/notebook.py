@@ -193,3 +193,36 @@ def keep_committed_notebooks_clean(model: dict[str, Any], path: str, contents_ma
         if [(c.cell_type, c.source) for c in committed.cells] == [(c.cell_type, c.source) for c in notebook.cells]:
             notebook = committed
     model["content"] = notebook
+
+
+def _plain(value: Any) -> Any:
+    """A whole number as an int (``36``, not ``36.000``); anything else as it is."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def as_table(values: Any, name: str = "value") -> Any:
+    """A mapping (a dict, a Series, a params dataclass; nested sections as dotted keys) or a DataFrame as a
+    table whose whole numbers show as integers, for a notebook cell."""
+    import dataclasses
+
+    import pandas as pd
+
+    if isinstance(values, pd.DataFrame):
+        return pd.DataFrame({column: pd.Series([_plain(v) for v in values[column]], index=values.index, dtype=object)
+                             for column in values.columns})
+    if dataclasses.is_dataclass(values) and not isinstance(values, type):
+        values = dataclasses.asdict(values)
+
+    def flat(mapping: Any, prefix: str = "") -> dict[str, Any]:
+        rows: dict[str, Any] = {}
+        for key, value in mapping.items():
+            if isinstance(value, dict) and value:
+                rows.update(flat(value, f"{prefix}{key}."))
+            else:
+                rows[f"{prefix}{key}"] = value if not isinstance(value, (list, tuple)) else ", ".join(map(str, value))
+        return rows
+
+    rows = flat(values)
+    return pd.DataFrame({name: pd.Series([_plain(v) for v in rows.values()], index=list(rows), dtype=object)})
