@@ -8,6 +8,8 @@ from typing import Sequence
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
+from refine_af_utils.models import encode_prompts
+
 
 class PresencePenaltyLogitsProcessor(LogitsProcessor):
     """Subtract ``penalty`` from the logit of every token already present in the continuation.
@@ -80,7 +82,7 @@ def generate_batch(
     """Continue every prompt in one left-padded batch; ``temperature == 0`` decodes greedily."""
     if tokenizer.padding_side != "left":
         raise ValueError("generate_batch needs a tokenizer with padding_side='left'")
-    encoded = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
+    encoded = encode_prompts(tokenizer, prompts, return_tensors="pt", padding=True)
     encoded = encoded.to(model.device)
     prompt_length = encoded["input_ids"].shape[1]
     sampling = temperature > 0

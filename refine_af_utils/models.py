@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib.util
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -175,6 +175,14 @@ def resolve_model_path(name_or_path: str) -> str:
             raise ModelNotFoundError(f"model path '{name_or_path}' does not exist or is not a folder")
         return str(path)
     return name_or_path  # a hub id: transformers downloads it (needs network)
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: str | Sequence[str], **kwargs: Any) -> Any:
+    """The one tokenisation rule for the backbone's prompts (generation, RL rollouts, evaluation): with the
+    tokenizer's own special tokens, as trl's SFT tokenises the examples stage 5 trains on. So a backbone
+    trained with BOS (LLaMA, Mistral, Gemma) also sees it when it generates and is evaluated; SmolLM2's
+    tokenizer adds none. ``kwargs`` go to the tokenizer (``return_tensors``, ``padding``)."""
+    return tokenizer(prompts if isinstance(prompts, str) else list(prompts), add_special_tokens=True, **kwargs)
 
 
 def ensure_distinct_pad_token(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None) -> None:

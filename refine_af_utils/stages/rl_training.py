@@ -160,7 +160,7 @@ def train_ppo_segment(segment: Segment) -> SegmentResult:
     from transformers import AutoModelForSequenceClassification
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    from refine_af_utils.models import resolve_model_path, torch_dtype
+    from refine_af_utils.models import encode_prompts, resolve_model_path, torch_dtype
 
     params, cfg, tokenizer = segment.params, segment.params.rl, segment.tokenizer
     decoding = params.instance_generation
@@ -174,7 +174,7 @@ def train_ppo_segment(segment: Segment) -> SegmentResult:
     head = getattr(value_model, "score", None)
     if fresh and isinstance(head, nn.Linear):
         nn.init.zeros_(head.weight)  # a random head gives random values; zero predicts "no advantage" at first
-    encoded = [{"input_ids": tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]} for r in segment.rows]
+    encoded = [{"input_ids": encode_prompts(tokenizer, r["prompt"])["input_ids"]} for r in segment.rows]
     reward_model = RefineAFRewardModel(tokenizer, segment.scorer, [(e["input_ids"], r) for e, r in zip(encoded, segment.rows)],
                                        decoding.max_new_tokens)
     policy_parameters = [p for p in segment.policy.parameters() if p.requires_grad]
