@@ -22,6 +22,11 @@ def _share(part: Any, whole: Any) -> str:
     return f"{100 * float(part) / float(whole):.0f}%" if float(whole) else "n/a"
 
 
+def _p(value: Any) -> str:
+    """A p-value to 3 significant digits, or why there is none (a sign test over no wins and no losses)."""
+    return "undefined (no task was won or lost)" if value is None or value != value else f"{float(value):.3g}"
+
+
 def interval_verdict(estimate: float, low: float, high: float, unit: str = "") -> str:
     """``+0.0123 [-0.0041, +0.0290]: not distinguishable from 0`` (or ``above 0`` / ``below 0``)."""
     verdict = "above 0" if low > 0 else "below 0" if high < 0 else "not distinguishable from 0"
@@ -87,7 +92,7 @@ def _superni_evaluation(m: dict[str, Any]) -> str:
     return (f"**This run's result:** REFINE-AF beat Self-Instruct on {_n(m['wins'])} of {_n(m['tasks'])} tasks "
             f"({float(m['win_share_percent']):.0f}%, exact 95% CI {100 * float(m['win_share_ci_low']):.0f}-"
             f"{100 * float(m['win_share_ci_high']):.0f}%; the paper: 63-66%), tied on {_n(m['ties'])} and lost "
-            f"{_n(m['losses'])}; sign test p = {float(m['sign_test_p']):.3g}. Its own CI excluded 0 on "
+            f"{_n(m['losses'])}; sign test p = {_p(m.get('sign_test_p'))}. Its own CI excluded 0 on "
             f"{_n(m['significant_wins'])} wins and {_n(m['significant_losses'])} losses. Overall ROUGE-L "
             f"{_n(m['refine_af_rougeL'])} against {_n(m['self_instruct_rougeL'])} (base model {_n(m['base_rougeL'])}), "
             f"a difference of " + interval_verdict(difference, low, high) + ".")

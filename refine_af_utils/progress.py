@@ -9,8 +9,9 @@ most every :data:`HEARTBEAT_SECONDS`: papermill echoes each redraw to the termin
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any
+from typing import Any, Iterator
 
 TEXT_PROGRESS_ENV = "REFINE_AF_TEXT_PROGRESS"
 HEARTBEAT_SECONDS = 30.0
@@ -57,3 +58,27 @@ def use_text_progress(trainer: Any, desc: str) -> None:
     trainer.remove_callback(NotebookProgressCallback)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(TextProgressCallback(max_str_len=100))
+
+
+@contextlib.contextmanager
+def library_bars_as_text() -> Iterator[None]:
+    """Under the runner, the libraries' own bars inside the block are text too: transformers' (weight loading)
+    through its tqdm hook; datasets' (map, filter) are switched off, being seconds long. Elsewhere, nothing."""
+    if not text_progress():
+        yield
+        return
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
+    def text_bar(factory: Any, args: Any, kwargs: Any) -> Any:  # bars switched off stay off
+        return tqdm(*args, **kwargs) if transformers_logging.is_progress_bar_enabled() else factory(*args, **kwargs)
+
+    previous = transformers_logging.set_tqdm_hook(text_bar)
+    datasets_bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        transformers_logging.set_tqdm_hook(previous)
+        if datasets_bars:
+            datasets.enable_progress_bars()

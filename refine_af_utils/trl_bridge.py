@@ -15,11 +15,12 @@ table (tests/test_params.py checks both ways against trl).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from refine_af_utils.errors import ParamsError
 
@@ -173,3 +174,41 @@ def group_config_args(params: Any, output_dir: Path, seed: int, updates: int, dt
     common["per_device_train_batch_size"] = cfg.batch_size * cfg.num_generations
     return {**common, "num_generations": cfg.num_generations, "max_completion_length": decoding.max_new_tokens,
             "temperature": decoding.temperature, "top_p": decoding.top_p, "beta": cfg.kl_coef}
+
+
+@contextlib.contextmanager
+def ppo_logprobs_from_forward() -> Iterator[None]:
+    """Inside the block, trl PPO's rollout log-probs come from one ``forward()`` over query and response, the
+    same computation as its reference log-probs and its loss's new log-probs.
+
+    trl 1.9.2 takes them from ``generate()``'s scores, decoded token by token with a KV cache; in bfloat16 that
+    rounds differently from a full forward (transformers#31267), by about 0.07 nat per token, so at update 1,
+    with policy and reference still equal, the logged KL was -0.37 nat per sequence and the PPO ratio was off 1.
+    The sampled tokens are unchanged; the cost is one forward per rollout batch. trl calls the module-level
+    ``batch_generation`` by name, which this replaces for the block.
+    """
+    import torch
+    import trl.experimental.ppo.ppo_trainer as ppo
+
+    if not all(hasattr(ppo, name) for name in ("batch_generation", "forward")):  # pragma: no cover - a new trl
+        raise RuntimeError("trl's PPO module no longer has batch_generation/forward: check ppo_logprobs_from_forward")
+    original = ppo.batch_generation
+
+    @torch.no_grad()
+    def batch_generation(model: Any, queries: Any, local_rollout_forward_batch_size: int, pad_token_id: int,
+                         generation_config: Any) -> tuple[Any, Any]:
+        query_responses, _ = original(model, queries, local_rollout_forward_batch_size, pad_token_id,
+                                      generation_config)
+        context_length, chunks = queries.shape[1], []
+        for start in range(0, query_responses.shape[0], local_rollout_forward_batch_size):
+            chunk = query_responses[start:start + local_rollout_forward_batch_size]
+            logits = ppo.forward(model, chunk, pad_token_id).logits[:, context_length - 1:-1]
+            logits /= generation_config.temperature  # trl's args.temperature + 1e-7, in place, as its reference
+            chunks.append(logits)
+        return query_responses, torch.cat(chunks, 0)
+
+    ppo.batch_generation = batch_generation
+    try:
+        yield
+    finally:
+        ppo.batch_generation = original

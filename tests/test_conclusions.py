@@ -34,3 +34,15 @@ def test_the_result_conclusion_follows_the_run(tmp_path):
     (tmp_path / "metrics" / "06.json").write_text(json.dumps(metrics))
     text = conclusion("06", tmp_path)
     assert "11 of 12 tasks" in text and text.endswith("+9.21 [+1.5, +16] (95% CI): above 0.")
+
+
+def test_the_result_conclusion_of_a_run_where_every_task_tied(tmp_path):
+    # the smoke run on several CPUs: 12 ties, no win or loss, so the sign test has no p-value (stored as null)
+    metrics = {"wins": 0, "ties": 12, "losses": 0, "tasks": 12, "win_share_percent": 0.0, "win_share_ci_low": 0.0,
+               "win_share_ci_high": 0.265, "sign_test_p": None, "significant_wins": 0, "significant_losses": 0,
+               "refine_af_rougeL": 3.5, "self_instruct_rougeL": 3.5, "base_rougeL": 3.1,
+               "refine_af_minus_self_instruct_rougeL_ci": [0.0, 0.0]}
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "06.json").write_text(json.dumps(metrics))
+    text = conclusion("06", tmp_path)
+    assert "sign test p = undefined (no task was won or lost)" in text and "tied on 12 and lost 0" in text

@@ -28,7 +28,8 @@ def test_the_smoke_run_exports_both_arms_and_they_load_back(smoke_run, tmp_path,
     metrics = read_metrics(run_dir, "04")
     for arm in ("self_instruct", "refine_af"):
         folder = run_dir / "datasets" / arm
-        train = load_dataset(str(folder))["train"]
+        # a cache of its own: a datasets cache shared with other runs must not answer for this folder
+        train = load_dataset(str(folder), cache_dir=str(tmp_path / "datasets-cache"))["train"]
         assert train.num_rows == metrics[f"{arm}_instances"] and tuple(train.column_names) == COLUMNS
         card = (folder / "README.md").read_text()
         assert f"- {train.num_rows} instances of" in card and "seed tasks' licence: Apache-2.0" in card

@@ -273,3 +273,49 @@ def test_grpo_and_rloo_run_one_step(tiny_llama_dir, tiny_run, algorithm):
     assert list(metrics["update"]) == [1]
     assert np.isfinite(metrics.loc[0, ["reward", "parsed_share", "unparsed_reward"]].astype(float)).all()
     assert (adapter_dir / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("patched", [True, False])
+def test_ppo_rollout_logprobs_equal_the_reference_with_a_fresh_adapter(tiny_llama_dir, dtype, patched):
+    """At update 1 (LoRA B = 0) policy and reference are one model: trl's rollout log-probs, as stage 3 runs trl,
+    must equal its reference log-probs per token, so the KL starts at 0. Without the package's forward-based
+    rollout log-probs, bfloat16 fails this (generate()'s KV-cached scores round otherwise); float32 passes both."""
+    import contextlib
+
+    import trl.experimental.ppo.ppo_trainer as ppo
+    from peft import get_peft_model
+    from transformers import DataCollatorWithPadding, GenerationConfig
+
+    from refine_af_utils import trl_bridge
+    from refine_af_utils.models import encode_prompts, lora_config
+
+    params = params_from_dict(tiny_rl_params(tiny_llama_dir))
+    spec = params.model.__class__(**{**params.to_dict()["model"], "dtype": dtype})
+    base, tokenizer = load_causal_lm(spec)
+    policy = get_peft_model(base, lora_config(params.rl.lora))
+    policy.train()
+    prompts = ["Instruction: Sort the numbers.\nInput:",
+               "Instruction: Is this positive?\nOutput: yes\n\nInstruction: Name a colour.\nInput:"]  # unequal: padded
+    queries = DataCollatorWithPadding(tokenizer)(
+        [{"input_ids": encode_prompts(tokenizer, p)["input_ids"]} for p in prompts])["input_ids"]
+    context, temperature = queries.shape[1], params.instance_generation.temperature
+    generation = GenerationConfig(max_new_tokens=24, temperature=temperature + 1e-7, top_k=0, top_p=1.0, do_sample=True)
+    torch.manual_seed(0)
+    with trl_bridge.ppo_logprobs_from_forward() if patched else contextlib.nullcontext():
+        query_responses, logits = ppo.batch_generation(policy, queries, len(prompts), tokenizer.pad_token_id, generation)
+    response = query_responses[:, context:]
+    logprob = ppo.selective_log_softmax(logits, response)
+    with torch.no_grad(), policy.disable_adapter():  # trl's reference path, as in PPOTrainer.train
+        reference = ppo.forward(policy, query_responses, tokenizer.pad_token_id).logits[:, context - 1:-1]
+        reference /= temperature + 1e-7
+        ref_logprob = ppo.selective_log_softmax(reference, response)
+    ends = ppo.first_true_indices(ppo.truncate_response(tokenizer.eos_token_id, tokenizer.pad_token_id, response)
+                                  == tokenizer.pad_token_id) - 1
+    valid = torch.arange(response.shape[1]) <= ends.unsqueeze(1)
+    gap = (logprob - ref_logprob).float()[valid].abs().max().item()
+    kl = ((logprob - ref_logprob).float() * valid).sum(1).mean().item()
+    if patched or dtype == "float32":
+        assert gap <= 1e-5 and kl >= -1e-3, (gap, kl)
+    else:  # the bug the patch fixes is real: without it, bf16 rollout and reference disagree
+        assert gap > 1e-3, gap

@@ -191,7 +191,7 @@ def train_ppo_segment(segment: Segment) -> SegmentResult:
                          peft_config=None, optimizers=(optimizer, scheduler),
                          callbacks=[metrics_callback(segment.logger)])
     use_text_progress(trainer, "stage 3: PPO updates")
-    with quiet_known_noise():
+    with quiet_known_noise(), trl_bridge.ppo_logprobs_from_forward():  # rollout and reference agree (KL 0 at start)
         trainer.train()
     return SegmentResult(trainer.model.policy, trainer.model.value_model, trainer.accelerator.is_main_process)
 
