@@ -64,7 +64,9 @@ def _rl_training(m: dict[str, Any]) -> str:
                  + "; the parsed share by " + interval_verdict(m["heldout_parsed_gain"], m["heldout_parsed_gain_ci_low"],
                                                              m["heldout_parsed_gain_ci_high"]) + ".")
     if m.get("last_kl") is not None:
-        text += f" KL to the reference at the last update: {float(m['last_kl']):.3f} nat per sequence."
+        first = f"{float(m['first_kl']):.3f} at update 1 (0 where policy and reference agree), " \
+            if m.get("first_kl") is not None else ""
+        text += f" KL to the reference: {first}{float(m['last_kl']):.3f} nat per sequence at the last update."
     return text
 
 

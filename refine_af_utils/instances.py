@@ -78,8 +78,9 @@ def filter_instances(instances: Sequence[Instance], max_instances: int = 5) -> t
     """Self-Instruct's instance filters; returns the kept instances and a count per reason.
 
     Drops input == output, an empty output, an input or output ending with a colon; if one
-    input has different outputs the whole task is dropped; exact duplicates are removed;
-    at most ``max_instances`` are kept.
+    non-empty input has different outputs the whole task is dropped (Self-Instruct's
+    ``filter_duplicate_instances`` skips empty inputs: a no-input task's examples may differ);
+    exact duplicates are removed; at most ``max_instances`` are kept.
     """
     counts: dict[str, int] = defaultdict(int)
     kept: list[Instance] = []
@@ -94,7 +95,8 @@ def filter_instances(instances: Sequence[Instance], max_instances: int = 5) -> t
             kept.append(instance)
     outputs_by_input: dict[str, set[str]] = defaultdict(set)
     for instance in kept:
-        outputs_by_input[instance.input].add(instance.output)
+        if instance.input.strip():
+            outputs_by_input[instance.input].add(instance.output)
     if any(len(outputs) > 1 for outputs in outputs_by_input.values()):
         counts["conflicting_outputs_task_dropped"] += len(kept)
         return [], dict(counts)

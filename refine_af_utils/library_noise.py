@@ -1,8 +1,10 @@
 """Library messages that tell a user of this package nothing, filtered where the package calls the library.
 
 Each entry says what is filtered and why it is harmless here. Everything else a library prints still shows.
-Both known messages come from trl's PPO loop, so :func:`quiet_known_noise` wraps stage 3's PPO training;
-:func:`quiet_load_report` wraps the one load whose report lists an intended fresh weight.
+They come from trl's PPO loop and from peft wrapping a model (stages 3-6), so :func:`quiet_known_noise`
+wraps every stage's ``run`` (``run_folder.stage_entry``) and stage 3's PPO training (also run alone under
+``accelerate launch``); :func:`quiet_load_report` wraps the one load whose report lists an intended fresh
+weight.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from typing import Iterator
 # (category, message pattern, why it is harmless here)
 KNOWN_WARNINGS: list[tuple[type[Warning], str, str]] = [
     (FutureWarning, r"`is_gradient_checkpointing` is deprecated",
-     "trl 1.9.2 (pinned: its last release with PPO) reads transformers' old attribute name; nothing to change here"),
+     "trl 1.9.2 (pinned: its last release with PPO) and peft 0.21.2 (building every PeftModel) read transformers' "
+     "old attribute name; nothing to change here"),
 ]
 # transformers' own log records (not the warnings module): (message pattern, why)
 KNOWN_LOG_RECORDS: list[tuple[str, str]] = [

@@ -400,9 +400,10 @@ def stage_entry(run: Any) -> Any:
 
     @functools.wraps(run)
     def entry(params: "Params", run_dir: str | Path) -> Any:
+        from refine_af_utils.library_noise import quiet_known_noise
         from refine_af_utils.progress import library_bars_as_text
 
-        with stage_session(stage, run_dir), library_bars_as_text():
+        with stage_session(stage, run_dir), library_bars_as_text(), quiet_known_noise():
             return run(params, run_dir)
 
     entry.stage_entry = stage  # type: ignore[attr-defined]  # for the structure test

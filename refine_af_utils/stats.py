@@ -64,13 +64,19 @@ def paired_bootstrap_ci(a: Sequence[float], b: Sequence[float], seed: int,
 
 
 def paired_summary(table: pd.DataFrame, pairs: dict[str, tuple[str, str]], seed: int) -> pd.DataFrame:
-    """Mean paired difference (second - first column) with a 95% bootstrap CI for each named measure."""
+    """Mean paired difference (second - first column) with a 95% bootstrap CI for each named measure.
+
+    ``mean_before`` and ``mean_after`` are over the same pairs as the difference (both sides finite), so
+    ``mean_after - mean_before == mean_difference`` always; a row undefined on one side counts in neither.
+    """
     rows = []
     for name, (before, after) in pairs.items():
-        ci = paired_bootstrap_ci(table[before], table[after], seed=derive_seed(seed, "ci", name))
+        a, b = table[before].to_numpy(dtype=np.float64), table[after].to_numpy(dtype=np.float64)
+        both = np.isfinite(a) & np.isfinite(b)
+        ci = paired_bootstrap_ci(a, b, seed=derive_seed(seed, "ci", name))
         rows.append({"measure": name, "mean_difference": ci.mean, "ci_low": ci.low, "ci_high": ci.high,
-                     "pairs": ci.instances, "mean_before": float(table[before].mean()),
-                     "mean_after": float(table[after].mean())})
+                     "pairs": ci.instances, "mean_before": float(a[both].mean()) if both.any() else float("nan"),
+                     "mean_after": float(b[both].mean()) if both.any() else float("nan")})
     return pd.DataFrame(rows)
 
 

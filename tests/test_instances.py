@@ -48,6 +48,16 @@ def test_self_instruct_filters():
     many, counts = filter_instances([Instance(str(i), "out") for i in range(8)], max_instances=5)
     assert len(many) == 5 and counts["over_limit"] == 3
 
+
+def test_a_no_input_task_may_have_several_different_examples():
+    # Self-Instruct's filter_duplicate_instances skips an empty input: "Write a haiku." with three examples
+    # is three instances, not a conflict; a non-empty input with two outputs still drops the task
+    haikus = [Instance("", "Autumn moon rises"), Instance("", "Rain on the old roof"), Instance(" ", "Frog, pond")]
+    kept, counts = filter_instances(haikus)
+    assert kept == haikus and counts.get("conflicting_outputs_task_dropped", 0) == 0
+    kept, counts = filter_instances(haikus + [Instance("x", "1"), Instance("x", "2")])
+    assert kept == [] and counts["conflicting_outputs_task_dropped"] == 5
+
 def test_instance_prompts_depend_only_on_the_instruction():
     seeds = load_seed_tasks("bundled")
     records = [{"instruction": "Rate the review.", "is_classification": True},

@@ -48,6 +48,9 @@ def test_paired_summary_columns_count_pairs():
     assert list(summary.columns) == ["measure", "mean_difference", "ci_low", "ci_high", "pairs",
                                      "mean_before", "mean_after"]
     assert summary.loc[0, "pairs"] == 2 and summary.loc[0, "mean_difference"] == 0.5
+    # the means beside the difference are over its pairs: b's 2.0 has no pair and counts in neither (the
+    # unpaired mean of b, 1.33, minus a's 0.5 would read as 0.83 beside a difference of 0.5)
+    assert (summary.loc[0, "mean_before"], summary.loc[0, "mean_after"]) == (0.5, 1.0)
 
 
 # --- the cluster bootstrap and the tests over tasks ---

@@ -413,12 +413,14 @@ def build_report(run_dir: str | Path, run_name: str | None = None, random_seed: 
     report.text("## Stage 3: RL training of the instance generator")
     rl = read_whole_csv(_require(layout.rl_metrics_file))  # a torn last row (a crash mid-append) is left out
     half = max(len(rl) // 2, 1)
-    measures = ["reward", "parsed_share", "content_reward", "kl_penalty"]
-    rl_summary = pd.DataFrame({"first half": rl.iloc[:half][measures].mean(),
+    measures = ["reward", "parsed_share", "content_reward", "kl", "kl_penalty"]
+    rl_summary = pd.DataFrame({"update 1": rl.iloc[0][measures].astype(float),
+                               "first half": rl.iloc[:half][measures].mean(),
                                "second half": rl.iloc[half:][measures].mean()}).T
     report.table("rl_summary", rl_summary,
-                 f"training reward, parsed share, content reward of parsed completions and KL penalty over the "
-                 f"{len(rl)} updates, by half (training prompts; no test, see the held-out table)")
+                 f"training reward, parsed share, content reward of parsed completions, KL to the reference (nat "
+                 f"per sequence; 0 at update 1, where policy and reference are still equal) and KL penalty over the "
+                 f"{len(rl)} updates: update 1 and by half (training prompts; no test, see the held-out table)")
     algorithm = json.loads(_require(layout.metrics("03")).read_text())["algorithm"]
     report.figure("03_reward_kl", lambda p: reward_kl_figure(rl, algorithm, p),
                   "RL reward terms, KL penalty and parsed share per update")
@@ -438,7 +440,9 @@ def build_report(run_dir: str | Path, run_name: str | None = None, random_seed: 
                  "dataset statistics in the layout of Self-Instruct's Table 1")
     comparison = _csv(layout.file("04", "arm_comparison"))
     report.table("arm_comparison", comparison.set_index("group"),
-                 "per instruction, REFINE-AF minus Self-Instruct, split by RL-train and held-out instructions, "
+                 "per instruction, REFINE-AF minus Self-Instruct, split by RL-train (the pool RL drew its prompts "
+                 "from: rl.num_prompts instructions, of which at most rl.updates x rl.batch_size were rolled out) and "
+                 "held-out instructions, "
                  "95% bootstrap CI (has_instances: share with a kept instance; reward: over all instructions, "
                  "none kept counting with the parse penalty; content: over kept instances)")
     report.figure("04_arm_comparison", lambda p: arm_comparison_figure(comparison, p),

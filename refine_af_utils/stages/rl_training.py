@@ -465,6 +465,7 @@ def run(params: Params, run_dir: str | Path) -> RLTrainingResult:
         "unparsed_reward": scorer.unparsed_reward,
         "first_half_reward": float(metrics["reward"].iloc[:half].mean()),
         "second_half_reward": float(metrics["reward"].iloc[half:].mean()) if len(metrics) > 1 else None,
+        "first_kl": float(metrics["kl"].iloc[0]),  # 0 while policy and reference are equal (LoRA B = 0)
         "last_kl": float(metrics["kl"].iloc[-1]),
         "heldout_instructions": int(len(heldout.per_instruction)),
         **{f"heldout_{m}_gain": float(gain.loc[m, "mean_difference"]) for m in gain.index},
