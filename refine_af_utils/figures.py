@@ -80,14 +80,31 @@ def arm_rewards_figure(rewards: dict[str, Sequence[float]], path: Path) -> Path:
     return save_figure(overlaid_histograms(rewards, "REFINE-AF reward of each arm's instances", "reward"), path)
 
 
+MODEL_LABELS = {"base": "base model", "self_instruct": "Self-Instruct", "refine_af": "REFINE-AF"}
+
+
+def yield_funnel_figure(counts: pd.DataFrame, path: Path) -> Path:
+    """Stage 1's instructions, those with a kept instance and the kept instances, per arm (stage 4's
+    ``yield_counts``; stage 4 and the report draw the same figure)."""
+    from refine_af_utils.plots import count_bars, save_figure
+
+    return save_figure(count_bars(counts, "Stage 4: from instructions to kept instances, per arm", MODEL_LABELS), path)
+
+
+def lengths_figure(lengths: dict[str, dict[str, Sequence[int]]], path: Path) -> Path:
+    """Words per non-empty input and per output of each arm's kept instances, every instance a dot."""
+    from refine_af_utils.plots import save_figure, strip_panels
+
+    panels = {f"{field} (non-empty)" if field == "input" else field: series for field, series in lengths.items()}
+    return save_figure(strip_panels(panels, "Stage 4: length of each kept instance, per arm (median as a line)",
+                                    "words", MODEL_LABELS, counts=True), path)
+
+
 def sft_loss_figure(losses: pd.DataFrame, path: Path) -> Path:
     """The loss per step of each arm against the epoch (stage 5 and the report draw the same figure)."""
     from refine_af_utils.plots import grouped_lines, save_figure
 
     return save_figure(grouped_lines(losses, "epoch", "loss", "arm", "Stage 5: SFT loss on each arm's dataset"), path)
-
-
-MODEL_LABELS = {"base": "base model", "self_instruct": "Self-Instruct", "refine_af": "REFINE-AF"}
 
 
 def evaluation_figure(name: str, statistics: Any, path: Path) -> Path:

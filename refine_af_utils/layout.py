@@ -106,7 +106,7 @@ STAGE_FILES: dict[str, dict[str, str]] = {
     "04": {"raw": "raw_{arm}.jsonl", "dataset": "{arm}.jsonl", "statistics": "dataset_statistics.csv",
            "reward_by_arm": "reward_by_arm.csv", "per_instruction": "per_instruction.csv",
            "arm_comparison": "arm_comparison.csv", "fig_rewards": "reward_by_arm.png",
-           "fig_comparison": "arm_comparison.png"},
+           "fig_comparison": "arm_comparison.png", "fig_yield": "yield.png", "fig_lengths": "lengths.png"},
     "05": {"arm": "{arm}", "model": f"{{arm}}/{SFT_MODEL}", "complete": f"{{arm}}/{SFT_COMPLETE}",
            "arm_loss": f"{{arm}}/{SFT_LOSS}",
            "loss": "loss.csv", "summary": "summary.csv", "fig_loss": "loss.png"},

@@ -277,3 +277,55 @@ def grouped_intervals(table: pd.DataFrame, group: str, series: str, estimate: st
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def count_bars(counts: pd.DataFrame, title: str, labels: Mapping[str, str] | None = None) -> plt.Figure:
+    """Horizontal bars of counts, one group per row (top to bottom in the table's order), one bar per column,
+    each labelled with its integer value; an integer axis."""
+    from matplotlib.ticker import MaxNLocator
+
+    labels = labels or {}
+    rows, columns = list(counts.index), list(counts.columns)
+    height = 0.8 / max(len(columns), 1)
+    fig, ax = plt.subplots(figsize=(6.5, 0.9 + 0.55 * len(rows) * max(len(columns), 1) * 0.6))
+    for j, column in enumerate(columns):
+        positions = [i + (j - (len(columns) - 1) / 2) * height for i in range(len(rows))]
+        values = counts[column].astype(int).tolist()
+        bars = ax.barh(positions, values, height=height * 0.95, label=labels.get(column, column))
+        ax.bar_label(bars, labels=[str(v) for v in values], padding=2, fontsize=8)
+    ax.set_yticks(range(len(rows)), rows)
+    ax.invert_yaxis()
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlim(0, max(1, int(counts.to_numpy().max())) * 1.15)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def strip_panels(panels: Mapping[str, Mapping[str, Sequence[float]]], title: str, ylabel: str,
+                 labels: Mapping[str, str] | None = None, seed: int = 0, counts: bool = False) -> plt.Figure:
+    """One panel per entry of ``panels``; in each, every value of each series as a jittered dot (small n is
+    shown whole, not binned), its median as a line, and n in the tick label; ``counts``: an integer axis
+    from 0."""
+    from matplotlib.ticker import MaxNLocator
+
+    labels = labels or {}
+    rng = np.random.default_rng(seed)  # jitter only: the same picture on every draw
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (panel, series) in zip(axes[0], panels.items()):
+        names = list(series)
+        for i, name in enumerate(names):
+            values = np.asarray(series[name], dtype=float)
+            if values.size:
+                ax.scatter(i + rng.uniform(-0.15, 0.15, values.size), values, s=14, alpha=0.6)
+                ax.hlines(np.median(values), i - 0.3, i + 0.3, color="black")
+        ax.set_xticks(range(len(names)), [f"{labels.get(n, n)}\n(n={len(series[n])})" for n in names], fontsize=8)
+        ax.set_xlim(-0.6, len(names) - 0.4)
+        ax.set_title(panel, fontsize=9)
+        ax.set_ylabel(ylabel)
+        if counts:
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_ylim(0, max([1.0, *[max(v) for v in series.values() if len(v)]]) * 1.1)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

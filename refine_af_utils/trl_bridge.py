@@ -147,6 +147,8 @@ def _rl_common_args(params: Any, output_dir: Path, seed: int, dtype: Any,
 
     cfg = params.rl
     return {
+        # trl's default gradient_checkpointing=True, under transformers' new name (the old one warns)
+        "activation_checkpointing": cfg.trainer_args.get("gradient_checkpointing", True),
         "report_to": [], "disable_tqdm": False, **cfg.trainer_args,  # rl.trainer_args: any other trl field
         "output_dir": str(output_dir), "learning_rate": cfg.learning_rate, "lr_scheduler_type": "constant",
         "per_device_train_batch_size": cfg.batch_size, "gradient_accumulation_steps": 1,

@@ -73,3 +73,33 @@ def test_dataset_statistics_follow_self_instructs_table_1():
     assert stats["mean instruction length (words)"] == 3.0
     assert stats["mean non-empty input length (words)"] == 3.0
     assert stats["mean output length (words)"] == 1.0
+
+
+def _arm(rows: list[tuple[str, str, str, float]]) -> pd.DataFrame:
+    from refine_af_utils.reward import COMPONENTS
+
+    return pd.DataFrame([{"instruction_id": i, "instruction": f"do {i}", "input": x, "output": y, "reward": r,
+                          **{c: 0.5 for c in COMPONENTS}} for i, x, y, r in rows])
+
+
+def test_the_yield_lengths_and_paired_views_count_what_each_arm_kept(tmp_path):
+    from refine_af_utils.figures import lengths_figure, yield_funnel_figure
+    from refine_af_utils.arm_views import paired_instances, word_lengths, yield_counts
+
+    arms = {"self_instruct": _arm([("machine_2", "", "a b", 0.1), ("machine_10", "x y z", "c", 0.2),
+                                   ("machine_10", "", "d", 0.3)]),
+            "refine_af": _arm([("machine_10", "w", "e f g", 0.4), ("machine_5", "", "h", 0.5)])}
+    counts = yield_counts(arms, instructions=12)
+    assert counts.to_dict() == {"self_instruct": {"instructions": 12, "with a kept instance": 2, "kept instances": 3},
+                                "refine_af": {"instructions": 12, "with a kept instance": 2, "kept instances": 2}}
+    assert word_lengths(arms) == {"input": {"self_instruct": [3], "refine_af": [1]},
+                                  "output": {"self_instruct": [2, 1, 1], "refine_af": [3, 1]}}
+    pairs = paired_instances(arms)  # only machine_10 has instances in both arms; each arm's first one
+    assert list(pairs["instruction_id"]) == ["machine_10"]
+    assert (pairs.loc[0, "self_instruct_output"], pairs.loc[0, "refine_af_output"]) == ("c", "e f g")
+    assert (pairs.loc[0, "self_instruct_reward"], pairs.loc[0, "refine_af_reward"]) == (0.2, 0.4)
+    empty = {"self_instruct": arms["self_instruct"], "refine_af": arms["refine_af"].iloc[0:0]}
+    assert paired_instances(empty).empty and yield_counts(empty, 12)["refine_af"].tolist() == [12, 0, 0]
+    for figure in (yield_funnel_figure(counts, tmp_path / "yield.png"),
+                   lengths_figure(word_lengths(empty), tmp_path / "lengths.png")):  # an empty arm draws too
+        assert figure.stat().st_size > 0

@@ -231,7 +231,8 @@ def test_smoke_04_instance_generation(smoke_run, params):
     statistics = pd.read_csv(run_dir / "instance_generation" / "dataset_statistics.csv", index_col=0)
     assert list(statistics.columns) == list(ARMS)
     assert statistics.loc["instructions (stage 1)"].tolist() == [params.num_instructions] * 2
-    assert (run_dir / "instance_generation" / "reward_by_arm.png").stat().st_size > 0
+    for name in ("reward_by_arm.png", "arm_comparison.png", "yield.png", "lengths.png"):
+        assert (run_dir / "instance_generation" / name).stat().st_size > 0
     comparison = pd.read_csv(run_dir / "instance_generation" / "arm_comparison.csv")
     assert set(comparison["group"]) == {"all", "rl-train", "held-out"}
     assert set(comparison["measure"]) == {"has_instances", "reward", "content"}
@@ -286,11 +287,10 @@ def test_smoke_07_report(smoke_run):
     stage7 = check_pinned_metrics(run_dir, "07")
     expected_tables = {"environment", "main", "tasks_improved", "per_category", "seeds", "filter_counts", "reward_components",
                        "reward_correlations", "rl_summary", "rl_heldout", "dataset_statistics", "arm_comparison",
-                       "reward_by_arm", "sft_summary", "wall_time", "task_stats"}
+                       "reward_by_arm", "sft_summary", "wall_time", "task_stats", "paired_instances"}
     expected_figures = {"06_per_category", "06_task_forest", "01_filter_counts", "01_novelty", "02_components",
                         "02_correlations", "03_reward_kl", "03_components", "03_heldout", "04_arm_comparison",
-                        "04_arm_rewards", "05_sft_loss",
-                        "wall_time"}
+                        "04_arm_rewards", "04_yield", "04_lengths", "05_sft_loss", "wall_time"}
     assert set(stage7["tables"]) == expected_tables and set(stage7["figures"]) == expected_figures
     for name in expected_tables:
         assert f"(`table_{name}.csv`)" in report and (run_dir / f"table_{name}.csv").stat().st_size > 0

@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 
 from refine_af_utils.files import atomic_write_text
-from refine_af_utils.figures import arm_comparison_figure, arm_rewards_figure
+from refine_af_utils.arm_views import word_lengths, yield_counts
+from refine_af_utils.figures import arm_comparison_figure, arm_rewards_figure, lengths_figure, yield_funnel_figure
 from refine_af_utils.instances import extract_instances, generate_instances, instance_prompts
 from refine_af_utils.layout import ARMS, RunLayout, stage_of_module
 from refine_af_utils.params import Params
@@ -194,7 +195,9 @@ def run(params: Params, run_dir: str | Path) -> InstanceGenerationResult:
     comparison.to_csv(stage.file("arm_comparison"), index=False)
     figures = {"rewards": arm_rewards_figure({arm: t["reward"] for arm, t in instances.items()},
                                              stage.file("fig_rewards")),
-               "comparison": arm_comparison_figure(comparison, stage.file("fig_comparison"))}
+               "comparison": arm_comparison_figure(comparison, stage.file("fig_comparison")),
+               "yield": yield_funnel_figure(yield_counts(instances, len(records)), stage.file("fig_yield")),
+               "lengths": lengths_figure(word_lengths(instances), stage.file("fig_lengths"))}
     overall = comparison[comparison["group"] == "all"].set_index("measure")
     stage.record_metrics({
         **{f"{arm}_instances": len(t) for arm, t in instances.items()},

@@ -31,13 +31,16 @@ from refine_af_utils.figures import (
     evaluation_figure,
     filter_counts_figure,
     heldout_figure,
+    lengths_figure,
     novelty_figure,
     reward_kl_figure,
     sft_loss_figure,
+    yield_funnel_figure,
 )
 from refine_af_utils.files import atomic_write_text, read_jsonl, read_whole_csv
 from refine_af_utils.layout import ARMS, MODELS, STAGES, RunLayout
 from refine_af_utils.run_folder import StageResult, stage_entry
+from refine_af_utils.arm_views import paired_instances, word_lengths, yield_counts
 from refine_af_utils.reward import COMPONENTS
 
 def markdown_table(table: pd.DataFrame, index: bool = True, digits: int = 4) -> str:
@@ -74,12 +77,14 @@ class Report(StageResult):
         """Add a paragraph or heading."""
         self.parts.append(markdown.strip())
 
-    def table(self, name: str, table: pd.DataFrame, caption: str, index: bool = True) -> None:
-        """Write ``table_<name>.csv`` and add the table to the report."""
+    def table(self, name: str, table: pd.DataFrame, caption: str, index: bool = True,
+              shown: pd.DataFrame | None = None) -> None:
+        """Write ``table_<name>.csv`` and add the table (or the part of it in ``shown``) to the report."""
         path = RunLayout(self.run_dir).table(name)
         table.to_csv(path, index=index)
         self.tables[name] = path
-        self.parts.append(f"**Table: {caption}** (`{path.name}`)\n\n{markdown_table(table, index)}")
+        self.parts.append(f"**Table: {caption}** (`{path.name}`)\n\n"
+                          f"{markdown_table(table if shown is None else shown, index)}")
 
     def figure(self, name: str, draw: Callable[[Path], Path], caption: str) -> None:
         """Draw ``fig_<name>.png`` and add it to the report."""
@@ -90,6 +95,9 @@ class Report(StageResult):
     def write(self) -> Path:
         """Write ``report.md``."""
         return atomic_write_text(self.path, "\n\n".join(self.parts) + "\n")
+
+
+PAIRED_INSTANCES_SHOWN = 6  # rows of the paired-instances view in report.md
 
 
 def _require(path: Path) -> Path:
@@ -449,8 +457,23 @@ def build_report(run_dir: str | Path, run_name: str | None = None, random_seed: 
                   "REFINE-AF minus Self-Instruct per instruction group with 95% CIs")
     report.table("reward_by_arm", _csv(layout.file("04", "reward_by_arm"), index_col=0),
                  "mean reward and components of each arm's kept instances")
-    rewards = {arm: pd.DataFrame(read_jsonl(_require(layout.arm_data(arm))))["reward"] for arm in ARMS}
-    report.figure("04_arm_rewards", lambda p: arm_rewards_figure(rewards, p), "reward distributions of both arms")
+    arms = {arm: pd.DataFrame(read_jsonl(_require(layout.arm_data(arm))),
+                              columns=["instruction_id", "instruction", "input", "output", *COMPONENTS, "reward"])
+            for arm in ARMS}
+    report.figure("04_arm_rewards", lambda p: arm_rewards_figure({a: t["reward"] for a, t in arms.items()}, p),
+                  "reward distributions of both arms")
+    counts = yield_counts(arms, len(read_jsonl(_require(layout.instructions_file))))
+    report.figure("04_yield", lambda p: yield_funnel_figure(counts, p),
+                  "yield: stage 1's instructions, those with a kept instance, and the kept instances, per arm")
+    report.figure("04_lengths", lambda p: lengths_figure(word_lengths(arms), p),
+                  "words per non-empty input and per output of each arm's kept instances")
+    pairs = paired_instances(arms).set_index("instruction_id")
+    report.table("paired_instances", pairs,
+                 f"the same instruction's first kept instance from each arm, with its Eq. 1 reward: "
+                 f"{min(PAIRED_INSTANCES_SHOWN, len(pairs))} of the {len(pairs)} instructions both arms kept one "
+                 f"for, by id (the CSV has them all, with every reward component)",
+                 shown=pairs.head(PAIRED_INSTANCES_SHOWN).reindex(columns=[
+                     "instruction", *[f"{arm}_{c}" for arm in ARMS for c in ("input", "output", "reward")]]))
 
     report.text("## Stage 5: supervised fine-tuning")
     losses = _csv(layout.file("05", "loss"))
