@@ -45,6 +45,7 @@ import yaml
 
 from refine_af_utils.errors import RefineAFError
 from refine_af_utils.layout import STUDY_TABLE, RunLayout
+from refine_af_utils.params import Params
 from refine_af_utils.run_folder import DEFAULT_RESULTS_ROOT, REPO_ROOT
 
 SEEDS_STUDY_RUNS = DEFAULT_RESULTS_ROOT / "studies" / "default_seeds" / STUDY_TABLE.format(name="runs")
@@ -275,7 +276,10 @@ def _run_params(run_dir: Path) -> dict[str, Any]:
     data = yaml.safe_load(path.read_text())
     if not isinstance(data, dict):
         raise CompareError(f"{path}: not a params mapping")
-    return {key: value for key, value in flatten(data).items()
+    # a key the run's package version did not have yet counts with the schema's default (a run made before
+    # rl.placebo existed was made without a placebo)
+    defaults = flatten(Params(run_name=str(data.get("run_name", ""))).to_dict())
+    return {key: value for key, value in {**defaults, **flatten(data)}.items()
             if not any(pattern.search(key) for pattern in MACHINE_KEYS)}
 
 

@@ -241,6 +241,11 @@ class RLParams:
     # A completion that yields no instance gets the reward (mean - parse_penalty_sd * sd) of stage 2's
     # parsed candidates' content reward: the penalty is measured in the content signal's own spread.
     parse_penalty_sd: float = positive(2.0)
+    # The optimiser sees (Eq. 1 - stage 2's mean) / stage 2's SD of the parsed candidates' content reward (a
+    # positive affine map: the same optimum; kl_coef is then per SD); logs and reports stay in Eq. 1 units.
+    standardise_reward: bool = False
+    stop_at_stop_strings: bool = False         # PPO: a rollout ends at its first stop string (the rest is padding)
+    placebo: bool = False                      # the control: each batch's rewards shuffled (seeded) before training
     checkpoint_every: int = positive(4)        # updates between checkpoints (a rerun resumes from the last)
     # Any other field of trl's config class for the algorithm (PPOConfig, GRPOConfig, RLOOConfig), passed
     # through as given, e.g. PPO's {cliprange: 0.1, vf_coef: 0.5}; trl_bridge.RL_CONFIG_OWNED's fields are refused.
@@ -304,8 +309,16 @@ class Params:
         return dataclasses.asdict(self)
 
     def fingerprint(self, *sections: str) -> str:
-        """A short hash of the named top-level sections (all of them when none are named)."""
+        """A short hash of the named top-level sections (all of them when none are named).
+
+        A key of :data:`ADDED_KEYS` is hashed only when set away from the value that keeps the behaviour
+        before it existed, so adding it leaves every earlier run's stages complete.
+        """
         data = self.to_dict()
+        for dotted, unchanged in ADDED_KEYS.items():
+            section, key = dotted.split(".")
+            if data[section].get(key) == unchanged:
+                del data[section][key]
         if sections:
             data = {key: data[key] for key in sections}
         text = json.dumps(data, sort_keys=True)
@@ -324,6 +337,9 @@ class Params:
                 "and RL and stage 4 decode alike; use grpo or rloo for nucleus sampling"
             )
 
+
+# Keys added after runs existed, with the value that behaves as before they did (Params.fingerprint).
+ADDED_KEYS: dict[str, Any] = {"rl.standardise_reward": False, "rl.stop_at_stop_strings": False, "rl.placebo": False}
 
 RUN_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
 

@@ -44,12 +44,13 @@ class CompletionScorer:
     """
 
     def __init__(self, scorers: dict[str, Scorer], reward: RewardParams, unparsed_reward: float,
-                 max_instances: int = 5) -> None:
+                 max_instances: int = 5, optimiser_view: Optional["OptimiserView"] = None) -> None:
         self.scorers = scorers
         self.reward = reward
         self.weights = component_weights(reward)
         self.unparsed_reward = unparsed_reward
         self.max_instances = max_instances
+        self.optimiser_view = optimiser_view or OptimiserView()
         self.history: list[CompletionReward] = []
 
     def instances_of(self, instruction: str, is_classification: bool, generation: Generation) -> list[InstanceText]:
@@ -81,6 +82,35 @@ class CompletionScorer:
                                             {name: float(v[mine].mean()) for name, v in columns.items()}, True))
         self.history.extend(results)
         return results
+
+
+@dataclass
+class OptimiserView:
+    """What the RL optimiser is given in place of each batch's Eq. 1 rewards (logs and reports keep Eq. 1).
+
+    ``scale`` > 0: ``(reward - shift) / scale``, a positive affine map (the optimum is unchanged; with stage
+    2's mean and SD, the reward in SD units, on the scale a KL coefficient is usually set for). ``placebo``:
+    the batch's rewards shuffled with a seeded generator, so training sees a reward unrelated to its own
+    completions (the control for what training does without the reward).
+    """
+
+    shift: float = 0.0
+    scale: float = 1.0
+    placebo_seed: Optional[int] = None
+    _rng: Any = None
+
+    def __post_init__(self) -> None:
+        if not self.scale > 0:
+            raise ValueError(f"the reward's scale must be > 0, got {self.scale}")
+        seed = self.placebo_seed  # derived by the caller (rl_training.optimiser_view: derive_seed per segment)
+        if seed is not None:
+            self._rng = np.random.default_rng(seed)
+
+    def __call__(self, rewards: Sequence[float]) -> list[float]:
+        values = (np.asarray(rewards, dtype=np.float64) - self.shift) / self.scale
+        if self._rng is not None:
+            values = values[self._rng.permutation(len(values))]
+        return values.tolist()
 
 
 class _RewardBackbone(nn.Module):
@@ -140,7 +170,8 @@ class RefineAFRewardModel(nn.Module):
             generations.append(decode_completion(self.tokenizer, response, self.max_new_tokens,
                                                  INSTANCE_STOP_STRINGS))
         results = self.completion_scorer.score(records, generations)
-        return torch.tensor([r.reward for r in results], device=input_ids.device)
+        view = self.completion_scorer.optimiser_view
+        return torch.tensor(view([r.reward for r in results]), device=input_ids.device)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Rewards as (batch, 1) logits, like a sequence-classification reward model."""
@@ -159,6 +190,6 @@ def group_reward_function(completion_scorer: CompletionScorer, tokenizer: Any, m
         generations = [decode_completion(tokenizer, ids, max_new_tokens, INSTANCE_STOP_STRINGS)
                        for ids in completion_ids]
         records = [{"instruction": i, "is_classification": k} for i, k in zip(instruction, is_classification)]
-        return [r.reward for r in completion_scorer.score(records, generations)]
+        return completion_scorer.optimiser_view([r.reward for r in completion_scorer.score(records, generations)])
 
     return refine_af_reward

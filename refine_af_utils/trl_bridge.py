@@ -20,7 +20,7 @@ import dataclasses
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from refine_af_utils.errors import ParamsError
 
@@ -214,3 +214,55 @@ def ppo_logprobs_from_forward() -> Iterator[None]:
         yield
     finally:
         ppo.batch_generation = original
+
+
+def stop_string_end(tokenizer: Any, tokens: list[int], stop_strings: Any) -> Optional[int]:
+    """The number of leading ``tokens`` whose text first holds a whole stop string, or None when none does.
+
+    A prefix that holds one keeps holding it as it grows, so the shortest is found by bisection.
+    """
+    def holds(length: int) -> bool:
+        text = tokenizer.decode(tokens[:length], skip_special_tokens=True)
+        return any(stop in text for stop in stop_strings)
+
+    if not tokens or not holds(len(tokens)):
+        return None
+    low, high = 1, len(tokens)
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if holds(middle) else (middle + 1, high)
+    return low
+
+
+@contextlib.contextmanager
+def ppo_rollouts_end_at_stop_strings(tokenizer: Any, stop_strings: Any) -> Iterator[None]:
+    """Inside the block, trl PPO's rollouts end at their first stop string as well as at the end token.
+
+    trl 1.9.2 samples with no stop strings, so a rollout runs on to ``response_length`` tokens while the reward
+    reads only the text before the stop string (``generation.decode_completion``). Here the tokens after the
+    one that completes the stop string become padding (trl's ``truncate_response``), so the score lands on
+    the kept text's last token and the tail gets no advantage and no KL. The kept tokens still decode to the
+    stop string, so the reward, cut by the same rule, is unchanged. trl calls ``truncate_response`` by name.
+    """
+    import torch
+    import trl.experimental.ppo.ppo_trainer as ppo
+
+    if not hasattr(ppo, "truncate_response"):  # pragma: no cover - a new trl
+        raise RuntimeError("trl's PPO module no longer has truncate_response: check ppo_rollouts_end_at_stop_strings")
+    original = ppo.truncate_response
+
+    def truncate_response(stop_token_id: int, pad_token_id: int, responses: Any) -> Any:
+        truncated = original(stop_token_id, pad_token_id, responses)
+        for row in range(truncated.shape[0]):
+            tokens = truncated[row].tolist()
+            tokens = tokens[: tokens.index(pad_token_id)] if pad_token_id in tokens else tokens  # padding trails
+            end = stop_string_end(tokenizer, tokens, stop_strings)
+            if end is not None:
+                truncated[row, end:] = torch.full_like(truncated[row, end:], pad_token_id)
+        return truncated
+
+    ppo.truncate_response = truncate_response
+    try:
+        yield
+    finally:
+        ppo.truncate_response = original

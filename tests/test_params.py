@@ -98,6 +98,23 @@ def test_fingerprint_changes_with_any_value(tmp_path):
     assert a.fingerprint("model") == b.fingerprint("model")
 
 
+def test_a_key_added_later_leaves_earlier_fingerprints_until_it_is_set(tmp_path):
+    import hashlib
+
+    from refine_af_utils.params import ADDED_KEYS
+
+    a = load_params(_write(tmp_path, "run_name: x\n"))
+    before = a.to_dict()  # the params as a run made before the keys existed hashed them
+    for dotted in ADDED_KEYS:
+        section, key = dotted.split(".")
+        del before[section][key]
+    old = hashlib.sha256(json.dumps({"rl": before["rl"]}, sort_keys=True).encode()).hexdigest()[:16]
+    assert a.fingerprint("rl") == old
+    for dotted, unchanged in ADDED_KEYS.items():
+        changed = load_params(_write(tmp_path, "run_name: x\n"), overrides={dotted: not unchanged})
+        assert changed.fingerprint("rl") != old, dotted
+
+
 # --- recipes as deltas: extends, --set, defaults (issue 11 item 4) --------------------------------
 
 RESOLVED = json.loads((REPO_ROOT / "tests" / "fixtures" / "recipes_resolved.json").read_text())

@@ -319,3 +319,62 @@ def test_ppo_rollout_logprobs_equal_the_reference_with_a_fresh_adapter(tiny_llam
         assert gap <= 1e-5 and kl >= -1e-3, (gap, kl)
     else:  # the bug the patch fixes is real: without it, bf16 rollout and reference disagree
         assert gap > 1e-3, gap
+
+
+def test_a_rollout_ends_at_its_first_stop_string_and_keeps_its_reward(tiny_llama_dir):
+    """rl.stop_at_stop_strings: the tokens after the one completing a stop string become padding, and the
+    kept tokens decode (with the shared rule) to the same text and truncation flag as the whole rollout."""
+    import trl.experimental.ppo.ppo_trainer as ppo
+
+    from refine_af_utils import trl_bridge
+    from refine_af_utils.generation import decode_completion
+    from refine_af_utils.prompts import INSTANCE_STOP_STRINGS
+
+    _, tokenizer = load_causal_lm(params_from_dict(tiny_rl_params(tiny_llama_dir)).model)
+    stopped = tokenizer("a list of numbers\nOutput: 1, 2, 3\nTask: write more and more words here",
+                        add_special_tokens=False)["input_ids"]
+    plain = tokenizer("yes it is fine", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    end = trl_bridge.stop_string_end(tokenizer, stopped, INSTANCE_STOP_STRINGS)
+    assert "\nTask:" in tokenizer.decode(stopped[:end]) and "\nTask:" not in tokenizer.decode(stopped[:end - 1])
+    assert end < len(stopped) and trl_bridge.stop_string_end(tokenizer, plain, INSTANCE_STOP_STRINGS) is None
+    width, pad = max(len(stopped), len(plain)), tokenizer.pad_token_id
+    responses = torch.tensor([row + [pad] * (width - len(row)) for row in (stopped, plain)])
+    with trl_bridge.ppo_rollouts_end_at_stop_strings(tokenizer, INSTANCE_STOP_STRINGS):
+        truncated = ppo.truncate_response(tokenizer.eos_token_id, pad, responses)
+    assert ppo.truncate_response is not None and truncated[0, :end].tolist() == stopped[:end]
+    assert set(truncated[0, end:].tolist()) == {pad}  # the tail: no score, no advantage, no KL
+    assert truncated[1].tolist() == responses[1].tolist()  # no stop string: trl's own end-token rule only
+    whole = decode_completion(tokenizer, stopped, len(stopped), INSTANCE_STOP_STRINGS)
+    kept = decode_completion(tokenizer, truncated[0].tolist(), len(stopped), INSTANCE_STOP_STRINGS)
+    assert (kept.text, kept.truncated) == (whole.text, whole.truncated) == ("a list of numbers\nOutput: 1, 2, 3", False)
+
+
+def test_the_optimiser_view_standardises_or_shuffles_and_leaves_eq1_alone_by_default():
+    from refine_af_utils.rl_reward import OptimiserView
+
+    rewards = [0.01, 0.05, -0.03, 0.02]
+    assert OptimiserView()(rewards) == rewards  # the default: Eq. 1 exactly
+    standardised = OptimiserView(shift=0.02, scale=0.04)(rewards)
+    assert standardised == pytest.approx([-0.25, 0.75, -1.25, 0.0])  # positive affine: the order is kept
+    placebo = OptimiserView(placebo_seed=7)
+    shuffled = [placebo(rewards) for _ in range(5)]
+    assert all(sorted(s) == sorted(rewards) for s in shuffled) and any(s != rewards for s in shuffled)
+    again = OptimiserView(placebo_seed=7)
+    assert [again(rewards) for _ in range(5)] == shuffled  # seeded: the same shuffles on a rerun
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        OptimiserView(scale=0.0)
+
+
+@pytest.mark.slow
+def test_ppo_with_a_standardised_reward_stop_strings_and_the_placebo_trains_and_logs_in_eq1_units(tiny_llama_dir,
+                                                                                                tiny_run):
+    from refine_af_utils.reward import content_reward_scale
+
+    params = params_from_dict(tiny_rl_params(tiny_llama_dir, standardise_reward=True, stop_at_stop_strings=True,
+                                             placebo=True))
+    metrics, adapter_dir = train_generator(params, tiny_run)
+    assert list(metrics["update"]) == [1, 2] and (adapter_dir / "adapter_config.json").is_file()
+    assert metrics["kl"].iloc[0] == pytest.approx(0.0, abs=1e-3)  # KL starts at 0 whatever the reward's view
+    _, sd, _ = content_reward_scale(tiny_run, params.reward)
+    assert metrics["kl_penalty"].tolist() == pytest.approx((params.rl.kl_coef * sd * metrics["kl"]).tolist())
+    assert metrics["reward"].between(-1, 1).all()  # the logged reward is Eq. 1's, not SD units

@@ -25,6 +25,7 @@ from the run's seed and the segment, so the same seed gives the same adapter.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -45,7 +46,8 @@ from refine_af_utils.layout import RL_CHECKPOINT, RL_CHECKPOINT_COMPLETE, RunLay
 from refine_af_utils.run_folder import StageResult, stage_entry
 from refine_af_utils.params import Params
 from refine_af_utils.reward import COMPONENTS, unparsed_reward
-from refine_af_utils.rl_reward import CompletionScorer, RefineAFRewardModel, group_reward_function
+from refine_af_utils.prompts import INSTANCE_STOP_STRINGS
+from refine_af_utils.rl_reward import CompletionScorer, OptimiserView, RefineAFRewardModel, group_reward_function
 from refine_af_utils.scorers import Scorer
 from refine_af_utils import trl_bridge
 from refine_af_utils.seeding import derive_seed
@@ -191,7 +193,9 @@ def train_ppo_segment(segment: Segment) -> SegmentResult:
                          peft_config=None, optimizers=(optimizer, scheduler),
                          callbacks=[metrics_callback(segment.logger)])
     use_text_progress(trainer, "stage 3: PPO updates")
-    with quiet_known_noise(), trl_bridge.ppo_logprobs_from_forward():  # rollout and reference agree (KL 0 at start)
+    ends = (trl_bridge.ppo_rollouts_end_at_stop_strings(tokenizer, INSTANCE_STOP_STRINGS)
+            if cfg.stop_at_stop_strings else contextlib.nullcontext())
+    with quiet_known_noise(), trl_bridge.ppo_logprobs_from_forward(), ends:  # KL 0 at update 1: see trl_bridge
         trainer.train()
     return SegmentResult(trainer.model.policy, trainer.model.value_model, trainer.accelerator.is_main_process)
 
@@ -316,6 +320,17 @@ def _stage_scorer(params: Params, run_dir: Path, scorers: Optional[dict[str, Sco
                             params.instance_generation.max_instances_per_task)
 
 
+def optimiser_view(params: Params, run_dir: Path, segment_seed: int) -> OptimiserView:
+    """What RL optimises in place of Eq. 1 (``rl.standardise_reward``, ``rl.placebo``); the placebo's shuffles
+    are seeded per segment, so a resumed run shuffles as an uninterrupted one."""
+    from refine_af_utils.reward import content_reward_scale
+
+    shift, scale = 0.0, 1.0
+    if params.rl.standardise_reward:
+        shift, scale, _ = content_reward_scale(run_dir, params.reward)
+    return OptimiserView(shift, scale, derive_seed(segment_seed, "placebo") if params.rl.placebo else None)
+
+
 def train_generator(params: Params, run_dir: str | Path, scorers: Optional[dict[str, Scorer]] = None,
                     scorer: Optional[CompletionScorer] = None) -> tuple[pd.DataFrame, Path]:
     """Train the LoRA instance generator with ``rl.algorithm``, resuming from checkpoints.
@@ -351,8 +366,9 @@ def train_generator(params: Params, run_dir: str | Path, scorers: Optional[dict[
             policy = get_peft_model(base, lora_config(params.rl.lora))
         segment_dir = checkpoints / RL_CHECKPOINT.format(update=done + updates)
         shutil.rmtree(segment_dir, ignore_errors=True)
-        segment = Segment(params, policy, tokenizer, rows, scorer,
-                          MetricsLogger(layout.rl_metrics_file, scorer, done, cfg.kl_coef),
+        scorer.optimiser_view = optimiser_view(params, run_dir, seed)
+        segment = Segment(params, policy, tokenizer, rows, scorer,  # KL penalty logged in Eq. 1 units
+                          MetricsLogger(layout.rl_metrics_file, scorer, done, cfg.kl_coef * scorer.optimiser_view.scale),
                           segment_dir, seed, updates, last)
         result = TRAINERS[cfg.algorithm](segment)
         if result.is_main_process:  # under accelerate, one process writes the checkpoint
