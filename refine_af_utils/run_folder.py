@@ -36,8 +36,24 @@ DEFAULT_RESULTS_ROOT = REPO_ROOT / "results"
 
 
 def record_metrics(run_dir: str | Path, stage: str, metrics: dict[str, Any]) -> Path:
-    """Write a stage's headline numbers to ``<run_dir>/metrics/<stage>.json`` (whole or absent)."""
-    return atomic_write_text(RunLayout(run_dir).metrics(stage), json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    """Write a stage's headline numbers to ``<run_dir>/metrics/<stage>.json`` (whole or absent), with the
+    process's peak memory so far (:func:`peak_memory`)."""
+    return atomic_write_text(RunLayout(run_dir).metrics(stage),
+                             json.dumps({**metrics, **peak_memory()}, indent=2, sort_keys=True) + "\n")
+
+
+def peak_memory() -> dict[str, float]:
+    """``peak_rss_gb``: this process's peak resident memory (under the runner each stage has a kernel of its
+    own, so it is the stage's; in a Lab kernel, the kernel's so far); ``peak_gpu_memory_gb``: torch's peak
+    CUDA allocation, where CUDA was used."""
+    import resource
+    import sys
+
+    peak = {"peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2, 3)}  # KiB on Linux
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1024 ** 3, 3)
+    return peak
 
 
 def read_metrics(run_dir: str | Path, stage: str) -> dict[str, Any]:

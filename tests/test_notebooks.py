@@ -304,6 +304,10 @@ def test_smoke_07_report(smoke_run):
     wall = pd.read_csv(run_dir / "table_wall_time.csv", dtype={"stage": str})
     assert wall["stage"].tolist() == ["00", "01", "02", "03", "04", "05", "06", "0-6"]
     assert wall["seconds"].iloc[-1] == pytest.approx(wall["seconds"].iloc[:-1].sum(), abs=0.2)
+    # each stage's peak memory, measured in its own kernel: above the 0.1 GiB a Python process with torch
+    # needs, below the machine; stage 3 (policy, reference and critic) above stage 0 (no model)
+    peak = wall.set_index("stage")["peak_rss_gb"]
+    assert peak.between(0.1, 64).all() and peak["03"] > peak["00"] and peak["0-6"] == peak.iloc[:-1].max()
     check_executed(run_dir, "07")
     # The executed notebook shows every figure of the report as a PNG output (no relative link left to 404)
     executed = json.loads((run_dir / "notebooks" / next(s for s in STAGES if s.id == "07").notebook).read_text())

@@ -111,15 +111,20 @@ def _csv(path: Path, **kwargs: Any) -> pd.DataFrame:
 
 
 def wall_times(run_dir: Path) -> pd.DataFrame:
-    """Seconds per stage from the runner's stage markers (stage 7 itself is running and not listed)."""
+    """Seconds per stage from the runner's stage markers (stage 7 itself is running and not listed), and each
+    stage's peak memory from its metrics (GiB; absent for a run recorded before the package measured it)."""
     rows = []
+    layout = RunLayout(run_dir)
     for stage in STAGES[:-1]:
-        marker = RunLayout(run_dir).marker(stage.id)
+        marker = layout.marker(stage.id)
         if marker.is_file():
-            rows.append({"stage": stage.id, "name": stage.title, "seconds": json.loads(marker.read_text())["seconds"]})
-    table = pd.DataFrame(rows, columns=["stage", "name", "seconds"])
+            metrics = json.loads(layout.metrics(stage.id).read_text()) if layout.metrics(stage.id).is_file() else {}
+            rows.append({"stage": stage.id, "name": stage.title, "seconds": json.loads(marker.read_text())["seconds"],
+                         "peak_rss_gb": metrics.get("peak_rss_gb")})
+    table = pd.DataFrame(rows, columns=["stage", "name", "seconds", "peak_rss_gb"])
     if len(table):
-        table.loc[len(table)] = {"stage": "0-6", "name": "total", "seconds": round(table["seconds"].sum(), 1)}
+        table.loc[len(table)] = {"stage": "0-6", "name": "total", "seconds": round(table["seconds"].sum(), 1),
+                                 "peak_rss_gb": table["peak_rss_gb"].max()}
     return table
 
 
@@ -482,7 +487,9 @@ def build_report(run_dir: str | Path, run_name: str | None = None, random_seed: 
 
     report.text("## Wall time")
     times = wall_times(run_dir)
-    report.table("wall_time", times.set_index("stage"), "wall time per stage on this machine (seconds)")
+    report.table("wall_time", times.set_index("stage"),
+                 "wall time per stage on this machine (seconds) and the peak resident memory of the stage's process "
+                 "(GiB; the total row: the largest)")
     report.figure("wall_time", lambda p: save_figure(bar_chart(times[times["stage"] != "0-6"], "name", "seconds",
                                                                 "Wall time per stage (s)"), p),
                   "wall time per stage")
