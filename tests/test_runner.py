@@ -389,3 +389,27 @@ def test_a_seed_url_is_fingerprinted_by_its_download_and_refreshed_by_one_flag(t
         assert stage_status(run_dir, STAGES[0], params).reason == "params changed: inputs.seed_tasks"
     finally:
         server.shutdown()
+
+
+@pytest.mark.slow  # a real kernel through papermill
+def test_a_kernel_killed_mid_stage_ends_in_one_line_and_no_marker(tmp_path, monkeypatch, capsys):
+    """A stage whose kernel dies (SIGKILL, the OOM killer) ends in one line naming the executed notebook and
+    the rerun, not nbclient's DeadKernelError traceback, and the stage is not marked complete."""
+    import nbformat
+
+    from refine_af_utils import run
+
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    dying = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("params_path = run_dir = None", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")])
+    dying.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(dying, notebooks / STAGES[0].notebook)
+    monkeypatch.setattr(run, "NOTEBOOK_DIR", notebooks)  # stage 00's notebook is this one
+    assert main([str(REPO_ROOT / "params" / "smoke.yaml"), "--results-root", str(tmp_path / "results"),
+                 "--only", "00"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "[00] " in err[0] and "the notebook's kernel died" in err[0] and "rerun" in err[0]
+    assert "Traceback" not in err[0]
+    assert not (tmp_path / "results" / "smoke" / "stages" / "00.json").exists()
