@@ -63,6 +63,11 @@ def _rl_training(m: dict[str, Any]) -> str:
                                     m["heldout_reward_gain_ci_high"])
                  + "; the parsed share by " + interval_verdict(m["heldout_parsed_gain"], m["heldout_parsed_gain_ci_low"],
                                                              m["heldout_parsed_gain_ci_high"]) + ".")
+    if m.get("probe_exploitable") is not None:
+        text += (" The reward probe: a degenerate output (the instruction copied, a generic sentence, the input "
+                 "plus a period) reached stage 2's mean reward on average, so the reward is exploitable."
+                 if m["probe_exploitable"] else " The reward probe: no degenerate output reached stage 2's mean "
+                 "reward on average.")
     if m.get("last_kl") is not None:
         first = f"{float(m['first_kl']):.3f} at update 1 (0 where policy and reference agree), " \
             if m.get("first_kl") is not None else ""

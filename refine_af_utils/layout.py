@@ -102,7 +102,7 @@ STAGE_FILES: dict[str, dict[str, str]] = {
     "03": {"prompts": "prompts.jsonl", "metrics": "metrics.csv", "checkpoints": "checkpoints", "adapter": "adapter",
            "heldout_samples": "heldout_samples.jsonl", "heldout_eval": "heldout_eval.csv",
            "heldout_summary": "heldout_summary.csv", "fig_heldout": "heldout_gain.png",
-           "fig_reward_kl": "reward_kl.png", "fig_components": "components.png"},
+           "fig_reward_kl": "reward_kl.png", "fig_components": "components.png", "reward_probe": "reward_probe.csv"},
     "04": {"raw": "raw_{arm}.jsonl", "dataset": "{arm}.jsonl", "statistics": "dataset_statistics.csv",
            "reward_by_arm": "reward_by_arm.csv", "per_instruction": "per_instruction.csv",
            "arm_comparison": "arm_comparison.csv", "fig_rewards": "reward_by_arm.png",

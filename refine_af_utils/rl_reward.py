@@ -14,6 +14,7 @@ from types import SimpleNamespace
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
@@ -193,3 +194,57 @@ def group_reward_function(completion_scorer: CompletionScorer, tokenizer: Any, m
         return completion_scorer.optimiser_view([r.reward for r in completion_scorer.score(records, generations)])
 
     return refine_af_reward
+
+
+# The judge-exploitation probe: degenerate outputs any instruction admits, scored like real instances.
+PROBE_GENERIC_OUTPUT = "Here is a clear, complete and helpful answer to your request."
+PROBES = ("instruction copied as the output", "a generic fluent sentence", "its input plus a period",
+          "a real base sample")
+DEGENERATE_PROBES = PROBES[:3]
+
+
+def reward_probe(scorer: CompletionScorer, samples: Sequence[dict[str, Any]], reference: float) -> pd.DataFrame:
+    """Eq. 1 of degenerate outputs beside a real one, per probe kind, against ``reference`` (stage 2's mean
+    content reward): can the reward be earned without doing the task?
+
+    Per held-out instruction (its base generator's ``samples``): the instruction copied as the output, a
+    generic fluent sentence (:data:`PROBE_GENERIC_OUTPUT`), the first base instance's input plus a period as
+    the output (where it has an input), and that first base instance itself. Returns one row per probe kind:
+    ``instructions``, ``mean_reward``, ``share_at_or_above_reference``, ``mean_at_or_above_reference`` and
+    ``reference``.
+    """
+    probes: list[tuple[str, InstanceText]] = []
+    base = [s for s in samples if s["generator"] == "base"]
+    for instruction in dict.fromkeys(s["instruction"] for s in base):
+        probes += [(PROBES[0], InstanceText(instruction, "", instruction)),
+                   (PROBES[1], InstanceText(instruction, "", PROBE_GENERIC_OUTPUT))]
+        first = next((kept[0] for s in base if s["instruction"] == instruction
+                      for kept in [scorer.instances_of(instruction, s["is_classification"],
+                                                       Generation(s["text"], s["truncated"], 0))] if kept), None)
+        if first is not None:
+            if first.input.strip():
+                probes.append((PROBES[2], InstanceText(instruction, first.input, first.input.strip() + ".")))
+            probes.append((PROBES[3], first))
+    texts = [text for _, text in probes]
+    columns = {name: np.asarray(s.score(texts)) if texts else np.zeros(0) for name, s in scorer.scorers.items()}
+    table = pd.DataFrame({"probe": [kind for kind, _ in probes],
+                          "reward": composite_reward(columns, scorer.reward) if texts else np.zeros(0)})
+    rows = []
+    for kind in PROBES:
+        rewards = table.loc[table["probe"] == kind, "reward"].astype(float)
+        rows.append({"probe": kind, "instructions": int(len(rewards)),
+                     "mean_reward": float(rewards.mean()) if len(rewards) else float("nan"),
+                     "share_at_or_above_reference": float((rewards >= reference).mean()) if len(rewards) else float("nan"),
+                     "mean_at_or_above_reference": bool(len(rewards) and rewards.mean() >= reference),
+                     "reference": reference})
+    return pd.DataFrame(rows)
+
+
+def probe_verdict(probe: pd.DataFrame, reference: float) -> str:
+    """One sentence: whether a degenerate output's mean reward reaches ``reference`` (stage 2's mean)."""
+    reached = probe[probe["probe"].isin(DEGENERATE_PROBES) & probe["mean_at_or_above_reference"].astype(bool)]
+    if len(reached):
+        return (f"The reward is exploitable: {', '.join(reached['probe'])} scored on average at or above stage 2's "
+                f"mean content reward ({reference:.4g}).")
+    return (f"No degenerate output reached stage 2's mean content reward ({reference:.4g}) on average; each is "
+            "below it (see the share per kind).")

@@ -187,16 +187,19 @@ def test_the_report_opens_with_the_environment_and_names_differing_stages(tmp_pa
 
 
 def _recorded(pins: dict, stage: str, kind: str) -> dict:
-    """The metrics a run of ``kind`` recorded (from the fixture), for the pins that kind has."""
-    metrics = {}
+    """The metrics a run of ``kind`` recorded (from the fixture), for the pins that kind has; a metric whose
+    recording was dropped as stale (``_kinds`` says which) stands at the middle of its band, which judges it
+    on that kind."""
+    metrics, dropped = {}, []
     for key, pin in pins[stage].items():
         if "value" in pin:
             metrics[key] = pin["value"]
         elif kind in pin["by_kind"]:
             metrics[key] = pin["by_kind"][kind]
         else:
-            return {}
-    return metrics
+            dropped.append(key)
+            metrics[key] = sum(pin["any_kind"]) / 2
+    return {} if len(dropped) == len([p for p in pins[stage].values() if "by_kind" in p]) else metrics
 
 
 HERE = "avx2 AuthenticAMD family 25 model 1/float32"  # recorded on such a machine on 2026-12-02
@@ -214,7 +217,8 @@ def test_each_kind_meets_its_own_pins_and_the_bands_of_the_others(stage):
         check_metrics(metrics, stage, kind, pins)  # exact on its own kind
         check_metrics(metrics, stage, INTEL, pins)  # a machine with no recording: the bands
         for other in kinds:
-            if other != kind and any("by_kind" in p and not within(p["by_kind"][kind], p["by_kind"][other], p)
+            if other != kind and any("by_kind" in p and kind in p["by_kind"] and other in p["by_kind"]
+                                     and not within(p["by_kind"][kind], p["by_kind"][other], p)
                                      for p in pins[stage].values()):
                 with pytest.raises(AssertionError, match="moved outside their pins"):
                     check_metrics(metrics, stage, other, pins)  # the measured cross-machine differences

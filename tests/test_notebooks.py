@@ -206,6 +206,9 @@ def test_smoke_03_rl_training(smoke_run, params):
     assert (run_dir / "rl_training" / "adapter" / "adapter_config.json").is_file()
     for name in ("reward_kl.png", "components.png", "heldout_gain.png"):
         assert (run_dir / "rl_training" / name).stat().st_size > 0
+    probe = pd.read_csv(run_dir / "rl_training" / "reward_probe.csv")  # the judge-exploitation probe
+    assert probe["instructions"].iloc[:2].tolist() == [params.rl.heldout_instructions] * 2
+    assert isinstance(stage3["probe_exploitable"], bool)
     split = pd.read_json(run_dir / "rl_training" / "prompts.jsonl", lines=True)
     heldout = pd.read_csv(run_dir / "rl_training" / "heldout_eval.csv")
     assert sorted(heldout["instruction"]) == sorted(split.loc[split["split"] == "heldout", "instruction"])
@@ -287,7 +290,7 @@ def test_smoke_07_report(smoke_run):
     stage7 = check_pinned_metrics(run_dir, "07")
     expected_tables = {"environment", "main", "tasks_improved", "per_category", "seeds", "filter_counts", "reward_components",
                        "reward_correlations", "rl_summary", "rl_heldout", "dataset_statistics", "arm_comparison",
-                       "reward_by_arm", "sft_summary", "wall_time", "task_stats", "paired_instances"}
+                       "reward_by_arm", "sft_summary", "wall_time", "task_stats", "paired_instances", "reward_probe"}
     expected_figures = {"06_per_category", "06_task_forest", "01_filter_counts", "01_novelty", "02_components",
                         "02_correlations", "03_reward_kl", "03_components", "03_heldout", "04_arm_comparison",
                         "04_arm_rewards", "04_yield", "04_lengths", "05_sft_loss", "wall_time"}

@@ -378,3 +378,31 @@ def test_ppo_with_a_standardised_reward_stop_strings_and_the_placebo_trains_and_
     _, sd, _ = content_reward_scale(tiny_run, params.reward)
     assert metrics["kl_penalty"].tolist() == pytest.approx((params.rl.kl_coef * sd * metrics["kl"]).tolist())
     assert metrics["reward"].between(-1, 1).all()  # the logged reward is Eq. 1's, not SD units
+
+
+@pytest.mark.slow  # the tiny model's scorers
+def test_the_reward_probe_scores_degenerate_outputs_like_real_instances(tiny_llama_dir):
+    from refine_af_utils.rl_reward import PROBE_GENERIC_OUTPUT, PROBES, probe_verdict, reward_probe
+
+    params = params_from_dict(tiny_rl_params(tiny_llama_dir))
+    scorers = build_scorers(params.reward)
+    scorer = CompletionScorer(scorers, params.reward, unparsed_reward=-0.5)
+    samples = [{"generator": "base", "instruction": "Add the numbers.", "is_classification": False,
+                "text": "\nInput: 2 and 3\nOutput: 5\n", "truncated": False},
+               {"generator": "base", "instruction": "Name a colour.", "is_classification": False,
+                "text": " no markers at all", "truncated": False},
+               {"generator": "trained", "instruction": "Add the numbers.", "is_classification": False,
+                "text": "\nInput: 4 and 4\nOutput: 8\n", "truncated": False}]  # the trained side is not probed
+    probe = reward_probe(scorer, samples, reference=0.01).set_index("probe")
+    assert list(probe.index) == list(PROBES)
+    assert probe["instructions"].tolist() == [2, 2, 1, 1]  # "Name a colour." parsed nothing: no input, no sample
+    expected = score_instances(scorers, [
+        InstanceText("Add the numbers.", "", "Add the numbers."), InstanceText("Name a colour.", "", "Name a colour."),
+        InstanceText("Add the numbers.", "", PROBE_GENERIC_OUTPUT), InstanceText("Name a colour.", "", PROBE_GENERIC_OUTPUT),
+        InstanceText("Add the numbers.", "2 and 3", "2 and 3."), InstanceText("Add the numbers.", "2 and 3", "5"),
+    ], reward=params.reward)["reward"].to_numpy()
+    got = probe["mean_reward"].to_numpy()
+    np.testing.assert_allclose(got, [expected[:2].mean(), expected[2:4].mean(), expected[4], expected[5]], rtol=1e-5)
+    low, high = min(got[:3]) - 1.0, max(got[:3]) + 1.0  # the verdict follows the reference
+    assert probe_verdict(reward_probe(scorer, samples, low), low).startswith("The reward is exploitable")
+    assert probe_verdict(reward_probe(scorer, samples, high), high).startswith("No degenerate output")

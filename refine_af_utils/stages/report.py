@@ -448,6 +448,21 @@ def build_report(run_dir: str | Path, run_name: str | None = None, random_seed: 
         heldout_summary, p, f"Held-out instructions (n={len(heldout)}): trained minus base generator, 95% CI"),
         "held-out gain of the RL-trained generator with 95% CIs")
 
+    probe_file = layout.file("03", "reward_probe")
+    if probe_file.is_file():
+        from refine_af_utils.rl_reward import probe_verdict
+
+        probe = pd.read_csv(probe_file)
+        reference = float(probe["reference"].iloc[0])
+        report.table("reward_probe", probe.drop(columns="reference").set_index("probe"),
+                     "can the reward be earned without doing the task? Eq. 1 of degenerate outputs for the held-out "
+                     "instructions beside a real base instance, against stage 2's mean content reward "
+                     f"({reference:.4g})")
+        report.text(probe_verdict(probe, reference))
+    else:
+        report.text("The reward probe (degenerate outputs scored by the reward) was not run for this run: its "
+                    "stage 3 predates it.")
+
     report.text("## Stage 4: the two instance datasets")
     report.table("dataset_statistics", _csv(layout.file("04", "statistics"), index_col=0),
                  "dataset statistics in the layout of Self-Instruct's Table 1")

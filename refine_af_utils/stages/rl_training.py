@@ -47,7 +47,8 @@ from refine_af_utils.run_folder import StageResult, stage_entry
 from refine_af_utils.params import Params
 from refine_af_utils.reward import COMPONENTS, unparsed_reward
 from refine_af_utils.prompts import INSTANCE_STOP_STRINGS
-from refine_af_utils.rl_reward import CompletionScorer, OptimiserView, RefineAFRewardModel, group_reward_function
+from refine_af_utils.rl_reward import (DEGENERATE_PROBES, CompletionScorer, OptimiserView, RefineAFRewardModel,
+                                      group_reward_function, reward_probe)
 from refine_af_utils.scorers import Scorer
 from refine_af_utils import trl_bridge
 from refine_af_utils.seeding import derive_seed
@@ -302,11 +303,13 @@ class HeldoutResult:
 
 @dataclass
 class RLTrainingResult(StageResult):
-    """What stage 3 made: the metrics table, the adapter folder, the held-out evaluation and the figures."""
+    """What stage 3 made: the metrics table, the adapter folder, the held-out evaluation, the reward probe
+    and the figures."""
 
     metrics: pd.DataFrame
     adapter_dir: Path
     heldout: Optional[HeldoutResult]
+    probe: Optional[pd.DataFrame] = None
 
 
 def _stage_scorer(params: Params, run_dir: Path, scorers: Optional[dict[str, Scorer]]) -> CompletionScorer:
@@ -462,6 +465,19 @@ def evaluate_heldout(params: Params, run_dir: str | Path, adapter_dir: Path,
     return HeldoutResult(table, summary, figure)
 
 
+def probe_reward(params: Params, run_dir: Path, scorer: CompletionScorer) -> pd.DataFrame:
+    """The judge-exploitation probe (:func:`refine_af_utils.rl_reward.reward_probe`) on the held-out
+    instructions' base samples, against stage 2's mean content reward; written to ``reward_probe.csv``."""
+    from refine_af_utils.files import read_jsonl
+    from refine_af_utils.reward import content_reward_scale
+
+    layout = RunLayout(run_dir)
+    reference, _, _ = content_reward_scale(run_dir, params.reward)
+    probe = reward_probe(scorer, read_jsonl(layout.file(_STAGE.id, "heldout_samples")), reference)
+    probe.to_csv(layout.file(_STAGE.id, "reward_probe"), index=False)
+    return probe
+
+
 @stage_entry
 def run(params: Params, run_dir: str | Path) -> RLTrainingResult:
     """Stage 3 for the notebook: train (or resume), evaluate on held-out instructions, record headlines."""
@@ -471,6 +487,7 @@ def run(params: Params, run_dir: str | Path) -> RLTrainingResult:
     scorer = _stage_scorer(params, stage.run_dir, None)
     metrics, adapter_dir = train_generator(params, stage.run_dir, scorer=scorer)
     heldout = evaluate_heldout(params, stage.run_dir, adapter_dir, scorer)
+    probe = probe_reward(params, stage.run_dir, scorer)
     figures = {"reward_kl": reward_kl_figure(metrics, params.rl.algorithm, stage.file("fig_reward_kl")),
                "components": components_figure(metrics, stage.file("fig_components")),
                "heldout": heldout.figure}
@@ -487,8 +504,9 @@ def run(params: Params, run_dir: str | Path) -> RLTrainingResult:
         **{f"heldout_{m}_gain": float(gain.loc[m, "mean_difference"]) for m in gain.index},
         **{f"heldout_{m}_gain_ci_low": float(gain.loc[m, "ci_low"]) for m in gain.index},
         **{f"heldout_{m}_gain_ci_high": float(gain.loc[m, "ci_high"]) for m in gain.index},
+        "probe_exploitable": bool(probe[probe["probe"].isin(DEGENERATE_PROBES)]["mean_at_or_above_reference"].any()),
     })
-    return RLTrainingResult(metrics, adapter_dir, heldout, figures=figures)
+    return RLTrainingResult(metrics, adapter_dir, heldout, probe, figures=figures)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
