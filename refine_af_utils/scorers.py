@@ -263,12 +263,17 @@ class SequenceClassificationScorer(Scorer):
 
 
 def _answer_token_ids(tokenizer: Any, word: str) -> list[int]:
-    """First token id of ``word`` as the tokenizer spells it alone and after a space (deduplicated)."""
+    """First token id of ``word`` as the tokenizer spells it alone and after a space (deduplicated).
+
+    A SentencePiece tokenizer may spell a word as a bare word-boundary piece ("▁") and then the word: the
+    first token that decodes to some text is taken, so the answer is the word, not the boundary.
+    """
     ids = []
     for variant in (word, " " + word):
         encoded = tokenizer(variant, add_special_tokens=False)["input_ids"]
-        if encoded and encoded[0] not in ids:
-            ids.append(encoded[0])
+        first = next((i for i in encoded if tokenizer.decode([i]).strip()), None)
+        if first is not None and first not in ids:
+            ids.append(first)
     return ids
 
 

@@ -251,3 +251,85 @@ def test_bad_input_never_enters_the_reward(tiny_llama_dir, monkeypatch):
     monkeypatch.setattr(scorer, "_score_batch", lambda batch: [float("nan")] * len(batch))
     with pytest.raises(ScoringError, match=r"scorer 'und': non-finite score nan for instance #0"):
         scorer.score([InstanceText("New", "", "text")], progress=False)
+
+
+# --- the paper's scorers in the formats their real checkpoints ship (issue 21, item 6) ---
+
+@pytest.mark.slow
+def test_a_bin_only_checkpoint_in_openassistants_layout_scores_like_its_safetensors_copy(oasst_layout_dir, tmp_path):
+    """OpenAssistant's reward model ships only pytorch_model.bin, with the attention buffers of old GPT-NeoX
+    checkpoints (causal mask, masked_bias, rotary inv_freq): loaded through the same scorer path."""
+    from safetensors.torch import load_file
+
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((oasst_layout_dir / name).read_bytes())
+    state = load_file(oasst_layout_dir / "model.safetensors")
+    for layer in range(2):  # what GPT-NeoX checkpoints of 2023 carry beside the weights
+        prefix = f"gpt_neox.layers.{layer}.attention"
+        state[f"{prefix}.bias"] = torch.tril(torch.ones(512, 512, dtype=torch.bool)).view(1, 1, 512, 512)
+        state[f"{prefix}.masked_bias"] = torch.tensor(-1e9)
+        state[f"{prefix}.rotary_emb.inv_freq"] = torch.rand(2)
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    assert not list(tmp_path.glob("*.safetensors"))
+    template = "<|prompter|>{prompt}<|endoftext|><|assistant|>{output}<|endoftext|>"
+    from_bin = build_scorer("rm", _spec("sequence_classification", tmp_path, template))
+    from_safetensors = build_scorer("rm", _spec("sequence_classification", oasst_layout_dir, template))
+    assert from_bin._custom and from_bin.model.pooling == "last"
+    np.testing.assert_allclose(from_bin.score(INSTANCES, progress=False),
+                               from_safetensors.score(INSTANCES, progress=False), rtol=1e-6, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def t5_own_tokenizer_dir(tmp_path_factory):
+    """A tiny T5 with a SentencePiece-style (Unigram, Metaspace) tokenizer of its own, saved as tokenizer.json
+    the way UniEval's T5 ships it: pad 0, </s> 1, <unk> 2, and the decoder starting from the pad token."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    folder = tmp_path_factory.mktemp("t5-own")
+    # a SentencePiece unigram vocabulary: pad, </s>, <unk>, then "▁word" pieces and single characters
+    text = " ".join([f"{i.prompt} {i.output}" for i in INSTANCES] + [UNIEVAL_QUESTIONS["naturalness"], "Yes No"])
+    words = sorted({"▁" + w for w in text.split()})
+    characters = sorted(set(text.replace(" ", "")) | {"▁"})
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(w, -5.0) for w in words] + [(c, -10.0) for c in characters]
+    unigram = Tokenizer(models.Unigram(vocab, unk_id=2))
+    unigram.normalizer, unigram.pre_tokenizer, unigram.decoder = normalizers.NFKC(), pre_tokenizers.Metaspace(), decoders.Metaspace()
+    unigram.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = T5TokenizerFast(tokenizer_object=unigram, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                                extra_ids=0)
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(5)
+    T5ForConditionalGeneration(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                        num_heads=4, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+                               ).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_a_t5_with_its_own_tokenizer_scores_p_yes_from_its_decoder_start(t5_own_tokenizer_dir):
+    scorer = build_scorer("nat", _spec("yes_no", t5_own_tokenizer_dir, UNIEVAL_QUESTIONS["naturalness"]))
+    assert type(scorer.tokenizer).__name__.startswith("T5Tokenizer") and scorer.tokenizer.pad_token_id == 0
+    assert scorer.model.config.decoder_start_token_id == 0 and scorer.model.config.is_encoder_decoder
+    assert [scorer.tokenizer.decode([i]).strip() for i in scorer.yes_ids] == ["Yes"]
+    assert [scorer.tokenizer.decode([i]).strip() for i in scorer.no_ids] == ["No"]
+    text = scorer.format(INSTANCES[1])
+    encoded = scorer.tokenizer([text], return_tensors="pt")
+    assert encoded["input_ids"][0, -1].item() == 1  # T5's own </s> closes the encoder input
+    with torch.no_grad():
+        probs = torch.softmax(scorer.model(**encoded, decoder_input_ids=torch.tensor([[0]])).logits[0, 0], -1)
+    yes, no = probs[scorer.yes_ids].sum(), probs[scorer.no_ids].sum()
+    assert scorer.score(INSTANCES[1:2], progress=False)[0] == pytest.approx(float(yes / (yes + no)), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_an_answer_word_spelled_after_a_bare_word_boundary_is_the_word(t5_own_tokenizer_dir):
+    from refine_af_utils.scorers import _answer_token_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(t5_own_tokenizer_dir)
+
+    def pieces(word):
+        return tokenizer.convert_ids_to_tokens(tokenizer(word, add_special_tokens=False)["input_ids"])
+
+    # a word the vocabulary has no "▁word" piece for: the bare boundary "▁" comes first, then its letters
+    word = next(w for w in ("eee", "ooo", "sss", "aaa", "ttt") if pieces(w)[0] == "▁" and pieces(w)[1] != "<unk>")
+    assert [tokenizer.decode([i]) for i in _answer_token_ids(tokenizer, word)] == [pieces(word)[1]]  # not "▁"
