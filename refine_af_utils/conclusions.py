@@ -48,11 +48,13 @@ def _instruction_generation(m: dict[str, Any]) -> str:
 
 
 def _reward_analysis(m: dict[str, Any]) -> str:
-    return (f"**This run's reward:** {_n(m['instances'])} instances of {_n(m['instructions'])} instructions kept out of "
-            f"{_n(m['count_candidates'])} candidates ({_n(m['count_unparseable'])} unparseable). Mean Eq. 1 reward "
-            f"{_n(m['mean_reward'])}; mean components: reward model {_n(m['mean_reward_model'])}, understandability "
-            f"{_n(m['mean_understandability'])}, naturalness {_n(m['mean_naturalness'])}, coherence "
-            f"{_n(m['mean_coherence'])}.")
+    components = ", ".join(f"{label} {_n(m[f'mean_{key}'])}" for key, label in (
+        ("reward_model", "reward model"), ("understandability", "understandability"), ("naturalness", "naturalness"),
+        ("coherence", "coherence")))
+    kept = f"{_n(m['instances'])} instances of {_n(m['instructions'])} instructions"
+    return (f"**This run's reward:** {kept} kept out of {_n(m['count_candidates'])} candidates "
+            f"({_n(m['count_unparseable'])} unparseable). Mean Eq. 1 reward {_n(m['mean_reward'])}; mean components: "
+            f"{components}.")
 
 
 def _rl_training(m: dict[str, Any]) -> str:
