@@ -184,26 +184,40 @@ def difference_chart(summary: pd.DataFrame, title: str) -> plt.Figure:
 
 
 def spread_by_group(table: pd.DataFrame, group: str, columns: Sequence[str], titles: Mapping[str, str],
-                    references: Mapping[str, float], title: str) -> plt.Figure:
+                    references: Mapping[str, float], title: str, within: str | None = None) -> plt.Figure:
     """One panel per column: per value of ``group``, each row as a dot (with its ``<column>_ci_low`` to
     ``<column>_ci_high`` bar where the table has them) and their mean as a line; a dotted reference line
-    at ``references[column]`` (default 0)."""
-    fig, axes = plt.subplots(1, len(columns), figsize=(4.5 * len(columns), 3.6), squeeze=False)
+    at ``references[column]`` (default 0). With ``within`` (e.g. the seed), a group's rows stand side by side
+    in that column's order, each labelled with its value under the axis, instead of on one x position."""
+    fig, axes = plt.subplots(1, len(columns), figsize=(4.5 * len(columns), 3.9), squeeze=False)
     groups = list(dict.fromkeys(table[group]))
     for ax, key in zip(axes[0], columns):
+        minor_positions, minor_labels = [], []
         for i, name in enumerate(groups):
             part = table[table[group] == name]
+            if within is not None:
+                part = part.sort_values(within)
+            width = 0.5 if within is not None and len(part) > 1 else 0.0
+            xs = [i - width / 2 + width * n / max(len(part) - 1, 1) for n in range(len(part))]
             values = part[key].astype(float)
-            ax.scatter([i] * len(values), values, color="tab:blue", alpha=0.7, s=18)
+            ax.scatter(xs, values, color="tab:blue", alpha=0.7, s=18)
             low, high = f"{key}_ci_low", f"{key}_ci_high"
             if low in part and high in part:
-                for lo, hi in zip(part[low].astype(float), part[high].astype(float)):
+                for x, lo, hi in zip(xs, part[low].astype(float), part[high].astype(float)):
                     if math.isfinite(lo) and math.isfinite(hi):
-                        ax.plot([i, i], [lo, hi], color="tab:blue", alpha=0.25, linewidth=3)
+                        ax.plot([x, x], [lo, hi], color="tab:blue", alpha=0.25, linewidth=3)
             if values.notna().any():
-                ax.hlines(values.mean(), i - 0.3, i + 0.3, color="black")
+                ax.hlines(values.mean(), i - 0.35, i + 0.35, color="black")
+            if within is not None:
+                minor_positions += xs
+                minor_labels += [str(v) for v in part[within]]
         ax.axhline(references.get(key, 0.0), color="grey", linestyle=":", linewidth=1)
-        ax.set_xticks(range(len(groups)), groups, rotation=45, ha="right")
+        if within is None:
+            ax.set_xticks(range(len(groups)), groups, rotation=45, ha="right")
+        else:  # the rows' own labels as ticks, the group names under them
+            ax.set_xticks(minor_positions, minor_labels, fontsize=7)
+            for i, name in enumerate(groups):
+                ax.text(i, -0.12, name, transform=ax.get_xaxis_transform(), ha="center", va="top", fontsize=9)
         ax.set_title(titles.get(key, key), fontsize=9)
     fig.suptitle(title, fontsize=10)
     return fig

@@ -230,7 +230,8 @@ def _figures(tables: dict[str, "pd.DataFrame"], differences: list[float], refine
               pd_notna_any(runs[k])]
     if panels:
         fig = spread_by_group(runs, "setting", panels, HEADLINES, {"win_share": 0.5},
-                              "Per setting: each seed (dot, 95% CI bar) and the mean over seeds (line)")
+                              "Per setting: each seed (dot, labelled, 95% CI bar) and the mean over seeds (line)",
+                              within="seed" if "seed" in runs else None)
         names.append(save_figure(fig, study_dir / STUDY_FIGURE.format(name="settings")).name)
     if differences:
         samples = [("A/A: Self-Instruct arm, seed j - seed i", differences, 0.6)]
