@@ -15,14 +15,15 @@ def component_histograms_figure(scores: pd.DataFrame, path: Path) -> Path:
     """One histogram per reward component (stage 2 and the report draw the same figure)."""
     from refine_af_utils.plots import histogram_grid, save_figure
 
-    return save_figure(histogram_grid(scores, list(COMPONENTS), "Reward components per instance"), path)
+    return save_figure(histogram_grid(scores, list(COMPONENTS), f"Reward components per instance (n = {len(scores)})"),
+                       path)
 
 
-def correlations_figure(correlations: pd.DataFrame, path: Path) -> Path:
-    """Heatmap of the components' correlations."""
+def correlations_figure(correlations: pd.DataFrame, path: Path, instances: int) -> Path:
+    """Heatmap of the components' correlations over ``instances`` instances (stated: few make them noisy)."""
     from refine_af_utils.plots import heatmap, save_figure
 
-    return save_figure(heatmap(correlations, "Correlation of reward components"), path)
+    return save_figure(heatmap(correlations, f"Correlation of reward components (n = {instances} instances)"), path)
 
 
 def heldout_figure(summary: pd.DataFrame, path: Path, title: str) -> Path:

@@ -91,9 +91,19 @@ def line_chart(table: pd.DataFrame, x: str, columns: Sequence[str], title: str) 
         ax.set_ylabel(column)
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel(x)
+    _integer_ticks_for_counts(axes[-1, 0], table[x])
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def _integer_ticks_for_counts(ax: plt.Axes, values: pd.Series) -> None:
+    """Whole-number ticks on the x axis when ``values`` are whole numbers (updates, steps: no 1.5)."""
+    from matplotlib.ticker import MaxNLocator
+
+    numbers = pd.to_numeric(values, errors="coerce").dropna()
+    if len(numbers) and (numbers == numbers.round()).all():
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def overlaid_histograms(series: dict[str, Sequence[float]], title: str, xlabel: str, bins: int = 20) -> plt.Figure:
@@ -151,6 +161,7 @@ def two_panel_lines(table: pd.DataFrame, x: str, top: Sequence[str], bottom: Seq
         axis.grid(alpha=0.3)
     upper.set_title(title)
     lower.set_xlabel(x)
+    _integer_ticks_for_counts(lower, table[x])
     fig.tight_layout()
     return fig
 

@@ -421,7 +421,8 @@ def build_report(run_dir: str | Path, run_name: str | None = None, random_seed: 
     report.table("reward_components", summary, f"reward components over {len(scores)} sampled instances")
     report.table("reward_correlations", correlations, "correlation of the reward components")
     report.figure("02_components", lambda p: component_histograms_figure(scores, p), "reward component distributions")
-    report.figure("02_correlations", lambda p: correlations_figure(correlations, p), "component correlations")
+    report.figure("02_correlations", lambda p: correlations_figure(correlations, p, len(scores)),
+                  "component correlations")
 
     report.text("## Stage 3: RL training of the instance generator")
     rl = read_whole_csv(_require(layout.rl_metrics_file))  # a torn last row (a crash mid-append) is left out

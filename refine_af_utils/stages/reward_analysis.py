@@ -124,8 +124,8 @@ def run(params: Params, run_dir: str | Path) -> RewardAnalysisResult:
     worst.to_csv(stage.file("worst_examples"), index=False)
     figures = {
         "components": component_histograms_figure(scores, stage.file("fig_components")),
-        "correlations": correlations_figure(correlations, stage.file("fig_correlations")),
-        "reward": save_figure(histogram(scores["reward"], "Composite REFINE-AF reward (Eq. 1)", "reward"),
+        "correlations": correlations_figure(correlations, stage.file("fig_correlations"), len(scores)),
+        "reward": save_figure(histogram(scores["reward"], f"Composite REFINE-AF reward (Eq. 1; n = {len(scores)})", "reward"),
                               stage.file("fig_reward")),
     }
     truncated = {name: scorer.truncated for name, scorer in scorers.items()}
