@@ -109,6 +109,7 @@ def check_trainer_args(params: Any, source: str) -> None:
             if key not in fields:
                 raise ParamsError(f"{source}: key '{section}.trainer_args.{key}' is not a field of trl's "
                                   f"{config.__name__}")
+        _check_trackers(extra.get("report_to"), f"{section}.trainer_args.report_to", source)
         with tempfile.TemporaryDirectory() as scratch:  # trl checks the values now, not hours into the run
             try:
                 # activation_checkpointing set: trl's default gradient_checkpointing=True is a deprecated alias
@@ -118,6 +119,22 @@ def check_trainer_args(params: Any, source: str) -> None:
                 first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                 raise ParamsError(f"{source}: key '{section}.trainer_args' is refused by trl's {config.__name__}: "
                                   f"{first}") from error
+
+
+def _check_trackers(report_to: Any, key: str, source: str) -> None:
+    """A tracker named in ``report_to`` (wandb, tensorboard, ...) must be installed: transformers would
+    otherwise fail when the trainer starts, hours into a run, instead of when the params load."""
+    if report_to in (None, "none", "all", []):
+        return
+    from transformers.integrations import get_available_reporting_integrations
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    available = set(get_available_reporting_integrations())
+    missing = [name for name in names if name not in ("none", "all") and name not in available]
+    if missing:
+        raise ParamsError(f"{source}: key '{key}' names {', '.join(repr(m) for m in missing)}, which is not "
+                          f"installed here: pip install {' '.join(missing)} (installed trackers: "
+                          f"{', '.join(sorted(available)) or 'none'})")
 
 
 # --- the config builders: the trl config arguments stages 3 and 5 pass (the tables above guard them) ---

@@ -309,6 +309,8 @@ def test_trainer_args_pass_through_to_trl_and_refuse_what_the_package_sets(tmp_p
                                                  r"stage 3's own AdamW for PPO"),
         ({**grpo, "rl.trainer_args.top_k": 5}, r"'rl\.trainer_args\.top_k' is set by the package from instance_generation"),
         ({"sft.trainer_args": 3}, r"key 'sft\.trainer_args' must be a mapping of names to values, got 3"),
+        ({"rl.trainer_args.report_to": ["wandb"]},  # a tracker that is not installed: at load, not at the trainer
+         r"key 'rl\.trainer_args\.report_to' names 'wandb', which is not installed here: pip install wandb"),
         ({"sft.trainer_args.lr_scheduler_type": "cosinee"}, r"key 'sft\.trainer_args' is refused by trl's SFTConfig: .*cosinee"),
         (parse_overrides(["sft.trainer_args.run_name=2024-01-01"]), r"key 'sft\.trainer_args' must hold plain values"),
     ]:
