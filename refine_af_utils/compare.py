@@ -218,7 +218,8 @@ def run_quantities(run_dir: str | Path) -> list[Quantity]:
     heldout = _table(run_dir, "rl_heldout", index_col="measure")
     for measure, row in heldout.iterrows():
         quantities.append(Quantity(f"stage 3 held-out gain: {measure}", float(row["mean_difference"]),
-                                   float(row["ci_low"]), float(row["ci_high"])))
+                                   float(row["ci_low"]), float(row["ci_high"]),
+                                   headline=measure in HELDOUT_PRIMARY))  # the components are secondary
     arms = _table(run_dir, "arm_comparison")
     for _, row in arms.iterrows():
         quantities.append(Quantity(f"stage 4 REFINE-AF - Self-Instruct: {row['group']} {row['measure']}",
@@ -265,6 +266,9 @@ def judge(a: Quantity, b: Quantity, seeds_threshold: Optional[float] = None, dec
     if not (a.has_interval and b.has_interval) and seeds_threshold is None:
         return NOT_JUDGED, "no interval"
     return DIFFERENT, "beyond noise"
+
+
+HELDOUT_PRIMARY = ("reward", "parsed", "content")  # stage 3's held-out endpoints that decide the verdict
 
 
 def _run_params(run_dir: Path) -> dict[str, Any]:

@@ -63,6 +63,24 @@ def paired_bootstrap_ci(a: Sequence[float], b: Sequence[float], seed: int,
     return Interval(float(diff.mean()), float(low), float(high), int(diff.size), level=level)
 
 
+def sign_flip_p(differences: Sequence[float], seed: int, draws: int = BOOTSTRAP_RESAMPLES) -> float:
+    """Two-sided sign-flip permutation p of a mean paired difference (H0: each difference is as likely
+    negated): exact over all 2^n sign patterns for n <= 16, else over ``draws`` seeded random patterns (with
+    the observed one counted). NaN without pairs."""
+    d = np.asarray(differences, dtype=np.float64)
+    if d.size == 0:
+        return float("nan")
+    observed = abs(d.mean())
+    if d.size <= 16:
+        signs = 1 - 2 * ((np.arange(2 ** d.size)[:, None] >> np.arange(d.size)) & 1)
+        means = np.abs((signs * d).mean(axis=1))
+        return float((means >= observed - 1e-12).mean())
+    rng = np.random.default_rng(seed)
+    signs = rng.choice(np.array([-1.0, 1.0]), size=(draws, d.size))
+    means = np.abs((signs * d).mean(axis=1))
+    return float((1 + (means >= observed - 1e-12).sum()) / (draws + 1))
+
+
 def paired_summary(table: pd.DataFrame, pairs: dict[str, tuple[str, str]], seed: int) -> pd.DataFrame:
     """Mean paired difference (second - first column) with a 95% bootstrap CI for each named measure.
 
@@ -76,7 +94,8 @@ def paired_summary(table: pd.DataFrame, pairs: dict[str, tuple[str, str]], seed:
         ci = paired_bootstrap_ci(a, b, seed=derive_seed(seed, "ci", name))
         rows.append({"measure": name, "mean_difference": ci.mean, "ci_low": ci.low, "ci_high": ci.high,
                      "pairs": ci.instances, "mean_before": float(a[both].mean()) if both.any() else float("nan"),
-                     "mean_after": float(b[both].mean()) if both.any() else float("nan")})
+                     "mean_after": float(b[both].mean()) if both.any() else float("nan"),
+                     "sign_flip_p": sign_flip_p(b[both] - a[both], derive_seed(seed, "sign-flip", name))})
     return pd.DataFrame(rows)
 
 

@@ -251,13 +251,15 @@ def test_heldout_evaluation_pairs_base_and_trained_on_unseen_instructions(tiny_l
     scorer = CompletionScorer(build_scorers(params.reward), params.reward, unparsed_reward(tiny_run, params))
     result = evaluate_heldout(params, tiny_run, adapter_dir, scorer)
     table = pd.read_csv(tiny_run / "rl_training" / "heldout_eval.csv")
-    assert list(table.columns) == ["instruction", "base_reward", "trained_reward", "base_parsed", "trained_parsed",
-                                   "base_content", "trained_content"]
+    measures = ["reward", "parsed", "content", *COMPONENTS]  # primary, then the secondary endpoints
+    assert list(table.columns) == ["instruction", *[f"{g}_{m}" for m in measures for g in ("base", "trained")]]
     split = pd.read_json(tiny_run / "rl_training" / "prompts.jsonl", lines=True).set_index("instruction")["split"]
     assert set(table["instruction"]) == set(split[split == "heldout"].index)  # never a training prompt
     samples = pd.read_json(tiny_run / "rl_training" / "heldout_samples.jsonl", lines=True)
     assert len(samples) == 2 * 2 * 2  # generators x instructions x samples
-    assert list(result.summary["measure"]) == ["reward", "parsed", "content"]
+    assert list(result.summary["measure"]) == measures
+    p_values = result.summary.set_index("measure")["sign_flip_p"]  # NaN only where no pair parsed
+    assert 0 < p_values["reward"] <= 1 and (p_values.isna() | p_values.between(0, 1)).all()
     expected = (table["trained_reward"] - table["base_reward"]).mean()
     assert result.summary.loc[0, "mean_difference"] == pytest.approx(expected)
     before = (tiny_run / "rl_training" / "heldout_samples.jsonl").read_text()

@@ -46,11 +46,25 @@ def test_paired_summary_columns_count_pairs():
     table = pd.DataFrame({"a": [0.0, 1.0, np.nan], "b": [1.0, 1.0, 2.0]})
     summary = paired_summary(table, {"m": ("a", "b")}, seed=0)
     assert list(summary.columns) == ["measure", "mean_difference", "ci_low", "ci_high", "pairs",
-                                     "mean_before", "mean_after"]
+                                     "mean_before", "mean_after", "sign_flip_p"]
     assert summary.loc[0, "pairs"] == 2 and summary.loc[0, "mean_difference"] == 0.5
     # the means beside the difference are over its pairs: b's 2.0 has no pair and counts in neither (the
     # unpaired mean of b, 1.33, minus a's 0.5 would read as 0.83 beside a difference of 0.5)
     assert (summary.loc[0, "mean_before"], summary.loc[0, "mean_after"]) == (0.5, 1.0)
+    assert summary.loc[0, "sign_flip_p"] == 1.0  # differences 1 and 0: both sign patterns of 1 reach the mean
+
+
+def test_the_sign_flip_p_is_exact_for_few_pairs_and_close_to_the_t_test_for_many():
+    from scipy import stats
+
+    from refine_af_utils.stats import sign_flip_p
+
+    assert sign_flip_p([0.3, 0.1, 0.2, 0.4, 0.5], seed=0) == 2 / 32  # all of one sign: 2 of 2^5 patterns
+    assert sign_flip_p([0.1, -0.1, 0.2, -0.2], seed=0) == 1.0
+    differences = np.random.default_rng(1).normal(0.5, 1.0, 40)
+    p = sign_flip_p(differences, seed=3)
+    assert p == sign_flip_p(differences, seed=3) and 0 < p < 0.01  # seeded; a clear effect
+    assert p == pytest.approx(stats.ttest_1samp(differences, 0).pvalue, abs=0.002)
 
 
 # --- the cluster bootstrap and the tests over tasks ---

@@ -433,8 +433,13 @@ def heldout_samples(params: Params, run_dir: Path, adapter_dir: Path) -> list[di
         seed=lambda batch: derive_seed(params.random_seed, _STAGE.id, "heldout", batch[0][1], batch[0][2]["instruction"]))
 
 
+# The held-out endpoints: the full reward (primary), the parsed share and the content reward, then each reward
+# component of the parsed samples (secondary; like the content reward, undefined where nothing parsed).
+HELDOUT_MEASURES = ("reward", "parsed", "content", *COMPONENTS)
+
+
 def heldout_table(samples: Sequence[dict[str, Any]], scorer: CompletionScorer) -> pd.DataFrame:
-    """One row per held-out instruction: each generator's mean reward, parsed share and content reward.
+    """One row per held-out instruction: each generator's mean reward, parsed share, content reward and components.
 
     ``*_reward`` is the mean full reward over the K samples (the parse penalty included),
     ``*_parsed`` the share of samples that yielded an instance, ``*_content`` the mean content
@@ -442,11 +447,11 @@ def heldout_table(samples: Sequence[dict[str, Any]], scorer: CompletionScorer) -
     """
     results = scorer.score(samples, [Generation(s["text"], s["truncated"], 0) for s in samples], progress=True)
     table = pd.DataFrame([{"generator": s["generator"], "instruction": s["instruction"], "reward": r.reward,
-                           "parsed": float(r.parsed), "content": r.content} for s, r in zip(samples, results)])
-    per = table.groupby(["instruction", "generator"], sort=False).agg(
-        reward=("reward", "mean"), parsed=("parsed", "mean"), content=("content", "mean")).unstack("generator")
+                           "parsed": float(r.parsed), "content": r.content, **r.components}
+                          for s, r in zip(samples, results)])
+    per = table.groupby(["instruction", "generator"], sort=False)[list(HELDOUT_MEASURES)].mean().unstack("generator")
     per.columns = [f"{generator}_{measure}" for measure, generator in per.columns]
-    order = [f"{g}_{m}" for m in ("reward", "parsed", "content") for g in GENERATORS]
+    order = [f"{g}_{m}" for m in HELDOUT_MEASURES for g in GENERATORS]
     return per[order].reset_index()
 
 
@@ -457,7 +462,7 @@ def evaluate_heldout(params: Params, run_dir: str | Path, adapter_dir: Path,
     layout = RunLayout(run_dir)
     table = heldout_table(heldout_samples(params, run_dir, adapter_dir), scorer)
     table.to_csv(layout.heldout_eval_file, index=False)
-    summary = paired_summary(table, {m: (f"base_{m}", f"trained_{m}") for m in ("reward", "parsed", "content")},
+    summary = paired_summary(table, {m: (f"base_{m}", f"trained_{m}") for m in HELDOUT_MEASURES},
                              derive_seed(params.random_seed, _STAGE.id, "heldout-ci"))
     summary.to_csv(layout.heldout_summary_file, index=False)
     figure = heldout_figure(summary, layout.file(_STAGE.id, "fig_heldout"),
