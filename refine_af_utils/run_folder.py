@@ -43,16 +43,16 @@ def record_metrics(run_dir: str | Path, stage: str, metrics: dict[str, Any]) -> 
 
 
 def peak_memory() -> dict[str, float]:
-    """``peak_rss_gb``: this process's peak resident memory (under the runner each stage has a kernel of its
+    """``peak_rss_gb``: this process's peak resident memory in GB (10^9 bytes; under the runner each stage has a kernel of its
     own, so it is the stage's; in a Lab kernel, the kernel's so far); ``peak_gpu_memory_gb``: torch's peak
     CUDA allocation, where CUDA was used."""
     import resource
     import sys
 
-    peak = {"peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2, 3)}  # KiB on Linux
+    peak = {"peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 3)}  # KiB on Linux
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        peak["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1024 ** 3, 3)
+        peak["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
     return peak
 
 

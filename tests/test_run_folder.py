@@ -13,5 +13,5 @@ def test_recorded_metrics_carry_the_process_peak_memory(tmp_path):
     record_metrics(tmp_path, "03", {"updates": 4})
     metrics = read_metrics(tmp_path, "03")
     assert metrics["updates"] == 4
-    assert metrics["peak_rss_gb"] == pytest.approx(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2,
+    assert metrics["peak_rss_gb"] == pytest.approx(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
                                                    abs=0.01)

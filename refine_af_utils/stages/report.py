@@ -112,7 +112,7 @@ def _csv(path: Path, **kwargs: Any) -> pd.DataFrame:
 
 def wall_times(run_dir: Path) -> pd.DataFrame:
     """Seconds per stage from the runner's stage markers (stage 7 itself is running and not listed), and each
-    stage's peak memory from its metrics (GiB; absent for a run recorded before the package measured it)."""
+    stage's peak memory from its metrics (GB; absent for a run recorded before the package measured it)."""
     rows = []
     layout = RunLayout(run_dir)
     for stage in STAGES[:-1]:
@@ -505,7 +505,7 @@ def build_report(run_dir: str | Path, run_name: str | None = None, random_seed: 
     times = wall_times(run_dir)
     report.table("wall_time", times.set_index("stage"),
                  "wall time per stage on this machine (seconds) and the peak resident memory of the stage's process "
-                 "(GiB; the total row: the largest)")
+                 "(GB; the total row: the largest)")
     report.figure("wall_time", lambda p: save_figure(bar_chart(times[times["stage"] != "0-6"], "name", "seconds",
                                                                 "Wall time per stage (s)"), p),
                   "wall time per stage")
