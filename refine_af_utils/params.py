@@ -267,6 +267,10 @@ class SFTParams:
     gradient_checkpointing: bool = False  # saves GPU memory on 7B+ models at about 30% more time
     equal_examples: bool = True      # subsample the larger arm (seeded) to the smaller arm's size
     include_seed_tasks: bool = False  # add the seed tasks' instances to both arms (Self-Instruct did)
+    # Extra arms from outside the pipeline, {name: source}: a JSONL file of instruction/input/output records, a
+    # Hugging Face dataset folder (e.g. python -m refine_af_utils.export's) or a hub id; stage 5 fine-tunes on
+    # each (equalised like the arms) and stage 6 evaluates it beside the base model and the two arms.
+    external_arms: dict[str, str] = field(default_factory=dict)
     # Any other field of trl's SFTConfig, passed through as given, e.g. {warmup_steps: 100, weight_decay: 0.01,
     # report_to: [wandb]}; trl_bridge.SFT_CONFIG_OWNED's fields are refused.
     trainer_args: dict[str, Any] = field(default_factory=dict)
@@ -328,6 +332,9 @@ class Params:
         """The run name, ``trainer_args`` against trl, and PPO's sampling (checks across sections)."""
         check_run_name(self.run_name, source)
         check_trainer_args(self, source)
+        from refine_af_utils.external_arms import check_external_arms
+
+        check_external_arms(self.sft.external_arms, source)
         if self.rl.algorithm == "ppo" and self.instance_generation.top_p != 1.0:
             # trl 1.9.2's PPO samples with top_p=1 and computes its log-probabilities on the full
             # distribution; RL rollouts and stage 4 must decode alike, so stage 4 cannot use another top_p.
@@ -339,7 +346,8 @@ class Params:
 
 
 # Keys added after runs existed, with the value that behaves as before they did (Params.fingerprint).
-ADDED_KEYS: dict[str, Any] = {"rl.standardise_reward": False, "rl.stop_at_stop_strings": False, "rl.placebo": False}
+ADDED_KEYS: dict[str, Any] = {"rl.standardise_reward": False, "rl.stop_at_stop_strings": False, "rl.placebo": False,
+                              "sft.external_arms": {}}
 
 RUN_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
 

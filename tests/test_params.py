@@ -110,9 +110,14 @@ def test_a_key_added_later_leaves_earlier_fingerprints_until_it_is_set(tmp_path)
         del before[section][key]
     old = hashlib.sha256(json.dumps({"rl": before["rl"]}, sort_keys=True).encode()).hexdigest()[:16]
     assert a.fingerprint("rl") == old
-    for dotted, unchanged in ADDED_KEYS.items():
-        changed = load_params(_write(tmp_path, "run_name: x\n"), overrides={dotted: not unchanged})
-        assert changed.fingerprint("rl") != old, dotted
+    sft_before = hashlib.sha256(json.dumps({"sft": before["sft"]}, sort_keys=True).encode()).hexdigest()[:16]
+    assert a.fingerprint("sft") == sft_before
+    for dotted, changed_value in {"rl.standardise_reward": True, "rl.stop_at_stop_strings": True, "rl.placebo": True,
+                                  "sft.external_arms": {"paper45k": "data.jsonl"}}.items():
+        changed = load_params(_write(tmp_path, "run_name: x\n"), overrides={dotted: changed_value})
+        section = dotted.split(".")[0]
+        assert changed.fingerprint(section) != (old if section == "rl" else sft_before), dotted
+    assert set(ADDED_KEYS) == {"rl.standardise_reward", "rl.stop_at_stop_strings", "rl.placebo", "sft.external_arms"}
 
 
 # --- recipes as deltas: extends, --set, defaults (issue 11 item 4) --------------------------------

@@ -245,7 +245,8 @@ def chance_sentence(overall_ci: pd.DataFrame, tests: dict[str, Any], metric: str
 def main_table(overall_ci: pd.DataFrame) -> pd.DataFrame:
     """``table_main``: per model and for the paired difference, ROUGE-L and exact match with CI bounds."""
     names = {"rougeL": "ROUGE-L", "exact_match": "exact match"}
-    table = pd.DataFrame(index=pd.Index([*MODELS, DIFFERENCE], name="model"))
+    external = [m for m in dict.fromkeys(overall_ci["model"]) if m not in (*MODELS, DIFFERENCE)]  # sft.external_arms
+    table = pd.DataFrame(index=pd.Index([*MODELS, *external, DIFFERENCE], name="model"))
     for metric, label in names.items():
         rows = overall_ci[overall_ci["metric"] == metric].set_index("model")
         table[label] = rows["mean"].round(2)

@@ -22,6 +22,7 @@ from typing import Any, Optional, Sequence
 import pandas as pd
 
 from refine_af_utils.figures import sft_loss_figure
+from refine_af_utils.external_arms import records_sha256
 from refine_af_utils.layout import ARMS, SFT_COMPLETE, SFT_LOSS, SFT_MODEL, TRAINER_STATE, RunLayout, stage_of_module
 from refine_af_utils.run_folder import StageResult, stage_entry
 from refine_af_utils.params import ModelParams, Params, SFTParams
@@ -110,10 +111,19 @@ def training_sets(params: Params, run_dir: str | Path) -> dict[str, list[dict[st
         for arm, records in data.items():
             rng = random.Random(derive_seed(params.random_seed, _STAGE.id, "equal-examples", arm))
             data[arm] = [records[i] for i in sorted(rng.sample(range(len(records)), size))]
+    for name, source in params.sft.external_arms.items():  # extra arms: equalised the same way, no seed tasks
+        from refine_af_utils.external_arms import load_external_arm
+
+        records = load_external_arm(name, source)
+        if params.sft.equal_examples:
+            size = min(len(data[arm]) for arm in ARMS)
+            rng = random.Random(derive_seed(params.random_seed, _STAGE.id, "equal-examples", name))
+            records = [records[i] for i in sorted(rng.sample(range(len(records)), min(size, len(records))))]
+        data[name] = records
     if params.sft.include_seed_tasks:
         seeds = [{"instruction": t.instruction, "input": i.input, "output": i.output}
                  for t in layout.seed_tasks() for i in t.instances]
-        data = {arm: records + seeds for arm, records in data.items()}
+        data = {arm: records + seeds if arm in ARMS else records for arm, records in data.items()}
     return data
 
 
@@ -129,9 +139,10 @@ def train_arms(params: Params, run_dir: str | Path) -> dict[str, pd.DataFrame]:
     if not params.sft.full_fine_tuning:
         check_lora_targets(params.model, params.sft.lora, "sft.lora")
     stage.check_config(**{f"{arm}_data_sha256": sha256_file(layout.arm_data(arm))  # each arm's adapter: one dataset
-                          for arm in ARMS})
-    return {arm: fine_tune(params.model, data[arm], layout.sft_arm(arm), params.sft, stage.derive_seed("trainer"))
-            for arm in ARMS}
+                          for arm in ARMS},
+                       **{f"{name}_data_sha256": records_sha256(data[name]) for name in params.sft.external_arms})
+    return {arm: fine_tune(params.model, records, layout.sft_arm(arm), params.sft, stage.derive_seed("trainer"))
+            for arm, records in data.items()}
 
 
 @dataclass
@@ -154,7 +165,7 @@ def run(params: Params, run_dir: str | Path) -> SFTResult:
     losses.to_csv(stage.file("loss"), index=False)
     sets = training_sets(params, run_dir)
     summary = pd.DataFrame({arm: {
-        "stage 4 instances": len(layout.arm_instances(arm)),
+        "stage 4 instances": len(layout.arm_instances(arm)) if arm in ARMS else None,  # an external arm: none
         "training examples": len(sets[arm]),
         "steps": int(table["step"].max()),
         "first loss": round(float(table["loss"].iloc[0]), 4),

@@ -137,9 +137,10 @@ def run(params: Params, run_dir: str | Path) -> SuperNIEvaluationResult:
     tasks = load_tasks(superni_dir, params.evaluation.max_instances)
     check_device(params.model.device)
     resolve_model_path(params.model.name_or_path)
-    models_sha256 = {f"{arm}_model_sha256": _model_files_sha256(layout.sft_model(arm)) for arm in MODELS[1:]}
+    models = (*MODELS, *params.sft.external_arms)  # the base model, the two arms, then any external arm
+    models_sha256 = {f"{arm}_model_sha256": _model_files_sha256(layout.sft_model(arm)) for arm in models[1:]}
     stage.check_config(**models_sha256)
-    predictions = {name: predict(params, name, tasks, run_dir) for name in MODELS}
+    predictions = {name: predict(params, name, tasks, run_dir) for name in models}
     per_task = per_task_scores(predictions)
     per_category = grouped_scores(predictions, "category", metric="rougeL")
     overall = grouped_scores(predictions, None).T
@@ -157,8 +158,8 @@ def run(params: Params, run_dir: str | Path) -> SuperNIEvaluationResult:
     figures = {name: evaluation_figure(name, statistics, stage.file("figure", name=name))
                for name in EVALUATION_FIGURES}
     stage.record_metrics({
-        **{f"{name}_rougeL": float(overall.loc[name, "rougeL"]) for name in MODELS},
-        **{f"{name}_exact_match": float(overall.loc[name, "exact_match"]) for name in MODELS},
+        **{f"{name}_rougeL": float(overall.loc[name, "rougeL"]) for name in models},
+        **{f"{name}_exact_match": float(overall.loc[name, "exact_match"]) for name in models},
         **improvement, "superni_dir": params.evaluation.superni_dir,
         **{k: None if isinstance(v, float) and not np.isfinite(v) else v for k, v in statistics.improvement.items()},
         **{f"{row.model.replace(' - ', '_minus_')}_{row.metric}_ci": [row.ci_low, row.ci_high]
