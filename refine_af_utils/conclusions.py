@@ -48,9 +48,8 @@ def _instruction_generation(m: dict[str, Any]) -> str:
 
 
 def _reward_analysis(m: dict[str, Any]) -> str:
-    components = ", ".join(f"{label} {_n(m[f'mean_{key}'])}" for key, label in (
-        ("reward_model", "reward model"), ("understandability", "understandability"), ("naturalness", "naturalness"),
-        ("coherence", "coherence")))
+    components = ", ".join(f"{key.replace('_', ' ')} {_n(m[f'mean_{key}'])}"
+                           for key in ("reward_model", "understandability", "naturalness", "coherence"))
     kept = f"{_n(m['instances'])} instances of {_n(m['instructions'])} instructions"
     return (f"**This run's reward:** {kept} kept out of {_n(m['count_candidates'])} candidates "
             f"({_n(m['count_unparseable'])} unparseable). Mean Eq. 1 reward {_n(m['mean_reward'])}; mean components: "

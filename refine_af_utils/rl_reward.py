@@ -9,7 +9,7 @@ when none is kept. trl's PPO asks for the reward as a sequence-classification mo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, Callable, Optional, Sequence
 
@@ -45,13 +45,13 @@ class CompletionScorer:
     """
 
     def __init__(self, scorers: dict[str, Scorer], reward: RewardParams, unparsed_reward: float,
-                 max_instances: int = 5, optimiser_view: Optional["OptimiserView"] = None) -> None:
+                 max_instances: int = 5) -> None:
         self.scorers = scorers
         self.reward = reward
         self.weights = component_weights(reward)
         self.unparsed_reward = unparsed_reward
         self.max_instances = max_instances
-        self.optimiser_view = optimiser_view or OptimiserView()
+        self.optimiser_view = OptimiserView()  # Eq. 1 as is; stage 3 sets each segment's (rl_training.optimiser_view)
         self.history: list[CompletionReward] = []
 
     def instances_of(self, instruction: str, is_classification: bool, generation: Generation) -> list[InstanceText]:
@@ -98,7 +98,7 @@ class OptimiserView:
     shift: float = 0.0
     scale: float = 1.0
     placebo_seed: Optional[int] = None
-    _rng: Any = None
+    _rng: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.scale > 0:
@@ -240,11 +240,17 @@ def reward_probe(scorer: CompletionScorer, samples: Sequence[dict[str, Any]], re
     return pd.DataFrame(rows)
 
 
-def probe_verdict(probe: pd.DataFrame, reference: float) -> str:
-    """One sentence: whether a degenerate output's mean reward reaches ``reference`` (stage 2's mean)."""
-    reached = probe[probe["probe"].isin(DEGENERATE_PROBES) & probe["mean_at_or_above_reference"].astype(bool)]
-    if len(reached):
-        return (f"The reward is exploitable: {', '.join(reached['probe'])} scored on average at or above stage 2's "
+def exploiting_probes(probe: pd.DataFrame) -> list[str]:
+    """The degenerate kinds of :func:`reward_probe`'s table whose mean reward reaches its reference."""
+    return list(probe.loc[probe["probe"].isin(DEGENERATE_PROBES)
+                          & probe["mean_at_or_above_reference"].astype(bool), "probe"])
+
+
+def probe_verdict(probe: pd.DataFrame) -> str:
+    """One sentence: whether a degenerate output's mean reward reaches the reference (stage 2's mean)."""
+    reached, reference = exploiting_probes(probe), float(probe["reference"].iloc[0])
+    if reached:
+        return (f"The reward is exploitable: {', '.join(reached)} scored on average at or above stage 2's "
                 f"mean content reward ({reference:.4g}).")
     return (f"No degenerate output reached stage 2's mean content reward ({reference:.4g}) on average; each is "
             "below it (see the share per kind).")

@@ -201,8 +201,9 @@ def ppo_logprobs_from_forward() -> Iterator[None]:
     same computation as its reference log-probs and its loss's new log-probs.
 
     trl 1.9.2 takes them from ``generate()``'s scores, decoded token by token with a KV cache; in bfloat16 that
-    rounds differently from a full forward (transformers#31267), by about 0.07 nat per token, so at update 1,
-    with policy and reference still equal, the logged KL was -0.37 nat per sequence and the PPO ratio was off 1.
+    rounds differently from a full forward (tests/test_rl_training.py measures the per-token gap), so at update
+    1, with policy and reference still equal, the default run committed at 533daaf logged a KL of -0.37 nat per
+    sequence and the PPO ratio was off 1.
     The sampled tokens are unchanged; the cost is one forward per rollout batch. trl calls the module-level
     ``batch_generation`` by name, which this replaces for the block.
     """

@@ -406,5 +406,5 @@ def test_the_reward_probe_scores_degenerate_outputs_like_real_instances(tiny_lla
     got = probe["mean_reward"].to_numpy()
     np.testing.assert_allclose(got, [expected[:2].mean(), expected[2:4].mean(), expected[4], expected[5]], rtol=1e-5)
     low, high = min(got[:3]) - 1.0, max(got[:3]) + 1.0  # the verdict follows the reference
-    assert probe_verdict(reward_probe(scorer, samples, low), low).startswith("The reward is exploitable")
-    assert probe_verdict(reward_probe(scorer, samples, high), high).startswith("No degenerate output")
+    assert probe_verdict(reward_probe(scorer, samples, low)).startswith("The reward is exploitable")
+    assert probe_verdict(reward_probe(scorer, samples, high)).startswith("No degenerate output")

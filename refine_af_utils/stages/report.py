@@ -460,7 +460,7 @@ def build_report(run_dir: str | Path, run_name: str | None = None, random_seed: 
                      "can the reward be earned without doing the task? Eq. 1 of degenerate outputs for the held-out "
                      "instructions beside a real base instance, against stage 2's mean content reward "
                      f"({reference:.4g})")
-        report.text(probe_verdict(probe, reference))
+        report.text(probe_verdict(probe))
     else:
         report.text("The reward probe (degenerate outputs scored by the reward) was not run for this run: its "
                     "stage 3 predates it.")

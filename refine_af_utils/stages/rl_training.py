@@ -47,7 +47,7 @@ from refine_af_utils.run_folder import StageResult, stage_entry
 from refine_af_utils.params import Params
 from refine_af_utils.reward import COMPONENTS, unparsed_reward
 from refine_af_utils.prompts import INSTANCE_STOP_STRINGS
-from refine_af_utils.rl_reward import (DEGENERATE_PROBES, CompletionScorer, OptimiserView, RefineAFRewardModel,
+from refine_af_utils.rl_reward import (CompletionScorer, OptimiserView, RefineAFRewardModel, exploiting_probes,
                                       group_reward_function, reward_probe)
 from refine_af_utils.scorers import Scorer
 from refine_af_utils import trl_bridge
@@ -509,7 +509,7 @@ def run(params: Params, run_dir: str | Path) -> RLTrainingResult:
         **{f"heldout_{m}_gain": float(gain.loc[m, "mean_difference"]) for m in gain.index},
         **{f"heldout_{m}_gain_ci_low": float(gain.loc[m, "ci_low"]) for m in gain.index},
         **{f"heldout_{m}_gain_ci_high": float(gain.loc[m, "ci_high"]) for m in gain.index},
-        "probe_exploitable": bool(probe[probe["probe"].isin(DEGENERATE_PROBES)]["mean_at_or_above_reference"].any()),
+        "probe_exploitable": bool(exploiting_probes(probe)),
     })
     return RLTrainingResult(metrics, adapter_dir, heldout, probe, figures=figures)
 

@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 import pandas as pd
 
 from refine_af_utils.figures import sft_loss_figure
-from refine_af_utils.external_arms import records_sha256
+from refine_af_utils.external_arms import load_external_arm, records_sha256
 from refine_af_utils.layout import ARMS, SFT_COMPLETE, SFT_LOSS, SFT_MODEL, TRAINER_STATE, RunLayout, stage_of_module
 from refine_af_utils.run_folder import StageResult, stage_entry
 from refine_af_utils.params import ModelParams, Params, SFTParams
@@ -99,27 +99,20 @@ def training_sets(params: Params, run_dir: str | Path) -> dict[str, list[dict[st
 
     With ``sft.equal_examples`` the larger arm is subsampled (seeded, order kept) to the smaller
     arm's size, so both arms train on as many examples and steps and data quantity is not
-    confounded with quality. ``sft.include_seed_tasks`` adds every seed task's instances to both
-    arms, as Self-Instruct's fine-tuning data did.
+    confounded with quality; an ``sft.external_arms`` set is subsampled the same way. ``sft.include_seed_tasks``
+    adds every seed task's instances to both arms (not to an external one), as Self-Instruct's fine-tuning
+    data did.
     """
     import random
 
     layout = RunLayout(run_dir)
     data = {arm: layout.arm_instances(arm) for arm in ARMS}
-    if params.sft.equal_examples:
-        size = min(len(records) for records in data.values())
-        for arm, records in data.items():
-            rng = random.Random(derive_seed(params.random_seed, _STAGE.id, "equal-examples", arm))
-            data[arm] = [records[i] for i in sorted(rng.sample(range(len(records)), size))]
-    for name, source in params.sft.external_arms.items():  # extra arms: equalised the same way, no seed tasks
-        from refine_af_utils.external_arms import load_external_arm
-
-        records = load_external_arm(name, source)
-        if params.sft.equal_examples:
-            size = min(len(data[arm]) for arm in ARMS)
+    data.update({name: load_external_arm(name, source) for name, source in params.sft.external_arms.items()})
+    if params.sft.equal_examples:  # every set to the smaller arm's size (an external arm too, if larger)
+        size = min(len(data[arm]) for arm in ARMS)
+        for name, records in data.items():
             rng = random.Random(derive_seed(params.random_seed, _STAGE.id, "equal-examples", name))
-            records = [records[i] for i in sorted(rng.sample(range(len(records)), min(size, len(records))))]
-        data[name] = records
+            data[name] = [records[i] for i in sorted(rng.sample(range(len(records)), min(size, len(records))))]
     if params.sft.include_seed_tasks:
         seeds = [{"instruction": t.instruction, "input": i.input, "output": i.output}
                  for t in layout.seed_tasks() for i in t.instances]
@@ -127,14 +120,17 @@ def training_sets(params: Params, run_dir: str | Path) -> dict[str, list[dict[st
     return data
 
 
-def train_arms(params: Params, run_dir: str | Path) -> dict[str, pd.DataFrame]:
-    """Fine-tune the base backbone on each arm's training set (resuming); the loss table per arm."""
+def train_arms(params: Params, run_dir: str | Path,
+               data: Optional[dict[str, list[dict[str, Any]]]] = None) -> dict[str, pd.DataFrame]:
+    """Fine-tune the base backbone on each arm's training set (``data``, else :func:`training_sets`; resuming);
+    the loss table per arm."""
     from refine_af_utils.models import check_lora_targets, check_model_params
     from refine_af_utils.run_folder import open_stage
 
     stage = open_stage(__name__, params, run_dir)
     layout = stage.layout
-    data = training_sets(params, run_dir)  # reads and checks stage 4's datasets before anything is written
+    if data is None:
+        data = training_sets(params, run_dir)  # reads and checks stage 4's datasets before anything is written
     check_model_params(params.model)
     if not params.sft.full_fine_tuning:
         check_lora_targets(params.model, params.sft.lora, "sft.lora")
@@ -158,12 +154,12 @@ def run(params: Params, run_dir: str | Path) -> SFTResult:
     """Stage 5 for the notebook: train both arms, write ``sft/loss.csv`` and the loss figure."""
     from refine_af_utils.run_folder import open_stage
 
-    per_arm = train_arms(params, run_dir)
+    sets = training_sets(params, run_dir)  # read once (an external arm may be large): trained on, then counted
+    per_arm = train_arms(params, run_dir, sets)
     losses = pd.concat([table.assign(arm=arm) for arm, table in per_arm.items()], ignore_index=True)
     stage = open_stage(__name__, params, run_dir)
     layout = stage.layout
     losses.to_csv(stage.file("loss"), index=False)
-    sets = training_sets(params, run_dir)
     summary = pd.DataFrame({arm: {
         "stage 4 instances": len(layout.arm_instances(arm)) if arm in ARMS else None,  # an external arm: none
         "training examples": len(sets[arm]),
