@@ -234,7 +234,15 @@ class RLParams:
     num_generations: int = positive(4)         # GRPO/RLOO: completions per prompt
     ppo_epochs: int = positive(2)
     learning_rate: float = positive(3.0e-4)
-    value_learning_rate: float = positive(1.0e-5)  # PPO: the critic's own learning rate (full copy, zero-initialised head)
+    value_learning_rate: float = positive(1.0e-5)  # PPO: the critic's own learning rate (zero-initialised head)
+    # PPO's critic (refine_af_utils.ppo_critic): "lora", a LoRA adapter (rl.lora's settings) and a float32 value
+    # head on the policy's frozen weights, shared; or "full", a trainable float32 copy of the backbone (trl's
+    # setup; 16 bytes per backbone parameter: 98 GiB for LLaMA-2-7B). docs/paper-recipes.md has the measurements.
+    critic: Literal["lora", "full"] = "lora"
+    # Rollouts and gradients run micro_batch_size prompts at a time, gradients accumulated over the update's
+    # batch_size (which it must divide); unset: the whole batch at once. Less memory; the rollouts are sampled
+    # per micro-batch and the loss averaged per micro-batch, so the numbers are not the whole batch's.
+    micro_batch_size: Optional[int] = None
     kl_coef: float = at_least_zero(0.05)
     missing_eos_penalty: Optional[float] = None  # trl: subtracted when a completion has no end token
     lora: RLLoraParams = field(default_factory=RLLoraParams)
@@ -335,6 +343,10 @@ class Params:
         from refine_af_utils.external_arms import check_external_arms
 
         check_external_arms(self.sft.external_arms, source)
+        micro = self.rl.micro_batch_size
+        if micro is not None and (micro < 1 or self.rl.batch_size % micro):
+            raise ParamsError(f"{source}: key 'rl.micro_batch_size' must be a positive divisor of rl.batch_size "
+                              f"({self.rl.batch_size}), got {micro}")
         if self.rl.algorithm == "ppo" and self.instance_generation.top_p != 1.0:
             # trl 1.9.2's PPO samples with top_p=1 and computes its log-probabilities on the full
             # distribution; RL rollouts and stage 4 must decode alike, so stage 4 cannot use another top_p.
@@ -347,7 +359,7 @@ class Params:
 
 # Keys added after runs existed, with the value that behaves as before they did (Params.fingerprint).
 ADDED_KEYS: dict[str, Any] = {"rl.standardise_reward": False, "rl.stop_at_stop_strings": False, "rl.placebo": False,
-                              "sft.external_arms": {}}
+                              "rl.critic": "full", "rl.micro_batch_size": None, "sft.external_arms": {}}
 
 RUN_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
 

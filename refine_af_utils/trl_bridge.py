@@ -50,7 +50,8 @@ RL_CONFIG_OWNED: dict[str, str] = {
     **_SEED_DEVICE_DTYPE_OWNED,
     "output_dir": "the run layout (rl_training/checkpoints)", "learning_rate": "rl.learning_rate",
     "lr_scheduler_type": "resume (constant: each segment starts a fresh optimiser)",
-    "per_device_train_batch_size": "rl.batch_size", "gradient_accumulation_steps": "rl.batch_size",
+    "per_device_train_batch_size": "rl.micro_batch_size (or rl.batch_size)",
+    "gradient_accumulation_steps": "rl.batch_size / rl.micro_batch_size",
     "logging_steps": "metrics.csv (one row per update)", "save_strategy": "rl.checkpoint_every",
     "total_episodes": "rl.updates", "max_steps": "rl.updates", "num_ppo_epochs": "rl.ppo_epochs",
     "num_mini_batches": "rl.batch_size", "kl_coef": "rl.kl_coef", "beta": "rl.kl_coef",
@@ -58,7 +59,8 @@ RL_CONFIG_OWNED: dict[str, str] = {
     "temperature": "instance_generation.temperature", "top_p": "instance_generation.top_p",
     "stop_token": "the method (rollouts stop at the end token)", "missing_eos_penalty": "rl.missing_eos_penalty",
     "num_generations": "rl.num_generations", "whiten_rewards": "rl.batch_size (on from 8 prompts per update)",
-    "local_rollout_forward_batch_size": "rl.batch_size", "per_device_eval_batch_size": "rl.batch_size",
+    "local_rollout_forward_batch_size": "rl.micro_batch_size (or rl.batch_size)",
+    "per_device_eval_batch_size": "rl.micro_batch_size (or rl.batch_size)",
     "num_sample_generations": "the held-out evaluation (stage 3's own)", "stop_token_id": "the method (rollouts stop at the end token)",
     "logging_strategy": "metrics.csv (one row per update)",
     "warmup_steps": "resume (constant learning rate: each segment starts a fresh optimiser)",
@@ -156,6 +158,11 @@ def sft_config_args(cfg: Any, output_dir: Path, seed: int, device: str, dtype: A
     }
 
 
+def micro_batch_size(cfg: Any) -> int:
+    """Prompts per forward and backward in stage 3 (``rl.micro_batch_size``, or the whole ``rl.batch_size``)."""
+    return cfg.micro_batch_size or cfg.batch_size
+
+
 def _rl_common_args(params: Any, output_dir: Path, seed: int, dtype: Any,
                     steps_or_episodes: dict[str, int]) -> dict[str, Any]:
     """The trl config fields every algorithm shares, over ``rl.trainer_args`` (which may not set them);
@@ -163,12 +170,13 @@ def _rl_common_args(params: Any, output_dir: Path, seed: int, dtype: Any,
     import torch
 
     cfg = params.rl
+    micro = micro_batch_size(cfg)
     return {
         # trl's default gradient_checkpointing=True, under transformers' new name (the old one warns)
         "activation_checkpointing": cfg.trainer_args.get("gradient_checkpointing", True),
         "report_to": [], "disable_tqdm": False, **cfg.trainer_args,  # rl.trainer_args: any other trl field
         "output_dir": str(output_dir), "learning_rate": cfg.learning_rate, "lr_scheduler_type": "constant",
-        "per_device_train_batch_size": cfg.batch_size, "gradient_accumulation_steps": 1,
+        "per_device_train_batch_size": micro, "gradient_accumulation_steps": cfg.batch_size // micro,
         "logging_steps": 1, "save_strategy": "no", "seed": seed, "data_seed": seed,
         "use_cpu": params.model.device == "cpu", "bf16": dtype == torch.bfloat16,
         "fp16": dtype == torch.float16, **steps_or_episodes,
@@ -182,15 +190,15 @@ def ppo_config_args(params: Any, output_dir: Path, seed: int, updates: int, dtyp
             "num_ppo_epochs": cfg.ppo_epochs, "num_mini_batches": 1, "kl_coef": cfg.kl_coef,
             "response_length": decoding.max_new_tokens, "temperature": decoding.temperature, "stop_token": "eos",
             "missing_eos_penalty": cfg.missing_eos_penalty, "whiten_rewards": cfg.batch_size >= 8,
-            "local_rollout_forward_batch_size": cfg.batch_size, "num_sample_generations": 0,
-            "per_device_eval_batch_size": cfg.batch_size}
+            "local_rollout_forward_batch_size": micro_batch_size(cfg), "num_sample_generations": 0,
+            "per_device_eval_batch_size": micro_batch_size(cfg)}
 
 
 def group_config_args(params: Any, output_dir: Path, seed: int, updates: int, dtype: Any) -> dict[str, Any]:
     """trl ``GRPOConfig``'s / ``RLOOConfig``'s arguments: ``rl.num_generations`` completions per prompt."""
     cfg, decoding = params.rl, params.instance_generation
     common = _rl_common_args(params, output_dir, seed, dtype, {"max_steps": updates})
-    common["per_device_train_batch_size"] = cfg.batch_size * cfg.num_generations
+    common["per_device_train_batch_size"] = micro_batch_size(cfg) * cfg.num_generations
     return {**common, "num_generations": cfg.num_generations, "max_completion_length": decoding.max_new_tokens,
             "temperature": decoding.temperature, "top_p": decoding.top_p, "beta": cfg.kl_coef}
 

@@ -103,7 +103,8 @@ def test_a_key_added_later_leaves_earlier_fingerprints_until_it_is_set(tmp_path)
 
     from refine_af_utils.params import ADDED_KEYS
 
-    a = load_params(_write(tmp_path, "run_name: x\n"))
+    # rl.critic's default changed when it was added (lora): a run made before it is one with the full critic
+    a = load_params(_write(tmp_path, "run_name: x\n"), overrides={"rl.critic": "full"})
     before = a.to_dict()  # the params as a run made before the keys existed hashed them
     for dotted in ADDED_KEYS:
         section, key = dotted.split(".")
@@ -113,11 +114,20 @@ def test_a_key_added_later_leaves_earlier_fingerprints_until_it_is_set(tmp_path)
     sft_before = hashlib.sha256(json.dumps({"sft": before["sft"]}, sort_keys=True).encode()).hexdigest()[:16]
     assert a.fingerprint("sft") == sft_before
     for dotted, changed_value in {"rl.standardise_reward": True, "rl.stop_at_stop_strings": True, "rl.placebo": True,
+                                  "rl.critic": "lora", "rl.micro_batch_size": 2,
                                   "sft.external_arms": {"paper45k": "data.jsonl"}}.items():
-        changed = load_params(_write(tmp_path, "run_name: x\n"), overrides={dotted: changed_value})
+        changed = load_params(_write(tmp_path, "run_name: x\n"), overrides={"rl.critic": "full", dotted: changed_value})
         section = dotted.split(".")[0]
         assert changed.fingerprint(section) != (old if section == "rl" else sft_before), dotted
-    assert set(ADDED_KEYS) == {"rl.standardise_reward", "rl.stop_at_stop_strings", "rl.placebo", "sft.external_arms"}
+    assert load_params(_write(tmp_path, "run_name: x\n")).fingerprint("rl") != old  # today's default: lora
+    assert set(ADDED_KEYS) == {"rl.standardise_reward", "rl.stop_at_stop_strings", "rl.placebo", "rl.critic",
+                               "rl.micro_batch_size", "sft.external_arms"}
+
+
+def test_a_micro_batch_must_divide_the_batch(tmp_path):
+    with pytest.raises(ParamsError, match=r"key 'rl.micro_batch_size' must be a positive divisor of rl.batch_size \(4\), got 3"):
+        load_params(_write(tmp_path, "run_name: x\n"), overrides={"rl.micro_batch_size": 3})
+    assert load_params(_write(tmp_path, "run_name: x\n"), overrides={"rl.micro_batch_size": 2}).rl.micro_batch_size == 2
 
 
 # --- recipes as deltas: extends, --set, defaults (issue 11 item 4) --------------------------------

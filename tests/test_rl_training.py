@@ -231,6 +231,21 @@ def test_ppo_two_updates_then_resume_from_the_checkpoint(tiny_llama_dir, tiny_ru
 
 
 @pytest.mark.slow
+def test_ppo_with_a_lora_critic_and_micro_batches_trains_resumes_and_saves_only_the_critics_own_tensors(
+        tiny_llama_dir, tiny_run):
+    from safetensors.torch import load_file
+
+    params = params_from_dict(tiny_rl_params(tiny_llama_dir, critic="lora", micro_batch_size=1, checkpoint_every=1))
+    metrics, adapter_dir = train_generator(params, tiny_run)  # two segments: the second resumes the first's critic
+    assert list(metrics["update"]) == [1, 2] and (adapter_dir / "adapter_config.json").is_file()
+    assert metrics[["reward", "kl", "policy_loss", "value_loss"]].notna().all().all()
+    assert metrics["kl"].iloc[0] == pytest.approx(0.0, abs=1e-3)
+    saved = load_file(tiny_run / "rl_training" / "checkpoints" / "update-2" / "value_model" / "critic.safetensors")
+    assert saved and all("lora_" in name or name.startswith("score.") for name in saved)
+    assert any(name.startswith("score.") and tensor.abs().sum() > 0 for name, tensor in saved.items())  # it learnt
+
+
+@pytest.mark.slow
 def test_ppo_with_the_same_seed_gives_the_same_metrics_and_adapter(tmp_path, tiny_llama_dir, tiny_run):
     import shutil
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import gc
 import json
 import os
 import shutil
@@ -37,7 +38,6 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 
 from refine_af_utils.figures import components_figure, heldout_figure, reward_kl_figure
 from refine_af_utils.generation import Generation
@@ -53,7 +53,7 @@ from refine_af_utils.scorers import Scorer
 from refine_af_utils import trl_bridge
 from refine_af_utils.seeding import derive_seed
 from refine_af_utils.stats import paired_summary
-from refine_af_utils.library_noise import quiet_known_noise, quiet_load_report
+from refine_af_utils.library_noise import quiet_known_noise
 from refine_af_utils.progress import use_text_progress
 
 # PPO lives in trl.experimental in the pinned trl (1.9.2, the last release that ships it); we
@@ -158,25 +158,17 @@ class SegmentResult:
 
 
 def train_ppo_segment(segment: Segment) -> SegmentResult:
-    """PPO (trl experimental) for ``segment.updates`` updates; the critic has its own learning rate."""
+    """PPO (trl experimental) for ``segment.updates`` updates; the critic (``rl.critic``) has its own learning rate."""
     from datasets import Dataset
-    from transformers import AutoModelForSequenceClassification
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    from refine_af_utils.models import encode_prompts, resolve_model_path, torch_dtype
+    from refine_af_utils.models import encode_prompts
+    from refine_af_utils.ppo_critic import build_critic, checkpoint_activations
 
     params, cfg, tokenizer = segment.params, segment.params.rl, segment.tokenizer
     decoding = params.instance_generation
-    dtype = torch_dtype(params.model.dtype, params.model.device)
-    fresh = segment.last_checkpoint is None
-    value_source = resolve_model_path(params.model.name_or_path) if fresh else segment.last_checkpoint / "value_model"
-    with quiet_load_report():  # its score head is new by design (zeroed below)
-        value_model = AutoModelForSequenceClassification.from_pretrained(
-            value_source, num_labels=1, dtype=dtype, trust_remote_code=params.model.trust_remote_code)
-    value_model.config.pad_token_id = tokenizer.pad_token_id
-    head = getattr(value_model, "score", None)
-    if fresh and isinstance(head, nn.Linear):
-        nn.init.zeros_(head.weight)  # a random head gives random values; zero predicts "no advantage" at first
+    saved = None if segment.last_checkpoint is None else segment.last_checkpoint / "value_model"
+    value_model = build_critic(cfg.critic, segment.policy, params.model, tokenizer, saved)
     encoded = [{"input_ids": encode_prompts(tokenizer, r["prompt"])["input_ids"]} for r in segment.rows]
     reward_model = RefineAFRewardModel(tokenizer, segment.scorer, [(e["input_ids"], r) for e, r in zip(encoded, segment.rows)],
                                        decoding.max_new_tokens)
@@ -188,6 +180,8 @@ def train_ppo_segment(segment: Segment) -> SegmentResult:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     args = PPOConfig(**trl_bridge.ppo_config_args(params, segment.output_dir, segment.seed, segment.updates,
                                                   _dtype(params)))
+    if args.activation_checkpointing:
+        checkpoint_activations(segment.policy, value_model)
     trainer = PPOTrainer(args=args, processing_class=tokenizer, model=segment.policy, ref_model=None,
                          reward_model=reward_model, train_dataset=Dataset.from_list(encoded),
                          eval_dataset=Dataset.from_list(encoded[: cfg.batch_size]), value_model=value_model,
@@ -383,6 +377,8 @@ def train_generator(params: Params, run_dir: str | Path, scorers: Optional[dict[
             if last is not None:
                 shutil.rmtree(last, ignore_errors=True)  # keep only the newest checkpoint
         done, last = done + updates, segment_dir
+        del result, segment, policy, base  # free this segment's models before the next one loads its own
+        gc.collect()
     adapter_dir = layout.adapter
     if last is not None and (last / RL_CHECKPOINT_COMPLETE).is_file():
         shutil.rmtree(adapter_dir, ignore_errors=True)
