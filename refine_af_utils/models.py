@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from refine_af_utils.processes import process_device
 from refine_af_utils.environment import resolved_dtype_name, scorer_params
 from refine_af_utils.errors import ParamsError, RefineAFError
 from refine_af_utils.params import LoraParams, ModelParams, Params
@@ -295,7 +296,7 @@ def load_causal_lm(spec: ModelParams, adapter: str | Path | None = None) -> tupl
         if not (Path(adapter) / "adapter_config.json").is_file():
             raise ModelNotFoundError(f"{adapter}: no trained adapter there (run the stage that trains it first)")
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    model.to(spec.device)
+    model.to(process_device(spec.device))  # under a launch, this process's own GPU
     model.eval()
     return model, tokenizer
 

@@ -335,7 +335,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "a derived run <run_name>--<key>-<value>, reusing the stages --set leaves unchanged)")
     parser.add_argument("--refresh-downloads", action="store_true",
                         help="fetch URL inputs (seed_tasks: https://...) again; stages whose input changed rerun")
+    from refine_af_utils.memory_plan import add_plan_arguments, print_plan
+
+    parser.add_argument("--plan", action="store_true",
+                        help="print each stage's memory (models built on the meta device) and decoding time against "
+                             "--gpu-memory, refuse a stage that does not fit naming the key to change; run nothing")
+    add_plan_arguments(parser)
     args = parser.parse_args(argv)
+    if args.plan:
+        try:
+            params = load_params(args.params, overrides=parse_overrides(args.overrides))
+            return print_plan(params, args.gpu_memory, args.config, args.params)
+        except (RefineAFError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     try:
         run_dir = run_pipeline(args.params, args.only, args.start, args.force, args.results_root,
                                overrides=parse_overrides(args.overrides), dry=args.dry_run,

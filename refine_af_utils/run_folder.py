@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
+from refine_af_utils.processes import is_main_process, wait_for_every_process
 from refine_af_utils.errors import RunLockedError, StageConfigError
 from refine_af_utils.files import atomic_write_text, sha256_file
 from refine_af_utils.locking import hold_or_join_lock
@@ -104,10 +105,12 @@ def check_stage_config(out_dir: str | Path, config: dict[str, Any]) -> None:
         if changed:
             print(f"{out_dir}: its last run failed ({failed}); starting it over with the new settings "
                   f"({', '.join(changed[:6])} differ)", file=sys.stderr, flush=True)
-            shutil.rmtree(out_dir)
+            if is_main_process():  # under a launch, rank 0 alone changes the folder
+                shutil.rmtree(out_dir)
         elif failed is None:
             return
-    _write_config(path, config)
+    if is_main_process():
+        _write_config(path, config)
 
 
 def _write_config(path: Path, config: dict[str, Any]) -> None:
@@ -459,6 +462,7 @@ class StageRun:
         """Refuse to continue a folder made with other settings (:func:`check_stage_config`): the stage's
         params chain plus ``extra`` (e.g. the sha256 of an upstream model). Call it after the inputs are checked."""
         check_stage_config(self.folder, {**stage_config(self.stage, self.params), **extra})
+        wait_for_every_process()  # under a launch, no rank reads the folder before rank 0 has settled it
 
     def record_metrics(self, metrics: dict[str, Any]) -> Path:
         """The stage's headline numbers, for the tests, the report and ``compare``."""

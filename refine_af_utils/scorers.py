@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from refine_af_utils.processes import process_device
 from refine_af_utils.errors import RefineAFError
 from refine_af_utils.files import append_jsonl, read_jsonl, truncate_torn_tail
 from refine_af_utils.layout import SCORE_CACHE_FILE
@@ -248,13 +249,13 @@ class SequenceClassificationScorer(Scorer):
                 folder, num_labels=1, dtype=_dtype(spec), trust_remote_code=spec.trust_remote_code).eval()
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
             self._custom = False
-        self.model.to(spec.device)
+        self.model.to(process_device(spec.device))
 
     @torch.inference_mode()
     def _score_batch(self, batch: Sequence[InstanceText]) -> Sequence[float]:
         texts = [self.format(i) for i in batch]
         encoded = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
-                                 max_length=self.spec.max_length, add_special_tokens=False).to(self.spec.device)
+                                 max_length=self.spec.max_length, add_special_tokens=False).to(self.model.device)
         if self._custom:
             logits = self.model(encoded["input_ids"], encoded["attention_mask"])
         else:
@@ -296,7 +297,7 @@ def _language_model(spec: ScorerParams) -> tuple[Any, Any]:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=spec.trust_remote_code)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        _LANGUAGE_MODELS[key] = (model.to(spec.device).eval(), tokenizer)
+        _LANGUAGE_MODELS[key] = (model.to(process_device(spec.device)).eval(), tokenizer)
     return _LANGUAGE_MODELS[key]
 
 
@@ -345,7 +346,7 @@ class EmbeddingSimilarityScorer(Scorer):
         from sentence_transformers import SentenceTransformer
 
         super().__init__(name, spec, cache_path)
-        self.model = SentenceTransformer(_model_folder(spec), device=spec.device,
+        self.model = SentenceTransformer(_model_folder(spec), device=process_device(spec.device),
                                          trust_remote_code=spec.trust_remote_code)
         self.model.max_seq_length = spec.max_length
         self.tokenizer = self.model.tokenizer

@@ -292,3 +292,19 @@ def ppo_rollouts_end_at_stop_strings(tokenizer: Any, stop_strings: Any) -> Itera
         yield
     finally:
         ppo.truncate_response = original
+
+
+def expose_ppo_models(trainer: Any) -> None:
+    """Let trl PPO's wrapped model answer ``.policy`` and ``.value_model`` under several processes.
+
+    ``accelerator.prepare`` wraps trl's ``PolicyAndValueWrapper`` in DistributedDataParallel, which has neither
+    attribute, yet trl 1.9.2 reads ``self.model.policy`` for its reference pass (``null_ref_context``, with a
+    peft policy), its KL forward and ``save_model`` (huggingface/trl#2375). The wrapped instance gets the two
+    modules as plain attributes (not registered submodules: DDP's parameters and state dict are unchanged).
+    With one process the model is not wrapped and nothing changes.
+    """
+    wrapped = trainer.model
+    inner = trainer.accelerator.unwrap_model(wrapped)
+    if wrapped is not inner:
+        for name in ("policy", "value_model"):
+            wrapped.__dict__[name] = getattr(inner, name)

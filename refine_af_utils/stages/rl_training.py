@@ -45,6 +45,7 @@ from refine_af_utils.files import atomic_write_text, read_whole_csv, whole_csv_r
 from refine_af_utils.layout import RL_CHECKPOINT, RL_CHECKPOINT_COMPLETE, RunLayout, stage_of_module
 from refine_af_utils.run_folder import StageResult, stage_entry
 from refine_af_utils.params import Params
+from refine_af_utils.processes import is_main_process, wait_for_every_process
 from refine_af_utils.reward import COMPONENTS, unparsed_reward
 from refine_af_utils.prompts import INSTANCE_STOP_STRINGS
 from refine_af_utils.rl_reward import (CompletionScorer, OptimiserView, RefineAFRewardModel, exploiting_probes,
@@ -187,12 +188,14 @@ def train_ppo_segment(segment: Segment) -> SegmentResult:
                          eval_dataset=Dataset.from_list(encoded[: cfg.batch_size]), value_model=value_model,
                          peft_config=None, optimizers=(optimizer, scheduler),
                          callbacks=[metrics_callback(segment.logger)])
+    trl_bridge.expose_ppo_models(trainer)  # several processes: trl reads .policy on the DDP-wrapped model
     use_text_progress(trainer, "stage 3: PPO updates")
     ends = (trl_bridge.ppo_rollouts_end_at_stop_strings(tokenizer, INSTANCE_STOP_STRINGS)
             if cfg.stop_at_stop_strings else contextlib.nullcontext())
     with quiet_known_noise(), trl_bridge.ppo_logprobs_from_forward(), ends:  # KL 0 at update 1: see trl_bridge
         trainer.train()
-    return SegmentResult(trainer.model.policy, trainer.model.value_model, trainer.accelerator.is_main_process)
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    return SegmentResult(unwrapped.policy, unwrapped.value_model, trainer.accelerator.is_main_process)
 
 
 def _train_group_segment(segment: Segment, algorithm: str) -> SegmentResult:
@@ -214,7 +217,7 @@ def _train_group_segment(segment: Segment, algorithm: str) -> SegmentResult:
                       callbacks=[metrics_callback(segment.logger)])
     use_text_progress(trainer, f"stage 3: {algorithm.upper()} updates")
     trainer.train()
-    return SegmentResult(trainer.model, None, trainer.accelerator.is_main_process)
+    return SegmentResult(trainer.accelerator.unwrap_model(trainer.model), None, trainer.accelerator.is_main_process)
 
 
 def train_grpo_segment(segment: Segment) -> SegmentResult:
@@ -258,9 +261,10 @@ def rl_prompts(params: Params, run_dir: Path) -> list[dict[str, Any]]:
     prompts = instance_prompts(records, layout.seed_tasks(), params.instance_generation, params.random_seed)
     rows = [{"instruction_id": r["id"], "instruction": r["instruction"], "is_classification": r["is_classification"],
              "split": r["split"], "prompt": p} for p, r in zip(prompts, records)]
-    atomic_write_text(layout.rl_prompts_file, "".join(
-        json.dumps({k: r[k] for k in ("instruction", "is_classification", "split")}, ensure_ascii=False) + "\n"
-        for r in rows))
+    if is_main_process():  # every process computes the same rows; one writes them
+        atomic_write_text(layout.rl_prompts_file, "".join(
+            json.dumps({k: r[k] for k in ("instruction", "is_classification", "split")}, ensure_ascii=False) + "\n"
+            for r in rows))
     return rows
 
 
@@ -376,13 +380,15 @@ def train_generator(params: Params, run_dir: str | Path, scorers: Optional[dict[
             atomic_write_text(segment_dir / RL_CHECKPOINT_COMPLETE, json.dumps({"updates": done + updates}) + "\n")
             if last is not None:
                 shutil.rmtree(last, ignore_errors=True)  # keep only the newest checkpoint
+        wait_for_every_process()  # no rank reads the checkpoint (next segment, or the adapter) before it is whole
         done, last = done + updates, segment_dir
         del result, segment, policy, base  # free this segment's models before the next one loads its own
         gc.collect()
     adapter_dir = layout.adapter
-    if last is not None and (last / RL_CHECKPOINT_COMPLETE).is_file():
+    if is_main_process() and last is not None and (last / RL_CHECKPOINT_COMPLETE).is_file():
         shutil.rmtree(adapter_dir, ignore_errors=True)
         shutil.copytree(last / "adapter", adapter_dir)
+    wait_for_every_process()
     return read_whole_csv(layout.rl_metrics_file), adapter_dir
 
 

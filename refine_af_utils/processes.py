@@ -1,0 +1,36 @@
+"""The processes of an ``accelerate launch`` (or torchrun) job: which one this is, its device, a barrier.
+
+A stage run by one process sees none of this: rank 0 of 1, its configured device, no barrier. Under a launch
+with several processes, each places its models on its own GPU (``cuda`` becomes ``cuda:<LOCAL_RANK>``; a
+device with an index is kept as given), one process (rank 0) writes each shared file, and the others wait at
+:func:`wait_for_every_process` before they read what it wrote.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def world_size() -> int:
+    """How many processes the job has (1 outside a launch)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """True for the job's rank 0, and for a process that is not part of a launch."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def process_device(device: str) -> str:
+    """``device`` for this process: a bare ``cuda`` is this process's own GPU under a launch (LOCAL_RANK)."""
+    if device == "cuda" and world_size() > 1:
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device
+
+
+def wait_for_every_process() -> None:
+    """A barrier across the job's processes (accelerate's, over gloo or NCCL); returns at once with one."""
+    if world_size() > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
