@@ -29,8 +29,16 @@ def process_device(device: str) -> str:
 
 
 def wait_for_every_process() -> None:
-    """A barrier across the job's processes (accelerate's, over gloo or NCCL); returns at once with one."""
+    """A barrier across the job's processes (over gloo on CPUs, NCCL on GPUs); returns at once with one.
+
+    Before trl's trainer exists, accelerate's process group is started here, for the CPU when this machine
+    has no GPU (``PartialState(cpu=True)``, as trl's ``use_cpu`` asks of it later; without it accelerate would
+    not start a group of CPU processes at all)."""
     if world_size() > 1:
+        import torch
+        import torch.distributed as distributed
         from accelerate import PartialState
 
-        PartialState().wait_for_everyone()
+        if not distributed.is_initialized():
+            PartialState(cpu=not torch.cuda.is_available())
+        distributed.barrier()

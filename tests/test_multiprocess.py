@@ -19,12 +19,16 @@ from test_rl_training import tiny_rl_params, tiny_run  # noqa: F401 (tiny_run is
 
 pytestmark = pytest.mark.slow
 ACCELERATE = Path(sys.executable).with_name("accelerate")
+MULTI_GPU_CONFIG = Path(__file__).resolve().parents[1] / "params" / "accelerate_configs" / "multi_gpu.yaml"
 INSTANCES = [{"instruction": f"Name colour number {i}.", "input": "" if i % 2 else f"index {i}",
               "output": ["Blue", "Red", "Green", "Amber"][i % 4]} for i in range(8)]
 
 
 def _launch(module: str, params_path: Path, root: Path, processes: int) -> subprocess.CompletedProcess:
-    launcher = ([str(ACCELERATE), "launch", "--cpu", "--num_processes", str(processes), "--num_machines", "1",
+    # The shipped multi-GPU config with 2 processes: accelerate starts them with torchrun; without a GPU each
+    # process runs on the CPU (trl's use_cpu, as model.device asks) in a gloo group. (`accelerate launch --cpu`
+    # would start one process: accelerate's own CPU route needs MPI.)
+    launcher = ([str(ACCELERATE), "launch", "--config_file", str(MULTI_GPU_CONFIG), "--num_processes", str(processes),
                  "--mixed_precision", "no", "--dynamo_backend", "no", "-m"] if processes > 1 else [sys.executable, "-m"])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run([*launcher, module, str(params_path), "--results-root", str(root)], capture_output=True,
@@ -47,7 +51,8 @@ def test_two_processes_train_stages_3_and_5_and_a_single_process_rerun_accepts_w
     params_path = tmp_path / "params.yaml"
     params_path.write_text(yaml.safe_dump(params))
 
-    _launch("refine_af_utils.stages.rl_training", params_path, root, 2)
+    launched = _launch("refine_af_utils.stages.rl_training", params_path, root, 2)
+    assert launched.stdout.count("policy_loss") == 2  # each of the two processes printed the metrics it ended with
     metrics = pd.read_csv(layout.rl_metrics_file)
     assert list(metrics["update"]) == [1, 2]  # one row per update: one writer, no duplicate
     assert metrics["kl"].iloc[0] == pytest.approx(0.0, abs=1e-3)

@@ -316,7 +316,8 @@ def _stage_scorer(params: Params, run_dir: Path, scorers: Optional[dict[str, Sco
     unparsed = unparsed_reward(run_dir, params)  # stage 2's scores first, then the scorers' devices
     if scorers is None:
         check_scorers(params.reward)
-    scorers = scorers or build_scorers(params.reward, RunLayout(run_dir).score_cache)
+    cache = RunLayout(run_dir).score_cache if is_main_process() else None  # one writer of the score cache
+    scorers = scorers or build_scorers(params.reward, cache)
     return CompletionScorer(scorers, params.reward, unparsed,
                             params.instance_generation.max_instances_per_task)
 
@@ -355,7 +356,8 @@ def train_generator(params: Params, run_dir: str | Path, scorers: Optional[dict[
     stage.check_config()  # rl.updates may grow: training continues
     rows = [r for r in rl_prompts(params, run_dir) if r["split"] == "train"]
     done, last = _last_saved_update(checkpoints)
-    truncate_metrics(layout.rl_metrics_file, done)
+    if is_main_process():  # under a launch, rank 0 alone writes the run's files
+        truncate_metrics(layout.rl_metrics_file, done)
     while done < cfg.updates:
         updates = min(cfg.checkpoint_every, cfg.updates - done)
         seed = stage.derive_seed("segment", done)
@@ -366,7 +368,8 @@ def train_generator(params: Params, run_dir: str | Path, scorers: Optional[dict[
         else:
             policy = get_peft_model(base, lora_config(params.rl.lora))
         segment_dir = checkpoints / RL_CHECKPOINT.format(update=done + updates)
-        shutil.rmtree(segment_dir, ignore_errors=True)
+        if is_main_process():
+            shutil.rmtree(segment_dir, ignore_errors=True)
         scorer.optimiser_view = optimiser_view(params, run_dir, seed)
         segment = Segment(params, policy, tokenizer, rows, scorer,  # KL penalty logged in Eq. 1 units
                           MetricsLogger(layout.rl_metrics_file, scorer, done, cfg.kl_coef * scorer.optimiser_view.scale),
