@@ -119,10 +119,11 @@ def prompt_tokens(params: Any) -> dict[str, int]:
 
     from refine_af_utils.instances import instance_prompts
     from refine_af_utils.prompts import classification_prompt, instruction_generation_prompt
+    from refine_af_utils.seeding import derive_seed
     from refine_af_utils.seeds import load_seed_tasks
 
     seeds = load_seed_tasks("bundled")
-    rng = random.Random(0)
+    rng = random.Random(derive_seed(params.random_seed, "plan", "classification examples"))
     count = min(params.instruction_generation.num_prompt_instructions, len(seeds))
     longest = sorted(seeds, key=lambda s: -len(s.instruction))
     instruction = instruction_generation_prompt([s.instruction for s in longest[:count]],
