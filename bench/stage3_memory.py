@@ -10,7 +10,7 @@ process's resident set is sampled every 0.2 s per phase. The setups, in the orde
 * ``full``: the same with activation checkpointing (trl's flag, now honoured by stage 3's PPO);
 * ``lora``: the LoRA critic on the policy's shared frozen weights, with checkpointing (the default).
 
-Writes ``results/bench/stage3_memory.csv`` and prints a table with each setup's peak and time as a
+Writes ``results/bench/stage3_memory.csv`` and ``.png`` and prints a table with each setup's peak and time as a
 ratio of the first setup's, and the per-update metrics of each, which show whether the setups trained alike.
 
     python bench/stage3_memory.py [--params params/default.yaml] [--run-dir results/default] [--rounds 1]
@@ -73,7 +73,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--out", default="results/bench/stage3_memory.csv")
     parser.add_argument("--child", nargs="*", help=argparse.SUPPRESS)  # one setup, in its own process
+    parser.add_argument("--summarise", action="store_true", help="summarise the existing --out table, run nothing")
     args = parser.parse_args()
+    if args.summarise:
+        summarise(pd.read_csv(args.out), Path(args.out).with_suffix(".png"))
+        return
     if args.child is not None:
         print(json.dumps(measure(args.params, Path(args.run_dir), args.child)))
         return
@@ -96,6 +100,13 @@ def main() -> None:
     table.insert(0, "machine", f"{cpu_kind()} {cpu_model()}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out, index=False)
+    summarise(table, Path(args.out).with_suffix(".png"))
+
+
+def summarise(table: pd.DataFrame, figure: Path) -> None:
+    """Print each setup's mean peak and time with ratios against the first setup, its metrics, and the figure."""
+    from refine_af_utils.plots import grouped_bars, save_figure
+
     summary = table.groupby("setup", sort=False)[["peak_train_gb", "peak_heldout_gb", "train_seconds"]].mean()
     first = summary.iloc[0]
     summary["peak_ratio"] = summary["peak_train_gb"] / first["peak_train_gb"]
@@ -103,6 +114,11 @@ def main() -> None:
     print(summary.round(3).to_string())
     for name, metrics in zip(table["setup"], table["metrics"]):
         print(name, pd.DataFrame(json.loads(metrics)).round(6).to_dict("list"))
+    ratios = summary[["peak_ratio", "time_ratio"]].rename(columns={"peak_ratio": "peak memory in training",
+                                                                  "time_ratio": "training time"})
+    save_figure(grouped_bars(ratios, f"Stage 3 on the default run: each setup / '{summary.index[0]}' "
+                                     f"({table['machine'].iloc[0].split()[0]} CPU)", "ratio"), figure)
+    print(f"figure: {figure}")
 
 
 if __name__ == "__main__":
