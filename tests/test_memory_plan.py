@@ -115,3 +115,18 @@ def test_the_runner_plans_without_running_and_exits_2_on_a_stage_that_does_not_f
     assert not (tmp_path / "results").exists()  # a plan runs nothing and writes nothing
     assert main([str(recipe), "--gpu-memory", "80", "--config", str(CONFIGS / "llama2-7b"),
                  *[a for s in scorers for a in ("--config", s)]]) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", sorted([*(ROOT / "params").glob("*.yaml"), *(ROOT / "params").glob("recipes/*/*.yaml")]),
+                         ids=lambda p: p.relative_to(ROOT / "params").as_posix())
+def test_the_plan_runs_for_every_shipped_params_file(path):
+    params = load_params(path)
+    folder = path.parent.name
+    configs = {**OFFLINE_SCORERS}
+    if (CONFIGS / folder).is_dir():  # a paper recipe: its backbone's config from the fixtures
+        configs[params.model.name_or_path] = AutoConfig.from_pretrained(CONFIGS / folder)
+    plans = plan(params, configs)
+    assert [p.stage[:2] for p in plans] == ["01", "02", "03", "04", "05", "06"] and all(p.total > 0 for p in plans)
+    if params.model.name_or_path.startswith("embedded:"):  # the embedded 135M model: a few GiB in every stage
+        assert all(p.total < 16 * 2**30 for p in plans)
