@@ -255,7 +255,7 @@ class SequenceClassificationScorer(Scorer):
     def _score_batch(self, batch: Sequence[InstanceText]) -> Sequence[float]:
         texts = [self.format(i) for i in batch]
         encoded = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
-                                 max_length=self.spec.max_length, add_special_tokens=False).to(self.model.device)
+                                 max_length=self.spec.max_length, add_special_tokens=False).to(next(self.model.parameters()).device)
         if self._custom:
             logits = self.model(encoded["input_ids"], encoded["attention_mask"])
         else:
