@@ -254,8 +254,9 @@ class SequenceClassificationScorer(Scorer):
     @torch.inference_mode()
     def _score_batch(self, batch: Sequence[InstanceText]) -> Sequence[float]:
         texts = [self.format(i) for i in batch]
+        device = next(self.model.parameters()).device  # the custom GPT-NeoX reward model has no .device
         encoded = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
-                                 max_length=self.spec.max_length, add_special_tokens=False).to(next(self.model.parameters()).device)
+                                 max_length=self.spec.max_length, add_special_tokens=False).to(device)
         if self._custom:
             logits = self.model(encoded["input_ids"], encoded["attention_mask"])
         else:
