@@ -225,7 +225,7 @@ def plan(params: Any, configs: Optional[dict[str, Any]] = None) -> list[StagePla
     from peft import get_peft_model
 
     from refine_af_utils.models import lora_config
-    from refine_af_utils.trl_bridge import micro_batch_size
+    from refine_af_utils.trl_bridge import activation_checkpointing, micro_batch_size
 
     configs = configs or {}
     config = model_config(params.model.name_or_path, configs, params.model.trust_remote_code)
@@ -259,14 +259,23 @@ def plan(params: Any, configs: Optional[dict[str, Any]] = None) -> list[StagePla
                   * instances.max_new_tokens, list(notes)),
     ]
     micro = micro_batch_size(rl)
-    rollouts = micro * (rl.num_generations if rl.algorithm != "ppo" else 1)
+    ppo = rl.algorithm == "ppo"
+    trained = micro * (1 if ppo else rl.num_generations)  # sequences per forward and backward
     sequence = prompts["instance"] + instances.max_new_tokens
-    checkpointing = bool(rl.trainer_args.get("gradient_checkpointing", True))
+    checkpointing = activation_checkpointing(rl)
     stage3 = stage3_parts(params, config)
-    stage3 += [kv("rollouts", rollouts, sequence, "rl.micro_batch_size"),
-               Part(f"activations: a training step of {rollouts} x {sequence} tokens (estimate)", 0, 0,
-                    training_activation_bytes(config, rollouts, sequence, dtype, checkpointing)
-                    * (2 if rl.algorithm == "ppo" else 1), "rl.micro_batch_size"),
+    if ppo:  # trl's PPO samples per micro-batch but keeps every rollout's scores (float32, and a padded copy)
+        # and stage 3's forward logits for the whole update's batch
+        rollout_kv = kv("rollouts", micro, sequence, "rl.micro_batch_size")
+        logits = Part(f"rollout logits: {rl.batch_size} x {instances.max_new_tokens} tokens x the vocabulary", 0, 0,
+                      rl.batch_size * instances.max_new_tokens * config.vocab_size * (2 * 4 + _element_size(dtype)),
+                      "rl.batch_size")
+        stage3 += [rollout_kv, logits]
+    else:  # GRPO and RLOO generate the update's batch x num_generations at once
+        stage3.append(kv("rollouts", rl.batch_size * rl.num_generations, sequence, "rl.batch_size"))
+    stage3 += [Part(f"activations: a training step of {trained} x {sequence} tokens (estimate)", 0, 0,
+                    training_activation_bytes(config, trained, sequence, dtype, checkpointing) * (2 if ppo else 1),
+                    "rl.micro_batch_size"),
                *scorers]
     episodes = rl.updates * rl.batch_size * (rl.num_generations if rl.algorithm != "ppo" else 1)
     plans.append(StagePlan("03 RL training", stage3,

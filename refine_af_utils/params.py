@@ -239,9 +239,10 @@ class RLParams:
     # head on the policy's frozen weights, shared; or "full", a trainable float32 copy of the backbone (trl's
     # setup; 16 bytes per backbone parameter: 98 GiB for LLaMA-2-7B). docs/paper-recipes.md has the measurements.
     critic: Literal["lora", "full"] = "lora"
-    # Rollouts and gradients run micro_batch_size prompts at a time, gradients accumulated over the update's
-    # batch_size (which it must divide); unset: the whole batch at once. Less memory; the rollouts are sampled
-    # per micro-batch and the loss averaged per micro-batch, so the numbers are not the whole batch's.
+    # Rollouts are sampled and gradients computed micro_batch_size prompts at a time (per process), accumulated
+    # into one optimiser step per update (batch_size must be a multiple); unset: the whole batch at once. Less
+    # activation and KV memory (trl still keeps the batch's rollout scores); the loss is averaged per micro-batch
+    # and the sampling differs, so the numbers are not the whole batch's.
     micro_batch_size: Optional[int] = None
     kl_coef: float = at_least_zero(0.05)
     missing_eos_penalty: Optional[float] = None  # trl: subtracted when a completion has no end token

@@ -5,8 +5,8 @@ trl's PPO reads a value model through two attributes only: ``getattr(model, mode
 backbone called with ``output_hidden_states=True``) and ``model.score`` (hidden states to one value per token).
 
 * ``full`` (trl's own setup): a sequence-classification copy of the backbone, every weight trained. Its weights,
-  gradients and AdamW state cost about 16 bytes per parameter in float32 (about 49 GiB of a 7B model in bf16
-  with fp32 master weights, which a full copy in bf16 would otherwise lack: its 1e-5 updates round away).
+  gradients and AdamW state cost 16 bytes per parameter in float32 master weights (98.5 GiB for LLaMA-2-7B;
+  a copy trained in bf16 would be half that, and its 1e-5 updates would round away).
 * ``lora``: the policy's backbone module tree copied with its frozen weights *shared* (the same tensors, no
   second copy), its own LoRA adapter (``rl.lora``'s settings) and a float32 value head. The trained state is
   the adapter and the head; the trunk costs nothing beyond the policy's.
@@ -107,8 +107,9 @@ def build_critic(kind: str, policy: Any, model_params: Any, tokenizer: Any,
     source = resolve_model_path(model_params.name_or_path) if saved is None else saved
     with quiet_load_report():  # its score head is new by design (zeroed below)
         # float32 master weights: every weight is trained, and bf16 would round 1e-5 updates away
+        revision = {"revision": model_params.revision} if saved is None and model_params.revision else {}
         critic = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=1, dtype=torch.float32, trust_remote_code=model_params.trust_remote_code)
+            source, num_labels=1, dtype=torch.float32, trust_remote_code=model_params.trust_remote_code, **revision)
     critic.config.pad_token_id = tokenizer.pad_token_id
     head = getattr(critic, "score", None)
     if saved is None and isinstance(head, nn.Linear):

@@ -28,17 +28,17 @@ def process_device(device: str) -> str:
     return device
 
 
-def wait_for_every_process() -> None:
-    """A barrier across the job's processes (over gloo on CPUs, NCCL on GPUs); returns at once with one.
+def wait_for_every_process(device: str) -> None:
+    """A barrier across the job's processes (over gloo for a CPU run, NCCL on GPUs); returns at once with one.
 
-    Before trl's trainer exists, accelerate's process group is started here, for the CPU when this machine
-    has no GPU (``PartialState(cpu=True)``, as trl's ``use_cpu`` asks of it later; without it accelerate would
-    not start a group of CPU processes at all)."""
+    ``device`` is the run's ``model.device``. Before trl's trainer exists, accelerate's process group is started
+    here the way trl's ``use_cpu`` will ask for it (``PartialState(cpu=True)`` for a CPU run, whatever GPUs the
+    machine has; without it accelerate would not start a group of CPU processes at all). A process that raises
+    between two barriers leaves the others waiting until the launcher stops them (torchrun does)."""
     if world_size() > 1:
-        import torch
         import torch.distributed as distributed
         from accelerate import PartialState
 
         if not distributed.is_initialized():
-            PartialState(cpu=not torch.cuda.is_available())
+            PartialState(cpu=device == "cpu")
         distributed.barrier()

@@ -461,8 +461,12 @@ class StageRun:
     def check_config(self, **extra: Any) -> None:
         """Refuse to continue a folder made with other settings (:func:`check_stage_config`): the stage's
         params chain plus ``extra`` (e.g. the sha256 of an upstream model). Call it after the inputs are checked."""
-        check_stage_config(self.folder, {**stage_config(self.stage, self.params), **extra})
-        wait_for_every_process()  # under a launch, no rank reads the folder before rank 0 has settled it
+        config = {**stage_config(self.stage, self.params), **extra}
+        if is_main_process():  # under a launch, rank 0 settles the folder (and may start it over) first
+            check_stage_config(self.folder, config)
+        wait_for_every_process(self.params.model.device)
+        if not is_main_process():  # then the others compare, reading only
+            check_stage_config(self.folder, config)
 
     def record_metrics(self, metrics: dict[str, Any]) -> Path:
         """The stage's headline numbers, for the tests, the report and ``compare``."""

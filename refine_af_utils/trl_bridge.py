@@ -159,8 +159,19 @@ def sft_config_args(cfg: Any, output_dir: Path, seed: int, device: str, dtype: A
 
 
 def micro_batch_size(cfg: Any) -> int:
-    """Prompts per forward and backward in stage 3 (``rl.micro_batch_size``, or the whole ``rl.batch_size``)."""
+    """Prompts per forward and backward in stage 3, per process (``rl.micro_batch_size``, or the whole
+    ``rl.batch_size``; not trl's own ``args.micro_batch_size``, which counts every process)."""
     return cfg.micro_batch_size or cfg.batch_size
+
+
+def activation_checkpointing(cfg: Any) -> bool:
+    """Whether stage 3 recomputes activations: trl's default (on), unless ``rl.trainer_args`` turns it off under
+    either of transformers' names (the later one given wins, as in the config arguments)."""
+    value = True
+    for key, given in cfg.trainer_args.items():
+        if key in ("gradient_checkpointing", "activation_checkpointing"):
+            value = bool(given)
+    return value
 
 
 def _rl_common_args(params: Any, output_dir: Path, seed: int, dtype: Any,
@@ -173,7 +184,7 @@ def _rl_common_args(params: Any, output_dir: Path, seed: int, dtype: Any,
     micro = micro_batch_size(cfg)
     return {
         # trl's default gradient_checkpointing=True, under transformers' new name (the old one warns)
-        "activation_checkpointing": cfg.trainer_args.get("gradient_checkpointing", True),
+        "activation_checkpointing": activation_checkpointing(cfg),
         "report_to": [], "disable_tqdm": False, **cfg.trainer_args,  # rl.trainer_args: any other trl field
         "output_dir": str(output_dir), "learning_rate": cfg.learning_rate, "lr_scheduler_type": "constant",
         "per_device_train_batch_size": micro, "gradient_accumulation_steps": cfg.batch_size // micro,
@@ -186,7 +197,11 @@ def _rl_common_args(params: Any, output_dir: Path, seed: int, dtype: Any,
 def ppo_config_args(params: Any, output_dir: Path, seed: int, updates: int, dtype: Any) -> dict[str, Any]:
     """trl ``PPOConfig``'s arguments for ``updates`` updates: ``rl.trainer_args`` under the package's own fields."""
     cfg, decoding = params.rl, params.instance_generation
-    return {**_rl_common_args(params, output_dir, seed, dtype, {"total_episodes": updates * cfg.batch_size}),
+    from refine_af_utils.processes import world_size
+
+    # trl counts episodes over all processes (batch_size x processes per update)
+    episodes = updates * cfg.batch_size * world_size()
+    return {**_rl_common_args(params, output_dir, seed, dtype, {"total_episodes": episodes}),
             "num_ppo_epochs": cfg.ppo_epochs, "num_mini_batches": 1, "kl_coef": cfg.kl_coef,
             "response_length": decoding.max_new_tokens, "temperature": decoding.temperature, "stop_token": "eos",
             "missing_eos_penalty": cfg.missing_eos_penalty, "whiten_rewards": cfg.batch_size >= 8,

@@ -71,6 +71,7 @@ def test_the_recipes_backbones_have_their_public_sizes_and_the_lora_critic_fits_
         assert params.rl.critic == "lora"
         parts = stage3_parts(params, AutoConfig.from_pretrained(CONFIGS / name))
         assert parts[0].parameters == size and parts[0].bytes == 2 * size  # bfloat16
+        assert parts[2].name.startswith("critic: LoRA") and parts[2].bytes < 2**30  # its training state: under 1 GiB
         full = stage3_parts(_recipe(name, **{"rl.critic": "full"}), AutoConfig.from_pretrained(CONFIGS / name))
         assert full[2].bytes > 80 * 2**30  # a full critic's training state alone exceeds one 80 GB GPU
 

@@ -1,5 +1,5 @@
-"""Stages 3 and 5 under a real two-process launch: ``accelerate launch --cpu --num_processes 2`` (gloo) on the
-tiny Llama, as the paper recipes run them on several GPUs. The job must complete, leave one consistent set of
+"""Stages 3 and 5 under a real two-process launch: the shipped ``multi_gpu.yaml`` with ``--num_processes 2``
+(torchrun; without a GPU the processes form a gloo group) on the tiny Llama, as the paper recipes run them. The job must complete, leave one consistent set of
 artefacts (one writer per file, checkpoints whole before any rank reads them) and a single-process rerun must
 accept them without training again."""
 
@@ -30,7 +30,8 @@ def _launch(module: str, params_path: Path, root: Path, processes: int) -> subpr
     # would start one process: accelerate's own CPU route needs MPI.)
     launcher = ([str(ACCELERATE), "launch", "--config_file", str(MULTI_GPU_CONFIG), "--num_processes", str(processes),
                  "--mixed_precision", "no", "--dynamo_backend", "no", "-m"] if processes > 1 else [sys.executable, "-m"])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # no GPU visible: the run is a CPU run even on a machine with one
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run([*launcher, module, str(params_path), "--results-root", str(root)], capture_output=True,
                           text=True, env=env, timeout=900)
     assert done.returncode == 0, f"{module} x{processes} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
@@ -45,7 +46,8 @@ def test_two_processes_train_stages_3_and_5_and_a_single_process_rerun_accepts_w
     layout = RunLayout(run_dir)
     for arm in ARMS:  # stage 4's datasets, for stage 5
         append_jsonl(layout.arm_data(arm), INSTANCES)
-    params = tiny_rl_params(tiny_llama_dir, checkpoint_every=1, critic="lora") | {
+    # two segments of two updates: trl counts episodes over both processes, and each segment resumes the last
+    params = tiny_rl_params(tiny_llama_dir, updates=4, checkpoint_every=2, critic="lora") | {
         "run_name": "tiny-2proc",
         "sft": {"epochs": 1, "batch_size": 2, "max_length": 64, "lora": {"r": 4, "lora_alpha": 8}, "save_steps": 100}}
     params_path = tmp_path / "params.yaml"
@@ -54,11 +56,11 @@ def test_two_processes_train_stages_3_and_5_and_a_single_process_rerun_accepts_w
     launched = _launch("refine_af_utils.stages.rl_training", params_path, root, 2)
     assert launched.stdout.count("policy_loss") == 2  # each of the two processes printed the metrics it ended with
     metrics = pd.read_csv(layout.rl_metrics_file)
-    assert list(metrics["update"]) == [1, 2]  # one row per update: one writer, no duplicate
+    assert list(metrics["update"]) == [1, 2, 3, 4]  # one row per update: one writer, no duplicate, none missing
     assert metrics["kl"].iloc[0] == pytest.approx(0.0, abs=1e-3)
     checkpoints = list(layout.rl_checkpoints.iterdir())
-    assert [c.name for c in checkpoints] == ["update-2"]  # the second segment resumed the first, then removed it
-    assert json.loads((checkpoints[0] / "complete").read_text()) == {"updates": 2}
+    assert [c.name for c in checkpoints] == ["update-4"]  # the second segment resumed the first, then removed it
+    assert json.loads((checkpoints[0] / "complete").read_text()) == {"updates": 4}
     prompts = pd.read_json(layout.rl_prompts_file, lines=True)
     assert len(prompts) == 6 and not list(layout.rl_checkpoints.parent.glob("*.partial"))
     adapter = (layout.adapter / "adapter_model.safetensors").read_bytes()

@@ -35,6 +35,7 @@ def test_a_lora_critic_shares_the_frozen_weights_and_owns_only_its_adapter_and_h
     own = [p for p in critic.parameters() if p.data_ptr() not in policy_storage]
     assert own and all(p.requires_grad for p in own)  # what it does not share is exactly what it trains
     assert all(p.data_ptr() in policy_storage for p in critic.parameters() if not p.requires_grad)
+    assert all(p.data_ptr() not in policy_storage for p in critic.parameters() if p.requires_grad)
     assert {n for n, p in critic.named_parameters() if p.requires_grad} == set(critic.trained_state())
     assert all("lora_" in n or n.startswith("score.") for n in critic.trained_state())
     full = build_critic("full", policy, ModelParams(name_or_path=str(tiny_llama_dir)), tokenizer, None)

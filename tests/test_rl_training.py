@@ -246,6 +246,23 @@ def test_ppo_with_a_lora_critic_and_micro_batches_trains_resumes_and_saves_only_
 
 
 @pytest.mark.slow
+def test_micro_batches_accumulate_into_one_optimiser_step_per_update_also_at_the_end_of_the_prompts(
+        tiny_llama_dir, tiny_run, monkeypatch):
+    steps = []
+    real_step = torch.optim.AdamW.step
+
+    def counted(self, *args, **kwargs):  # the real step, counted
+        steps.append(1)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", counted)
+    # 4 prompts in batches of 2: update 2 draws the last batch of the epoch, where accelerate would step per micro-batch
+    params = params_from_dict(tiny_rl_params(tiny_llama_dir, micro_batch_size=1, checkpoint_every=2))
+    train_generator(params, tiny_run)
+    assert len(steps) == 2  # updates x ppo_epochs, one step each
+
+
+@pytest.mark.slow
 def test_ppo_with_the_same_seed_gives_the_same_metrics_and_adapter(tmp_path, tiny_llama_dir, tiny_run):
     import shutil
 

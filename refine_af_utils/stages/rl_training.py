@@ -189,6 +189,8 @@ def train_ppo_segment(segment: Segment) -> SegmentResult:
                          peft_config=None, optimizers=(optimizer, scheduler),
                          callbacks=[metrics_callback(segment.logger)])
     trl_bridge.expose_ppo_models(trainer)  # several processes: trl reads .policy on the DDP-wrapped model
+    # trl cycles its dataloader; at the end of an epoch accelerate would step on every micro-batch of that update
+    trainer.accelerator.gradient_state.plugin_kwargs["sync_with_dataloader"] = False
     use_text_progress(trainer, "stage 3: PPO updates")
     ends = (trl_bridge.ppo_rollouts_end_at_stop_strings(tokenizer, INSTANCE_STOP_STRINGS)
             if cfg.stop_at_stop_strings else contextlib.nullcontext())
@@ -383,7 +385,7 @@ def train_generator(params: Params, run_dir: str | Path, scorers: Optional[dict[
             atomic_write_text(segment_dir / RL_CHECKPOINT_COMPLETE, json.dumps({"updates": done + updates}) + "\n")
             if last is not None:
                 shutil.rmtree(last, ignore_errors=True)  # keep only the newest checkpoint
-        wait_for_every_process()  # no rank reads the checkpoint (next segment, or the adapter) before it is whole
+        wait_for_every_process(params.model.device)  # no rank reads the checkpoint before it is whole
         done, last = done + updates, segment_dir
         del result, segment, policy, base  # free this segment's models before the next one loads its own
         gc.collect()
@@ -391,7 +393,7 @@ def train_generator(params: Params, run_dir: str | Path, scorers: Optional[dict[
     if is_main_process() and last is not None and (last / RL_CHECKPOINT_COMPLETE).is_file():
         shutil.rmtree(adapter_dir, ignore_errors=True)
         shutil.copytree(last / "adapter", adapter_dir)
-    wait_for_every_process()
+    wait_for_every_process(params.model.device)
     return read_whole_csv(layout.rl_metrics_file), adapter_dir
 
 
