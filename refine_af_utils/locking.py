@@ -22,6 +22,7 @@ from typing import Any, Iterator, Optional
 
 from refine_af_utils.errors import RunLockedError
 from refine_af_utils.layout import RunLayout
+from refine_af_utils.processes import is_main_process, world_size
 
 
 def _command_line() -> str:
@@ -85,7 +86,7 @@ _HELD: set[str] = set()  # run folders whose lock this process holds
 
 def _job_key() -> Optional[str]:
     """The accelerate / torchrun job this process is a rank of (its launcher's pid on this host), else None."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if world_size() <= 1:
         return None
     import socket
 
@@ -108,7 +109,7 @@ def _joins_holder(run_dir: Path) -> bool:
     token, _, where = os.environ.get(LOCK_TOKEN_ENV, "").partition(" ")
     if token and where == key and is_locked(run_dir) and _lock_holder(run_dir).get("token") == token:
         return True
-    if _job_key() is not None and int(os.environ.get("RANK", "0")) > 0:
+    if _job_key() is not None and not is_main_process():
         for _ in range(600):  # rank 0 takes the lock as it starts; wait for it (up to 60 s)
             if is_locked(run_dir) and _lock_holder(run_dir).get("job") == _job_key():
                 return True

@@ -260,7 +260,7 @@ def plan(params: Any, configs: Optional[dict[str, Any]] = None) -> list[StagePla
     ]
     micro = micro_batch_size(rl)
     ppo = rl.algorithm == "ppo"
-    trained = micro * (1 if ppo else rl.num_generations)  # sequences per forward and backward
+    sequences = micro * (1 if ppo else rl.num_generations)  # per forward and backward
     sequence = prompts["instance"] + instances.max_new_tokens
     checkpointing = activation_checkpointing(rl)
     stage3 = stage3_parts(params, config)
@@ -273,16 +273,15 @@ def plan(params: Any, configs: Optional[dict[str, Any]] = None) -> list[StagePla
         stage3 += [rollout_kv, logits]
     else:  # GRPO and RLOO generate the update's batch x num_generations at once
         stage3.append(kv("rollouts", rl.batch_size * rl.num_generations, sequence, "rl.batch_size"))
-    stage3 += [Part(f"activations: a training step of {trained} x {sequence} tokens (estimate)", 0, 0,
-                    training_activation_bytes(config, trained, sequence, dtype, checkpointing) * (2 if ppo else 1),
+    stage3 += [Part(f"activations: a training step of {sequences} x {sequence} tokens (estimate)", 0, 0,
+                    training_activation_bytes(config, sequences, sequence, dtype, checkpointing) * (2 if ppo else 1),
                     "rl.micro_batch_size"),
                *scorers]
-    episodes = rl.updates * rl.batch_size * (rl.num_generations if rl.algorithm != "ppo" else 1)
+    episodes = rl.updates * rl.batch_size * (1 if ppo else rl.num_generations)
     plans.append(StagePlan("03 RL training", stage3,
                            (episodes + 2 * rl.heldout_instructions * rl.heldout_samples) * instances.max_new_tokens,
                            list(notes)))
-    lora = get_peft_model(meta_causal_lm(config, dtype), lora_config(rl.lora))
-    adapter = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    adapter = stage3[1].parameters  # stage 3's policy LoRA: the trained generator stage 4 decodes with
     plans.append(StagePlan("04 instance generation",
                            [backbone, Part("the trained generator's LoRA adapter", adapter, 0, adapter * 4),
                             instance_kv, *scorers],

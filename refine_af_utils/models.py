@@ -17,10 +17,10 @@ from typing import Any, Optional, Sequence
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from refine_af_utils.processes import process_device
 from refine_af_utils.environment import resolved_dtype_name, scorer_params
 from refine_af_utils.errors import ParamsError, RefineAFError
 from refine_af_utils.params import LoraParams, ModelParams, Params
+from refine_af_utils.processes import process_device
 from refine_af_utils.files import atomic_write_text, cache_dir, partial_path, sha256_file
 
 EMBEDDED_PREFIX = "embedded:"

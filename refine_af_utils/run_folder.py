@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
-from refine_af_utils.processes import is_main_process, wait_for_every_process
 from refine_af_utils.errors import RunLockedError, StageConfigError
 from refine_af_utils.files import atomic_write_text, sha256_file
 from refine_af_utils.locking import hold_or_join_lock
+from refine_af_utils.processes import is_main_process, wait_for_every_process
 from refine_af_utils.layout import (CONFIG_FILE, LOCK_FILE, OUTPUTS_VERSION, RESOLVED_PARAMS, STAGES, RunLayout, Stage,
                                     flatten, stage_config, stage_fingerprint, stage_of_module, stage_params)
 
@@ -183,7 +182,7 @@ def stage_command_line(description: str, argv: Optional[Sequence[str]] = None,
     session = stage_session(stage_of_module(module), run_dir) if module else hold_or_join_lock(run_dir)
     try:
         with session:
-            if int(os.environ.get("RANK", "0")) == 0:
+            if is_main_process():
                 write_resolved_params(run_dir, params, f"Resolved params of run '{params.run_name}', written by "
                                                        f"a stage entry point: {args.params}{sets}")
             yield params, run_dir

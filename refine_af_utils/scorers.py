@@ -27,11 +27,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from refine_af_utils.processes import process_device
 from refine_af_utils.errors import RefineAFError
 from refine_af_utils.files import append_jsonl, read_jsonl, truncate_torn_tail
 from refine_af_utils.layout import SCORE_CACHE_FILE
 from refine_af_utils.params import ScorerParams
+from refine_af_utils.processes import process_device
 from refine_af_utils.progress import tqdm
 
 
