@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase,
+                          StoppingCriteria, StoppingCriteriaList)
 
 from refine_af_utils.models import encode_prompts
 
@@ -33,6 +34,26 @@ class PresencePenaltyLogitsProcessor(LogitsProcessor):
         return scores - self.penalty * present.to(scores.dtype)
 
 
+class GeneratedStopCriteria(StoppingCriteria):
+    """Stop a row once its generated text (the prompt excluded) holds a stop string.
+
+    transformers' own ``stop_strings`` also match a stop string that begins in the prompt (a prompt ending
+    in a newline stops at once on a generated newline with the stop string ``"\\n\\n"``); OpenAI's and vLLM's
+    stop strings, which Self-Instruct used, look at the generated text only. Elsewhere both stop at the same
+    token: the first whose text completes a stop string.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop_strings: Sequence[str], prompt_length: int) -> None:
+        self.tokenizer, self.stop_strings, self.prompt_length = tokenizer, tuple(stop_strings), prompt_length
+        self.skipped = {tokenizer.pad_token_id, tokenizer.eos_token_id}
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object) -> torch.BoolTensor:
+        done = [cut_at_stop(self.tokenizer.decode([t for t in row if t not in self.skipped], skip_special_tokens=True),
+                            self.stop_strings)[1]
+                for row in input_ids[:, self.prompt_length:].tolist()]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
 @dataclass
 class Generation:
     """One decoded continuation; ``truncated`` when it hit the token limit before any stop."""
@@ -40,6 +61,7 @@ class Generation:
     text: str
     truncated: bool
     num_tokens: int
+    token_ids: tuple[int, ...] = ()  # the generated tokens before the end token (past a stop string too)
 
 
 def cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
@@ -65,7 +87,7 @@ def decode_completion(tokenizer: PreTrainedTokenizerBase, tokens: Sequence[int],
     kept = [t for t in row if t not in {tokenizer.pad_token_id, tokenizer.eos_token_id}]
     text, stopped = cut_at_stop(tokenizer.decode(kept, skip_special_tokens=True), stop_strings)
     truncated = not (ended_by_eos or stopped) and len(row) >= max_new_tokens
-    return Generation(text=text, truncated=truncated, num_tokens=len(kept))
+    return Generation(text=text, truncated=truncated, num_tokens=len(kept), token_ids=tuple(kept))
 
 
 @torch.inference_mode()
@@ -89,6 +111,9 @@ def generate_batch(
     processors = LogitsProcessorList()
     if presence_penalty:
         processors.append(PresencePenaltyLogitsProcessor(presence_penalty, prompt_length))
+    stopping = StoppingCriteriaList()
+    if stop_strings:
+        stopping.append(GeneratedStopCriteria(tokenizer, stop_strings, prompt_length))
     output = model.generate(
         **encoded,
         max_new_tokens=max_new_tokens,
@@ -97,8 +122,7 @@ def generate_batch(
         top_p=top_p if sampling else None,
         top_k=None,
         logits_processor=processors,
-        stop_strings=list(stop_strings) or None,
-        tokenizer=tokenizer,
+        stopping_criteria=stopping,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )

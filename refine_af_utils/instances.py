@@ -6,13 +6,16 @@ import random
 import re
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from refine_af_utils.generation import Generation, generate_batch
+from refine_af_utils.generation import Generation
 from refine_af_utils.params import InstanceGenerationParams
 from refine_af_utils.prompts import INSTANCE_STOP_STRINGS, instance_generation_prompt
 from refine_af_utils.seeding import derive_seed
 from refine_af_utils.seeds import SeedTask
+
+if TYPE_CHECKING:
+    from refine_af_utils.engines import Decoding, Engine
 
 _EXAMPLE_SPLIT_RE = re.compile(r"(?:^|\n)\s*Example\s*\d+\s*[.:]?\s*(?:\n|$)")
 _LABEL_SPLIT_RE = re.compile(r"(?:^|\n)\s*Class label:\s*")
@@ -147,8 +150,15 @@ def instance_prompts(records: Sequence[dict[str, Any]], seeds: Sequence[SeedTask
     return prompts
 
 
-def generate_instances(model: Any, tokenizer: Any, prompts: Sequence[str],
-                       cfg: InstanceGenerationParams) -> list[Generation]:
+def instance_decoding(cfg: InstanceGenerationParams) -> "Decoding":
+    """Stage 4's decoding (sampled, stopped at the next task), shared by stage 2, RL's held-out set and stage 4."""
+    from refine_af_utils.engines import Decoding
+
+    return Decoding(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                    stop_strings=tuple(INSTANCE_STOP_STRINGS))
+
+
+def generate_instances(engine: "Engine", prompts: Sequence[str], cfg: InstanceGenerationParams,
+                       seed: Optional[int]) -> list[Generation]:
     """Raw continuations of instance prompts (sampled, stopped at the next task), with their truncation flag."""
-    return generate_batch(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
-                          temperature=cfg.temperature, top_p=cfg.top_p, stop_strings=INSTANCE_STOP_STRINGS)
+    return engine.generate(prompts, instance_decoding(cfg), seed)

@@ -44,6 +44,10 @@ class ModelParams:
     device: str = "cpu"
     trust_remote_code: bool = False
     revision: Optional[str] = None
+    # How stages 1, 2, 4, 6 and stage 3's held-out set decode (refine_af_utils/engines.py, docs/benchmarks.md):
+    # static (transformers' padded batches, the reference), continuous (transformers' continuous batching;
+    # greedy only) or vllm (optional install).
+    engine: Literal["static", "continuous", "vllm"] = "static"
 
 
 @dataclass
@@ -360,7 +364,8 @@ class Params:
 
 # Keys added after runs existed, with the value that behaves as before they did (Params.fingerprint).
 ADDED_KEYS: dict[str, Any] = {"rl.standardise_reward": False, "rl.stop_at_stop_strings": False, "rl.placebo": False,
-                              "rl.critic": "full", "rl.micro_batch_size": None, "sft.external_arms": {}}
+                              "rl.critic": "full", "rl.micro_batch_size": None, "sft.external_arms": {},
+                              "model.engine": "static"}
 
 RUN_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
 

@@ -57,7 +57,7 @@ def resume_batches(
     record_key: Callable[[Record], Hashable],
     batch_size: int,
     load: Callable[[], Context],
-    generate: Callable[[Context, list[Any]], list[Record]],
+    generate: Callable[[Context, list[Any], Optional[int]], list[Record]],
     desc: str,
     seed: Optional[Callable[[list[Job]], int]] = None,
     group: Optional[Callable[[Job], Hashable]] = None,
@@ -65,9 +65,9 @@ def resume_batches(
 ) -> list[Record]:
     """Run every job not yet recorded in ``path`` and return the records of ``jobs``, in file order.
 
-    ``generate(context, batch)`` returns one record per item of ``batch``, in order; ``job_key``
-    of a job equals ``record_key`` of its record. ``seed(batch)`` (fixed batching only) is passed to
-    ``torch.manual_seed`` before the batch; ``group(job)`` keeps jobs of different groups out of one
+    ``generate(context, batch, batch_seed)`` returns one record per item of ``batch``, in order; ``job_key``
+    of a job equals ``record_key`` of its record. ``seed(batch)`` (fixed batching only) is the batch's seed,
+    which ``generate`` hands its engine (``None`` without ``seed``); ``group(job)`` keeps jobs of different groups out of one
     batch (fixed batching only). With ``prepare``, batching is pending-only (see the
     module docstring).
     """
@@ -84,17 +84,18 @@ def resume_batches(
         todo = []
     if todo or pending:
         context = load()
-        if prepare is not None:
-            todo = cut_batches(prepare(context, pending), batch_size)
-        for batch in tqdm(todo, desc=desc):
-            if seed is not None:
-                import torch
-
-                batch_seed = seed(batch)  # the caller's derive_seed(...) of the batch's content
-                torch.manual_seed(batch_seed)
-            records = generate(context, batch)
-            if len(records) != len(batch):
-                raise RuntimeError(f"{path}: a batch of {len(batch)} gave {len(records)} records")
-            append_jsonl(path, [r for r in records if record_key(r) not in done])
+        try:
+            if prepare is not None:
+                todo = cut_batches(prepare(context, pending), batch_size)
+            for batch in tqdm(todo, desc=desc):
+                batch_seed = None if seed is None else seed(batch)  # the caller's derive_seed(...) of the batch's content
+                records = generate(context, batch, batch_seed)
+                if len(records) != len(batch):
+                    raise RuntimeError(f"{path}: a batch of {len(batch)} gave {len(records)} records")
+                append_jsonl(path, [r for r in records if record_key(r) not in done])
+        finally:
+            close = getattr(context, "close", None)  # an engine frees what it holds (vLLM's temporary model folder)
+            if callable(close):
+                close()
     wanted = {job_key(j) for j in jobs}
     return [r for r in read_jsonl(path) if record_key(r) in wanted]

@@ -7,7 +7,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import pytest
 import torch
@@ -29,8 +29,9 @@ def _training_text() -> list[str]:
     return lines
 
 
-def build_tiny_llama(folder: Path, seed: int = 0) -> Path:
-    """A randomly initialised 2-layer Llama with a byte-level BPE tokenizer trained on the seeds."""
+def build_tiny_llama(folder: Path, seed: int = 0, **config_overrides: Any) -> Path:
+    """A randomly initialised 2-layer Llama with a byte-level BPE tokenizer trained on the seeds; ``config``
+    overrides its sizes."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -43,11 +44,11 @@ def build_tiny_llama(folder: Path, seed: int = 0) -> Path:
         tokenizer_object=tokenizer, eos_token="<|im_end|>", bos_token="<|im_start|>", unk_token="<|endoftext|>",
     )
     torch.manual_seed(seed)
+    sizes: dict[str, Any] = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
     config = LlamaConfig(
-        vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.eos_token_id,
-        tie_word_embeddings=True,
+        vocab_size=len(fast), bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.eos_token_id, **{**sizes, **config_overrides},
     )
     model = LlamaForCausalLM(config)
     folder.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from refine_af_utils.engines import StaticEngine
 from refine_af_utils.layout import BATCHES_FILE, INSTRUCTIONS_FILE
 from refine_af_utils.stages.instruction_generation import bootstrap_instructions, filter_counts, filter_reason, load_state, parse_continuation
 from refine_af_utils.files import append_jsonl, read_jsonl
@@ -107,9 +108,9 @@ def tiny_params(tiny_llama_dir: Path, **generation) -> dict:
 @pytest.mark.slow
 def test_bootstrap_on_a_tiny_model(tmp_path, tiny_llama_dir):
     params = params_from_dict(tiny_params(tiny_llama_dir))
-    model, tokenizer = load_causal_lm(params.model)
+    engine = StaticEngine(*load_causal_lm(params.model))
     seeds = load_seed_tasks("bundled")
-    state = bootstrap_instructions(params, seeds, tmp_path, model, tokenizer)
+    state = bootstrap_instructions(params, seeds, tmp_path, engine)
     records = read_jsonl(tmp_path / INSTRUCTIONS_FILE)
     assert len(records) == 10 == len(state.instructions)
     texts = [r["instruction"] for r in records]
@@ -124,13 +125,13 @@ def test_bootstrap_on_a_tiny_model(tmp_path, tiny_llama_dir):
     assert counts["candidates"] == sum(counts[k] for k in counts if k not in {"responses", "candidates",
                                        "truncated_response", "unparseable_response"})
     # The run is complete: running again generates nothing more.
-    again = bootstrap_instructions(params, seeds, tmp_path, model, tokenizer)
+    again = bootstrap_instructions(params, seeds, tmp_path, engine)
     assert len(again.batches) == len(state.batches)
     # A stricter truncation rule drops every cut-off continuation of the random model.
     strict = params_from_dict(tiny_params(tiny_llama_dir, drop_truncated_responses=True, max_batches=2))
     with pytest.raises(RuntimeError, match="other settings"):
-        bootstrap_instructions(strict, seeds, tmp_path, model, tokenizer)
-    strict_state = bootstrap_instructions(strict, seeds, tmp_path / "strict", model, tokenizer)
+        bootstrap_instructions(strict, seeds, tmp_path, engine)
+    strict_state = bootstrap_instructions(strict, seeds, tmp_path / "strict", engine)
     assert strict_state.instructions == []
     assert sum(b["counts"]["truncated_response"] for b in strict_state.batches) == 8
 

@@ -111,17 +111,18 @@ def test_a_key_added_later_leaves_earlier_fingerprints_until_it_is_set(tmp_path)
         del before[section][key]
     old = hashlib.sha256(json.dumps({"rl": before["rl"]}, sort_keys=True).encode()).hexdigest()[:16]
     assert a.fingerprint("rl") == old
-    sft_before = hashlib.sha256(json.dumps({"sft": before["sft"]}, sort_keys=True).encode()).hexdigest()[:16]
-    assert a.fingerprint("sft") == sft_before
+    earlier = {section: hashlib.sha256(json.dumps({section: before[section]}, sort_keys=True).encode()).hexdigest()[:16]
+               for section in ("rl", "sft", "model")}
+    assert a.fingerprint("sft") == earlier["sft"] and a.fingerprint("model") == earlier["model"]
     for dotted, changed_value in {"rl.standardise_reward": True, "rl.stop_at_stop_strings": True, "rl.placebo": True,
                                   "rl.critic": "lora", "rl.micro_batch_size": 2,
-                                  "sft.external_arms": {"paper45k": "data.jsonl"}}.items():
+                                  "sft.external_arms": {"paper45k": "data.jsonl"}, "model.engine": "vllm"}.items():
         changed = load_params(_write(tmp_path, "run_name: x\n"), overrides={"rl.critic": "full", dotted: changed_value})
         section = dotted.split(".")[0]
-        assert changed.fingerprint(section) != (old if section == "rl" else sft_before), dotted
+        assert changed.fingerprint(section) != earlier[section], dotted
     assert load_params(_write(tmp_path, "run_name: x\n")).fingerprint("rl") != old  # today's default: lora
     assert set(ADDED_KEYS) == {"rl.standardise_reward", "rl.stop_at_stop_strings", "rl.placebo", "rl.critic",
-                               "rl.micro_batch_size", "sft.external_arms"}
+                               "rl.micro_batch_size", "sft.external_arms", "model.engine"}
 
 
 def test_a_micro_batch_must_divide_the_batch(tmp_path):

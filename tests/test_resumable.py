@@ -22,19 +22,20 @@ class Crash(Exception):
 
 
 def _sampler(loads: list[int], crash_after: int | None = None):
-    """A generate() that draws from torch's global generator (as sampling does) and may crash mid-run."""
+    """A generate() that draws from a generator seeded by its batch seed (as engines sample) and may crash mid-run."""
     calls = {"n": 0}
 
     def load() -> str:
         loads.append(1)
         return "model"
 
-    def generate(context: str, batch: list[str]) -> list[dict]:
+    def generate(context: str, batch: list[str], seed: int) -> list[dict]:
         assert context == "model"
         if crash_after is not None and calls["n"] == crash_after:
             raise Crash
         calls["n"] += 1
-        return [{"job": job, "draw": float(torch.rand(1))} for job in batch]
+        generator = torch.Generator().manual_seed(seed)
+        return [{"job": job, "draw": float(torch.rand(1, generator=generator))} for job in batch]
 
     return load, generate
 
@@ -81,7 +82,7 @@ def test_only_asked_jobs_are_returned_and_counts_are_checked(tmp_path):
     assert [r["job"] for r in records] == JOBS
     with pytest.raises(RuntimeError, match="a batch of 3 gave 2 records"):
         resume_batches(tmp_path / "short.jsonl", JOBS, job_key=lambda j: j, record_key=lambda r: r["job"],
-                       batch_size=3, load=lambda: None, generate=lambda _, batch: [{"job": j} for j in batch[:2]],
+                       batch_size=3, load=lambda: None, generate=lambda _, batch, seed: [{"job": j} for j in batch[:2]],
                        desc="test")
 
 
@@ -95,10 +96,31 @@ def test_pending_batching_prepares_only_what_is_missing(tmp_path):
         return sorted(pending, reverse=True)
 
     records = resume_batches(path, JOBS, job_key=lambda j: j, record_key=lambda r: r["job"], batch_size=2,
-                             load=lambda: "tok", generate=lambda _, batch: [{"job": j} for j in batch],
+                             load=lambda: "tok", generate=lambda _, batch, seed: [{"job": j} for j in batch],
                              prepare=prepare, desc="test")
     assert prepared == [JOBS[4:]]
     assert [r["job"] for r in records] == [*JOBS[:4], "job-6", "job-5", "job-4"]
     with pytest.raises(ValueError, match="fixed batching"):
         resume_batches(path, JOBS, job_key=lambda j: j, record_key=lambda r: r["job"], batch_size=2,
-                       load=lambda: None, generate=lambda _, b: [], prepare=prepare, seed=lambda b: 0, desc="test")
+                       load=lambda: None, generate=lambda _, b, seed: [], prepare=prepare, seed=lambda b: 0, desc="test")
+
+
+def test_the_loaded_engine_is_closed_when_the_jobs_end_or_fail(tmp_path):
+    class Engine:
+        closed = 0
+
+        def close(self) -> None:
+            Engine.closed += 1
+
+    def failing(engine, batch, seed):
+        raise Crash
+
+    def run(path, generate):
+        return resume_batches(path, JOBS, job_key=lambda j: j, record_key=lambda r: r["job"], batch_size=3,
+                              load=Engine, generate=generate, desc="test")
+
+    run(tmp_path / "ok.jsonl", lambda engine, batch, seed: [{"job": j} for j in batch])
+    assert Engine.closed == 1
+    with pytest.raises(Crash):
+        run(tmp_path / "failed.jsonl", failing)
+    assert Engine.closed == 2

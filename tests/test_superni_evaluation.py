@@ -107,7 +107,8 @@ def test_a_fully_fine_tuned_arm_loads_as_its_own_model(tmp_path, tiny_llama_dir)
     (model_dir.parent / "complete").write_text("{}")
     params = params_from_dict({"run_name": "t", "model": {"name_or_path": "no/such-hub-model", "revision": "abc"},
                                "sft": {"full_fine_tuning": True}})
-    model, tokenizer = load_evaluated_model(params, "refine_af", tmp_path)  # never touches the hub id
+    engine = load_evaluated_model(params, "refine_af", tmp_path)  # never touches the hub id
+    model, tokenizer = engine.model, engine.tokenizer
     assert model.config.num_hidden_layers == 2 and tokenizer.padding_side == "left"
 
 

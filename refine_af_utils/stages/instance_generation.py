@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -34,11 +34,11 @@ from refine_af_utils.seeding import derive_seed
 _STAGE = stage_of_module(__name__)  # this module's stage in the registry
 
 
-def load_generator(params: Params, arm: str, run_dir: Path) -> tuple[Any, Any]:
-    """The backbone for ``self_instruct``; backbone + stage 3 adapter (merged) for ``refine_af``."""
-    from refine_af_utils.models import load_causal_lm
+def load_generator(params: Params, arm: str, run_dir: Path) -> Any:
+    """The engine over the backbone for ``self_instruct``, over backbone + stage 3 adapter (merged) for ``refine_af``."""
+    from refine_af_utils.engines import load_engine
 
-    return load_causal_lm(params.model, RunLayout(run_dir).adapter if arm == "refine_af" else None)
+    return load_engine(params.model, RunLayout(run_dir).adapter if arm == "refine_af" else None, params.random_seed)
 
 
 def generate_arm(params: Params, arm: str, records: Sequence[dict[str, Any]], run_dir: Path) -> list[dict[str, Any]]:
@@ -52,9 +52,8 @@ def generate_arm(params: Params, arm: str, records: Sequence[dict[str, Any]], ru
     layout = RunLayout(run_dir)
     seeds = layout.seed_tasks()
 
-    def generate(model_and_tokenizer: tuple[Any, Any], batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        generations = generate_instances(*model_and_tokenizer, instance_prompts(batch, seeds, cfg, params.random_seed),
-                                         cfg)
+    def generate(engine: Any, batch: list[dict[str, Any]], seed: Optional[int]) -> list[dict[str, Any]]:
+        generations = generate_instances(engine, instance_prompts(batch, seeds, cfg, params.random_seed), cfg, seed)
         return [{"instruction_id": r["id"], "instruction": r["instruction"], "text": g.text, "truncated": g.truncated}
                 for r, g in zip(batch, generations)]
 

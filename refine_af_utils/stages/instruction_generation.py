@@ -29,10 +29,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
-
 from refine_af_utils.figures import filter_counts_figure, novelty_figure
-from refine_af_utils.generation import generate_batch
+from refine_af_utils.engines import Decoding, Engine
 from refine_af_utils.files import append_jsonl, read_jsonl, truncate_to_records, truncate_torn_tail
 from refine_af_utils.layout import BATCHES_FILE, INSTRUCTIONS_FILE, stage_config, stage_of_module
 from refine_af_utils.params import Params
@@ -161,21 +159,22 @@ def classification_examples(seeds: Sequence[SeedTask], count: int, rng: random.R
 
 
 def identify_classification(
-    model: Any, tokenizer: Any, instructions: Sequence[str], examples: Sequence[tuple[str, bool]],
+    engine: Engine, instructions: Sequence[str], examples: Sequence[tuple[str, bool]],
     batch_size: int, max_new_tokens: int,
 ) -> list[bool]:
     """Few-shot yes/no: is each instruction a classification task with finite labels (greedy)."""
     answers: list[bool] = []
+    decoding = Decoding(max_new_tokens=max_new_tokens, stop_strings=("\n",))
     for start in range(0, len(instructions), batch_size):
         chunk = instructions[start:start + batch_size]
         prompts = [classification_prompt(examples, text) for text in chunk]
-        outputs = generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop_strings=["\n"])
+        outputs = engine.generate(prompts, decoding)
         answers.extend(parse_yes_no(o.text) for o in outputs)
     return answers
 
 
 def bootstrap_instructions(
-    params: Params, seeds: Sequence[SeedTask], out_dir: str | Path, model: Any, tokenizer: Any,
+    params: Params, seeds: Sequence[SeedTask], out_dir: str | Path, engine: Engine,
 ) -> BootstrapState:
     """Generate instructions until ``params.num_instructions`` are accepted, resuming from ``out_dir``."""
     cfg, clf = params.instruction_generation, params.classification
@@ -191,6 +190,8 @@ def bootstrap_instructions(
     examples = classification_examples(seeds, clf.num_examples,
                                       random.Random(derive_seed(params.random_seed, _STAGE.id, "classification-examples")))
 
+    decoding = Decoding(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                        presence_penalty=cfg.presence_penalty, stop_strings=tuple(INSTRUCTION_STOP_STRINGS))
     progress = tqdm(total=params.num_instructions, initial=min(len(machine), params.num_instructions),
                     desc="instructions", unit="inst")
     batch = len(state.batches)
@@ -207,11 +208,7 @@ def bootstrap_instructions(
             in_context += rng.sample(seed_texts, cfg.num_prompt_instructions - len(in_context))
             rng.shuffle(in_context)
             prompts.append(instruction_generation_prompt(in_context, cfg.prompt_variant))
-        torch.manual_seed(batch_seed)
-        outputs = generate_batch(
-            model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-            top_p=cfg.top_p, presence_penalty=cfg.presence_penalty, stop_strings=INSTRUCTION_STOP_STRINGS,
-        )
+        outputs = engine.generate(prompts, decoding, batch_seed)
         counts: Counter[str] = Counter()
         accepted: list[dict[str, Any]] = []
         for prompt_index, output in enumerate(outputs):
@@ -247,7 +244,7 @@ def bootstrap_instructions(
                     "prompt_variant": cfg.prompt_variant,
                 })
         labels = identify_classification(
-            model, tokenizer, [a["instruction"] for a in accepted], examples, clf.batch_size, clf.max_new_tokens,
+            engine, [a["instruction"] for a in accepted], examples, clf.batch_size, clf.max_new_tokens,
         )
         for record, label in zip(accepted, labels):
             record["is_classification"] = label
@@ -322,15 +319,15 @@ class InstructionGenerationResult(StageResult):
 @stage_entry
 def run(params: Params, run_dir: str | Path) -> InstructionGenerationResult:
     """Stage 1: bootstrap instructions into ``<run_dir>/instruction_generation`` with tables and figures."""
-    from refine_af_utils.models import load_causal_lm
+    from refine_af_utils.engines import load_engine
     from refine_af_utils.plots import histogram, save_figure
     from refine_af_utils.run_folder import open_stage
 
     stage = open_stage(__name__, params, run_dir)
     seeds = stage.layout.seed_tasks()
     prompt_seeds(params, seeds)  # before the slow model load; bootstrap_instructions checks again for direct callers
-    model, tokenizer = load_causal_lm(params.model)  # checks the device (meta refused) before loading
-    state = bootstrap_instructions(params, seeds, stage.folder, model, tokenizer)
+    with load_engine(params.model, random_seed=params.random_seed) as engine:  # checks the device first
+        state = bootstrap_instructions(params, seeds, stage.folder, engine)
     table = instruction_table(state.instructions)
     counts = filter_counts(state.batches)
     throughput = generation_throughput(state.batches)
@@ -358,7 +355,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     """``python -m refine_af_utils.stages.instruction_generation PARAMS OUT_DIR``: stage 1 without the notebook."""
     import argparse
 
-    from refine_af_utils.models import load_causal_lm
+    from refine_af_utils.engines import load_engine
     from refine_af_utils.params import load_params
     from refine_af_utils.seeds import load_seed_tasks
 
@@ -367,8 +364,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("out_dir")
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    model, tokenizer = load_causal_lm(params.model)
-    state = bootstrap_instructions(params, load_seed_tasks(params.seed_tasks), args.out_dir, model, tokenizer)
+    with load_engine(params.model, random_seed=params.random_seed) as engine:
+        state = bootstrap_instructions(params, load_seed_tasks(params.seed_tasks), args.out_dir, engine)
     print(f"{len(state.instructions)} instructions in {len(state.batches)} batches")
 
 

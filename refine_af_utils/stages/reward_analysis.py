@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -39,8 +39,8 @@ class RewardAnalysisResult(StageResult):
 def _candidates(stage: StageRun, instructions: Sequence[dict[str, Any]], seeds: Sequence[SeedTask]
                 ) -> list[dict[str, Any]]:
     """Sampled instructions' raw candidate continuations, generated once and appended batch by batch."""
+    from refine_af_utils.engines import load_engine
     from refine_af_utils.instances import generate_instances, instance_prompts
-    from refine_af_utils.models import load_causal_lm
 
     params = stage.params
     analysis, cfg = params.reward_analysis, params.instance_generation
@@ -48,15 +48,15 @@ def _candidates(stage: StageRun, instructions: Sequence[dict[str, Any]], seeds: 
     chosen = rng.sample(instructions, min(analysis.num_instructions, len(instructions)))
     jobs = [(record, c) for record in chosen for c in range(analysis.candidates_per_instruction)]
 
-    def generate(model_and_tokenizer: tuple[Any, Any], batch: list[tuple[dict[str, Any], int]]) -> list[dict[str, Any]]:
+    def generate(engine: Any, batch: list[tuple[dict[str, Any], int]], seed: Optional[int]) -> list[dict[str, Any]]:
         prompts = instance_prompts([r for r, _ in batch], seeds, cfg, params.random_seed)
         return [{"instruction_id": r["id"], "instruction": r["instruction"], "is_classification": r["is_classification"],
                  "candidate": c, "text": g.text, "truncated": g.truncated}
-                for (r, c), g in zip(batch, generate_instances(*model_and_tokenizer, prompts, cfg))]
+                for (r, c), g in zip(batch, generate_instances(engine, prompts, cfg, seed))]
 
     return resume_batches(stage.file("candidates"), jobs, job_key=lambda job: (job[0]["id"], job[1]),
                           record_key=lambda r: (r["instruction_id"], r["candidate"]), batch_size=cfg.batch_size,
-                          load=lambda: load_causal_lm(params.model), generate=generate,
+                          load=lambda: load_engine(params.model, random_seed=params.random_seed), generate=generate,
                           seed=lambda batch: stage.derive_seed(batch[0][0]["instruction"], batch[0][1]),
                           desc="candidate instances")
 

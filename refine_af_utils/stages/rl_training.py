@@ -405,10 +405,8 @@ def heldout_samples(params: Params, run_dir: Path, adapter_dir: Path) -> list[di
     batch to ``rl_training/heldout_samples.jsonl``; a rerun regenerates a half-written batch whole and
     appends only the missing rows.
     """
-    from peft import PeftModel
-
+    from refine_af_utils.engines import load_engine
     from refine_af_utils.instances import generate_instances
-    from refine_af_utils.models import load_causal_lm
     from refine_af_utils.resumable import resume_batches
 
     cfg, decoding = params.rl, params.instance_generation
@@ -417,27 +415,55 @@ def heldout_samples(params: Params, run_dir: Path, adapter_dir: Path) -> list[di
     # generators see the same batches and the same noise.
     jobs = [(generator, sample, r) for generator in GENERATORS for sample in range(cfg.heldout_samples) for r in records]
 
-    def load() -> tuple[Any, Any]:
-        base, tokenizer = load_causal_lm(params.model)
-        return PeftModel.from_pretrained(base, adapter_dir), tokenizer
+    def load(generator: str) -> Any:
+        if params.model.engine != "static":  # the trained generator merged, as stage 4 loads it
+            return load_engine(params.model, adapter_dir if generator == "trained" else None, params.random_seed)
+        # static: the adapter applied unmerged and switched off for the base, as trl's rollouts decode
+        from peft import PeftModel
 
-    def generate(context: tuple[Any, Any], batch: list[tuple[str, int, dict[str, Any]]]) -> list[dict[str, Any]]:
-        model, tokenizer = context
+        from refine_af_utils.engines import StaticEngine
+        from refine_af_utils.models import load_causal_lm
+
+        base, tokenizer = load_causal_lm(params.model)
+        return StaticEngine(PeftModel.from_pretrained(base, adapter_dir), tokenizer,
+                            adapter_disabled=generator == "base")
+
+    engines = HeldoutEngines(load)
+
+    def generate(context: HeldoutEngines, batch: list[tuple[str, int, dict[str, Any]]],
+                 seed: Optional[int]) -> list[dict[str, Any]]:
         generator, sample = batch[0][0], batch[0][1]
         prompts = [r["prompt"] for _, _, r in batch]
-        if generator == "base":
-            with model.disable_adapter():
-                generations = generate_instances(model, tokenizer, prompts, decoding)
-        else:
-            generations = generate_instances(model, tokenizer, prompts, decoding)
+        generations = generate_instances(context.engine(generator), prompts, decoding, seed)
         return [{"generator": generator, "instruction": r["instruction"], "is_classification": r["is_classification"],
                  "sample": sample, "text": g.text, "truncated": g.truncated} for (_, _, r), g in zip(batch, generations)]
 
     return resume_batches(
         RunLayout(run_dir).heldout_samples_file, jobs, job_key=lambda job: (job[0], job[2]["instruction"], job[1]),
         record_key=lambda r: (r["generator"], r["instruction"], r["sample"]), batch_size=decoding.batch_size,
-        load=load, generate=generate, desc="held-out samples", group=lambda job: job[:2],
+        load=lambda: engines, generate=generate, desc="held-out samples", group=lambda job: job[:2],
         seed=lambda batch: derive_seed(params.random_seed, _STAGE.id, "heldout", batch[0][1], batch[0][2]["instruction"]))
+
+
+class HeldoutEngines:
+    """One engine at a time for the held-out generators (base, then trained: the jobs' order), each loaded on
+    first use; the trained one has stage 3's adapter merged."""
+
+    def __init__(self, load: Callable[[str], Any]) -> None:
+        self.load, self.current, self.generator = load, None, None
+
+    def engine(self, generator: str) -> Any:
+        """The engine of ``generator``, closing the other one first."""
+        if generator != self.generator:
+            self.close()
+            self.current, self.generator = self.load(generator), generator
+        return self.current
+
+    def close(self) -> None:
+        """Close the engine held, if any."""
+        if self.current is not None:
+            self.current.close()
+        self.current, self.generator = None, None
 
 
 # The held-out endpoints: the full reward (primary), the parsed share and the content reward, then each reward

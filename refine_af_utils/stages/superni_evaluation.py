@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -64,17 +64,18 @@ def _model_files_sha256(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def load_evaluated_model(params: Params, name: str, run_dir: Path) -> tuple[Any, Any]:
-    """The base backbone, or the backbone with an arm's stage 5 adapter merged (or its full SFT model)."""
-    from refine_af_utils.models import load_causal_lm
+def load_evaluated_model(params: Params, name: str, run_dir: Path) -> Any:
+    """The engine (``model.engine``) over the base backbone, or over the backbone with an arm's stage 5 adapter
+    merged (or its full SFT model)."""
+    from refine_af_utils.engines import load_engine
 
     if name == "base":
-        return load_causal_lm(params.model)
+        return load_engine(params.model)
     folder = RunLayout(run_dir).sft_model(name)
     if params.sft.full_fine_tuning:
         spec = ModelParams(**{**params.to_dict()["model"], "name_or_path": str(folder), "revision": None})
-        return load_causal_lm(spec)
-    return load_causal_lm(params.model, folder)
+        return load_engine(spec)
+    return load_engine(params.model, folder)
 
 
 def _clip_prompt(tokenizer: Any, prompt: str, max_tokens: int) -> str:
@@ -84,20 +85,21 @@ def _clip_prompt(tokenizer: Any, prompt: str, max_tokens: int) -> str:
 
 def predict(params: Params, name: str, tasks: Sequence[SuperNITask], run_dir: str | Path) -> pd.DataFrame:
     """One model's scored predictions for every instance, resuming from ``predictions_<name>.jsonl``."""
-    from refine_af_utils.generation import generate_batch
+    from refine_af_utils.engines import Decoding
     from refine_af_utils.resumable import resume_batches
 
     cfg = params.evaluation
     run_dir = Path(run_dir)
     jobs = [(task, instance) for task in tasks for instance in task.instances]
+    decoding = Decoding(max_new_tokens=cfg.max_new_tokens)  # greedy, stops at the end token
 
-    def prepare(context: tuple[Any, Any], pending: list[tuple[SuperNITask, Any]]) -> list[tuple[Any, Any, str]]:
-        prompts = [_clip_prompt(context[1], evaluation_prompt(t, i), cfg.max_prompt_tokens) for t, i in pending]
+    def prepare(engine: Any, pending: list[tuple[SuperNITask, Any]]) -> list[tuple[Any, Any, str]]:
+        prompts = [_clip_prompt(engine.tokenizer, evaluation_prompt(t, i), cfg.max_prompt_tokens) for t, i in pending]
         order = sorted(range(len(pending)), key=lambda k: len(prompts[k]))  # similar lengths batch with less padding
         return [(*pending[k], prompts[k]) for k in order]
 
-    def generate(context: tuple[Any, Any], batch: list[tuple[Any, Any, str]]) -> list[dict[str, Any]]:
-        outputs = generate_batch(*context, [prompt for _, _, prompt in batch], cfg.max_new_tokens)
+    def generate(engine: Any, batch: list[tuple[Any, Any, str]], seed: Optional[int]) -> list[dict[str, Any]]:
+        outputs = engine.generate([prompt for _, _, prompt in batch], decoding, seed)
         return [{"task": task.name, "category": task.category, "id": instance.id, "prompt": prompt,
                  "prediction": output.text.strip(), "references": instance.references,
                  **score(output.text.strip(), instance.references)}
