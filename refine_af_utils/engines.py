@@ -162,8 +162,10 @@ class VllmEngine(Engine):
         self.tokenizer = tokenizer
         kwargs: dict[str, Any] = {"max_model_len": max_model_len} if max_model_len else {}
         # enforce_eager: no graph compilation (a faster start, slower decoding; the tests use it)
+        # No chunked prefill: vLLM rewinds a seeded request's generator after a partial prefill with an offset
+        # API that CPU generators lack ("CPU Generator does not use offset"); whole prompts keep per-request seeds.
         self.llm = LLM(model=self.folder, tokenizer=self.folder, dtype=dtype, seed=random_seed,
-                       enforce_eager=enforce_eager, disable_log_stats=True, **kwargs)
+                       enforce_eager=enforce_eager, enable_chunked_prefill=False, disable_log_stats=True, **kwargs)
 
     def sampling_params(self, decoding: Decoding, seed: Optional[int], count: int) -> list[Any]:
         """One ``SamplingParams`` per request, each with its own seed when sampling."""

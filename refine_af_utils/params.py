@@ -352,6 +352,7 @@ class Params:
         if micro is not None and (micro < 1 or self.rl.batch_size % micro):
             raise ParamsError(f"{source}: key 'rl.micro_batch_size' must be a positive divisor of rl.batch_size "
                               f"({self.rl.batch_size}), got {micro}")
+        check_engine(self, source)
         if self.rl.algorithm == "ppo" and self.instance_generation.top_p != 1.0:
             # trl 1.9.2's PPO samples with top_p=1 and computes its log-probabilities on the full
             # distribution; RL rollouts and stage 4 must decode alike, so stage 4 cannot use another top_p.
@@ -363,6 +364,24 @@ class Params:
 
 
 # Keys added after runs existed, with the value that behaves as before they did (Params.fingerprint).
+def check_engine(params: "Params", source: str) -> None:
+    """``model.engine`` can decode what the stages ask of it (refine_af_utils/engines.py)."""
+    sampled = {"instruction_generation.temperature": params.instruction_generation.temperature,
+               "instruction_generation.presence_penalty": params.instruction_generation.presence_penalty,
+               "instance_generation.temperature": params.instance_generation.temperature}
+    if params.model.engine == "continuous":
+        for key, value in sampled.items():
+            if value:
+                raise ParamsError(
+                    f"{source}: key 'model.engine' is 'continuous', which decodes greedily only (transformers' "
+                    f"continuous batching has no per-request seed and no presence penalty), but '{key}' is {value}; "
+                    "use 'static' or 'vllm'")
+    penalty = params.instruction_generation.presence_penalty
+    if params.model.engine == "vllm" and not -2 <= penalty <= 2:
+        raise ParamsError(f"{source}: key 'instruction_generation.presence_penalty' must be within [-2, 2] with "
+                          f"model.engine 'vllm' (OpenAI's range, which vLLM enforces), got {penalty}")
+
+
 ADDED_KEYS: dict[str, Any] = {"rl.standardise_reward": False, "rl.stop_at_stop_strings": False, "rl.placebo": False,
                               "rl.critic": "full", "rl.micro_batch_size": None, "sft.external_arms": {},
                               "model.engine": "static"}

