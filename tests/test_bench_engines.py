@@ -24,11 +24,13 @@ def test_the_engine_benchmark_writes_its_table_ratios_and_paired_comparisons(tmp
 
     speed = pd.read_csv(out.with_suffix(".csv"))
     static = speed[(speed.engine == "static") & (speed["shape"].isin(["stage4", "stage6"]))]
-    assert list(static.ratio_vs_static) == [1.0, 1.0] and (static.prompts == 2).all()
+    assert (static.prompts == 2).all() and static[static["shape"] == "stage4"].ratio_vs_static.item() == 1.0
     refused = speed[(speed.engine == "continuous") & (speed["shape"] == "stage4")]
-    assert refused.refused.str.contains("greedy only").all()  # stage 4 samples: continuous batching refuses it
+    assert refused.refused.str.contains("greedily only").all()  # stage 4 samples: continuous batching refuses it
     greedy = speed[(speed.engine == "continuous") & (speed["shape"] == "stage6")]
-    assert greedy.ratio_vs_static.notna().all() and (greedy.startup_seconds > 0).all()
+    # greedy decoding: the same text as static batching (no ratio where static kept no token at all)
+    assert greedy.useful_tokens.item() == static[static["shape"] == "stage6"].useful_tokens.item()
+    assert greedy.startup_seconds.item() > 0
     assert "all, start-up included" not in set(speed[speed.engine == "continuous"]["shape"])  # one shape refused
 
     outputs = pd.read_csv(out.with_name("engines_outputs.csv"))
