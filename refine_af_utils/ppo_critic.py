@@ -122,4 +122,7 @@ def checkpoint_activations(policy: Any, critic: nn.Module) -> None:
     ``gradient_checkpointing`` from its config but never turns it on; its GRPO and RLOO do). The gradients
     are the same; activations of one layer at a time are kept instead of all."""
     for model in (policy, getattr(critic, critic.base_model_prefix)):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:  # transformers before the rename (.venv-vllm's 5.19)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -114,8 +114,9 @@ def check_trainer_args(params: Any, source: str) -> None:
         _check_trackers(extra.get("report_to"), f"{section}.trainer_args.report_to", source)
         with tempfile.TemporaryDirectory() as scratch:  # trl checks the values now, not hours into the run
             try:
-                # activation_checkpointing set: trl's default gradient_checkpointing=True is a deprecated alias
-                config(**{"report_to": [], "activation_checkpointing": False, **extra, "output_dir": scratch,
+                # checkpointing set: where transformers has activation_checkpointing, trl's default
+                # gradient_checkpointing=True is a deprecated alias that warns
+                config(**{"report_to": [], checkpointing_key(): False, **extra, "output_dir": scratch,
                           "use_cpu": True})
             except (TypeError, ValueError) as error:
                 first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -152,7 +153,7 @@ def sft_config_args(cfg: Any, output_dir: Path, seed: int, device: str, dtype: A
         "output_dir": str(output_dir), "num_train_epochs": cfg.epochs, "learning_rate": cfg.learning_rate,
         "per_device_train_batch_size": cfg.batch_size, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "max_length": cfg.max_length, "completion_only_loss": True, "logging_steps": 1,
-        "activation_checkpointing": cfg.gradient_checkpointing, "save_strategy": "steps", "save_steps": cfg.save_steps,
+        checkpointing_key(): cfg.gradient_checkpointing, "save_strategy": "steps", "save_steps": cfg.save_steps,
         "save_total_limit": 1, "seed": seed, "data_seed": seed, "use_cpu": device == "cpu",
         "bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16,
     }
@@ -162,6 +163,18 @@ def micro_batch_size(cfg: Any) -> int:
     """Prompts per forward and backward in stage 3, per process (``rl.micro_batch_size``, or the whole
     ``rl.batch_size``; not trl's own ``args.micro_batch_size``, which counts every process)."""
     return cfg.micro_batch_size or cfg.batch_size
+
+
+def checkpointing_key() -> str:
+    """transformers' ``TrainingArguments`` name for activation checkpointing: ``activation_checkpointing`` in the
+    main lock's transformers (``gradient_checkpointing`` is its deprecated alias), ``gradient_checkpointing`` in
+    older ones (``.venv-vllm``'s 5.19, which vLLM pins)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
 
 
 def activation_checkpointing(cfg: Any) -> bool:
@@ -183,8 +196,8 @@ def _rl_common_args(params: Any, output_dir: Path, seed: int, dtype: Any,
     cfg = params.rl
     micro = micro_batch_size(cfg)
     return {
-        # trl's default gradient_checkpointing=True, under transformers' new name (the old one warns)
-        "activation_checkpointing": activation_checkpointing(cfg),
+        # trl's default gradient_checkpointing=True, under transformers' new name where it has one (the old warns)
+        checkpointing_key(): activation_checkpointing(cfg),
         "report_to": [], "disable_tqdm": False, **cfg.trainer_args,  # rl.trainer_args: any other trl field
         "output_dir": str(output_dir), "learning_rate": cfg.learning_rate, "lr_scheduler_type": "constant",
         "per_device_train_batch_size": micro, "gradient_accumulation_steps": cfg.batch_size // micro,
