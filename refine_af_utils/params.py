@@ -363,7 +363,6 @@ class Params:
             )
 
 
-# Keys added after runs existed, with the value that behaves as before they did (Params.fingerprint).
 def check_engine(params: "Params", source: str) -> None:
     """``model.engine`` can decode what the stages ask of it (refine_af_utils/engines.py)."""
     sampled = {"instruction_generation.temperature": params.instruction_generation.temperature,
@@ -382,6 +381,7 @@ def check_engine(params: "Params", source: str) -> None:
                           f"model.engine 'vllm' (OpenAI's range, which vLLM enforces), got {penalty}")
 
 
+# Keys added after runs existed, with the value that behaves as before they did (Params.fingerprint).
 ADDED_KEYS: dict[str, Any] = {"rl.standardise_reward": False, "rl.stop_at_stop_strings": False, "rl.placebo": False,
                               "rl.critic": "full", "rl.micro_batch_size": None, "sft.external_arms": {},
                               "model.engine": "static"}
