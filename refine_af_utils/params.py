@@ -257,7 +257,7 @@ class RLParams:
     # The optimiser sees (Eq. 1 - stage 2's mean) / stage 2's SD of the parsed candidates' content reward (a
     # positive affine map: the same optimum; kl_coef is then per SD); logs and reports stay in Eq. 1 units.
     standardise_reward: bool = False
-    stop_at_stop_strings: bool = False         # PPO: a rollout ends at its first stop string (the rest is padding)
+    stop_at_stop_strings: bool = False         # a rollout ends at its first stop string (PPO: the rest is padding; GRPO/RLOO: cut)
     placebo: bool = False                      # the control: each batch's rewards shuffled (seeded) before training
     checkpoint_every: int = positive(4)        # updates between checkpoints (a rerun resumes from the last)
     # Any other field of trl's config class for the algorithm (PPOConfig, GRPOConfig, RLOOConfig), passed

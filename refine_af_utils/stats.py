@@ -81,11 +81,24 @@ def sign_flip_p(differences: Sequence[float], seed: int, draws: int = BOOTSTRAP_
     return float((1 + (means >= observed - 1e-12).sum()) / (draws + 1))
 
 
+def t_interval(differences: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """Student's t interval of the mean of ``differences`` (NaN with fewer than 2, or with no spread)."""
+    from scipy import stats
+
+    d = np.asarray(differences, dtype=np.float64)
+    if d.size < 2 or not d.std(ddof=1) > 0:
+        return float("nan"), float("nan")
+    low, high = stats.t.interval(level, d.size - 1, loc=d.mean(), scale=d.std(ddof=1) / np.sqrt(d.size))
+    return float(low), float(high)
+
+
 def paired_summary(table: pd.DataFrame, pairs: dict[str, tuple[str, str]], seed: int) -> pd.DataFrame:
     """Mean paired difference (second - first column) with a 95% bootstrap CI for each named measure.
 
     ``mean_before`` and ``mean_after`` are over the same pairs as the difference (both sides finite), so
     ``mean_after - mean_before == mean_difference`` always; a row undefined on one side counts in neither.
+    Beside the bootstrap CI: Student's t interval over the same differences (``t_ci_low``, ``t_ci_high``) and
+    the two-sided sign-flip permutation p.
     """
     rows = []
     for name, (before, after) in pairs.items():
@@ -95,6 +108,7 @@ def paired_summary(table: pd.DataFrame, pairs: dict[str, tuple[str, str]], seed:
         rows.append({"measure": name, "mean_difference": ci.mean, "ci_low": ci.low, "ci_high": ci.high,
                      "pairs": ci.instances, "mean_before": float(a[both].mean()) if both.any() else float("nan"),
                      "mean_after": float(b[both].mean()) if both.any() else float("nan"),
+                     **dict(zip(("t_ci_low", "t_ci_high"), t_interval(b[both] - a[both]))),
                      "sign_flip_p": sign_flip_p(b[both] - a[both], derive_seed(seed, "sign-flip", name))})
     return pd.DataFrame(rows)
 

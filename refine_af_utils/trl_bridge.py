@@ -322,6 +322,39 @@ def ppo_rollouts_end_at_stop_strings(tokenizer: Any, stop_strings: Any) -> Itera
         ppo.truncate_response = original
 
 
+@contextlib.contextmanager
+def group_rollouts_end_at_stop_strings(trainer: Any, tokenizer: Any, stop_strings: Any) -> Iterator[None]:
+    """Inside the block, a trl GRPO/RLOO trainer's completions end at their first stop string as well as at
+    the end token.
+
+    trl 1.9.2 samples with no stop strings; each completion's tokens all share its advantage, so the tail after
+    the stop string (which the reward never reads) would be trained as hard as the kept text. Here
+    ``_generate_single_turn``'s token lists (and vLLM's per-token log-probs, where given) are cut after the token
+    that completes the stop string, so the tail gets no advantage and no KL; the kept tokens still decode to the
+    stop string, so the reward is unchanged. GRPO returns ``(ids, logprobs)``, RLOO the ids alone.
+    """
+    original = trainer._generate_single_turn
+
+    def cut(ids: list[int]) -> int:
+        end = stop_string_end(tokenizer, list(ids), stop_strings)
+        return len(ids) if end is None else end
+
+    def generate_single_turn(*args: Any, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        ids, logprobs = (out[0], out[1]) if isinstance(out, tuple) else (out, None)
+        ends = [cut(c) for c in ids]
+        ids = [c[:end] for c, end in zip(ids, ends)]
+        if logprobs is not None:
+            logprobs = [lp[:end] for lp, end in zip(logprobs, ends)]
+        return (ids, logprobs, *out[2:]) if isinstance(out, tuple) else ids
+
+    trainer._generate_single_turn = generate_single_turn
+    try:
+        yield
+    finally:
+        del trainer._generate_single_turn  # the class's method again
+
+
 def expose_ppo_models(trainer: Any) -> None:
     """Let trl PPO's wrapped model answer ``.policy`` and ``.value_model`` under several processes.
 

@@ -101,6 +101,19 @@ def test_rl_and_stage_4_extract_identical_instances_from_the_same_completion(tin
         assert rl_generation.truncated == (name == "truncated")
 
 
+def test_output_shape_counts_words_and_the_copy_of_instruction_and_input():
+    from refine_af_utils.stages.rl_training import output_shape
+
+    copied = InstanceText("Sort the list.", "3 1 2", "Sort the list. 3 1 2")
+    answered = InstanceText("Sort the list.", "3 1 2", "1 2 3")
+    shape = output_shape([copied, answered])
+    assert shape["output_words"] == pytest.approx((6 + 3) / 2)
+    # the copy scores ROUGE-L F 1 against "instruction\ninput"; "1 2 3" shares 2 of its 3 tokens in order ("1 2")
+    lcs_f = 2 * (2 / 3) * (2 / 6) / ((2 / 3) + (2 / 6))
+    assert shape["copy_rouge_l"] == pytest.approx((1.0 + lcs_f) / 2)
+    assert all(np.isnan(v) for v in output_shape([]).values())  # nothing kept: undefined, not 0
+
+
 def test_a_truncated_completion_loses_only_its_last_instance():
     text = "\nInput: 4\nOutput: 8\nExample 2\nInput: 10\nOutput: 2"
     kept, counts = extract_instances(text, False, truncated=True)
@@ -283,7 +296,7 @@ def test_heldout_evaluation_pairs_base_and_trained_on_unseen_instructions(tiny_l
     scorer = CompletionScorer(build_scorers(params.reward), params.reward, unparsed_reward(tiny_run, params))
     result = evaluate_heldout(params, tiny_run, adapter_dir, scorer)
     table = pd.read_csv(tiny_run / "rl_training" / "heldout_eval.csv")
-    measures = ["reward", "parsed", "content", *COMPONENTS]  # primary, then the secondary endpoints
+    measures = ["reward", "parsed", "content", *COMPONENTS, "output_words", "copy_rouge_l"]  # primary, then secondary
     assert list(table.columns) == ["instruction", *[f"{g}_{m}" for m in measures for g in ("base", "trained")]]
     split = pd.read_json(tiny_run / "rl_training" / "prompts.jsonl", lines=True).set_index("instruction")["split"]
     assert set(table["instruction"]) == set(split[split == "heldout"].index)  # never a training prompt
@@ -302,7 +315,8 @@ def test_heldout_evaluation_pairs_base_and_trained_on_unseen_instructions(tiny_l
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
 def test_grpo_and_rloo_run_one_step(tiny_llama_dir, tiny_run, algorithm):
-    params = params_from_dict(tiny_rl_params(tiny_llama_dir, algorithm=algorithm, updates=1))
+    params = params_from_dict(tiny_rl_params(tiny_llama_dir, algorithm=algorithm, updates=1, stop_at_stop_strings=True,
+                                             trainer_args={"scale_rewards": "batch"} if algorithm == "grpo" else {}))
     metrics, adapter_dir = train_generator(params, tiny_run)
     assert list(metrics["update"]) == [1]
     assert np.isfinite(metrics.loc[0, ["reward", "parsed_share", "unparsed_reward"]].astype(float)).all()
@@ -381,6 +395,46 @@ def test_a_rollout_ends_at_its_first_stop_string_and_keeps_its_reward(tiny_llama
     whole = decode_completion(tokenizer, stopped, len(stopped), INSTANCE_STOP_STRINGS)
     kept = decode_completion(tokenizer, truncated[0].tolist(), len(stopped), INSTANCE_STOP_STRINGS)
     assert (kept.text, kept.truncated) == (whole.text, whole.truncated) == ("a list of numbers\nOutput: 1, 2, 3", False)
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_group_completions_end_at_their_first_stop_string(tiny_llama_dir, tmp_path, algorithm):
+    """rl.stop_at_stop_strings under GRPO/RLOO: the real trainer's sampled token lists are cut after the token
+    completing the first stop string (so the tail gets no advantage), the others are left whole, and the
+    trainer's own method is back after the block."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+    from refine_af_utils import trl_bridge
+    from refine_af_utils.prompts import INSTANCE_STOP_STRINGS
+
+    model, tokenizer = load_causal_lm(params_from_dict(tiny_rl_params(tiny_llama_dir)).model)
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    assert len(newline) == 1
+    Config, Trainer = (GRPOConfig, GRPOTrainer) if algorithm == "grpo" else (RLOOConfig, RLOOTrainer)
+    # A newline bias on the random tiny model: some samples reach "\n\n\n" (a stop string) within 12 tokens, some not.
+    config = Config(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=4, num_generations=2,
+                    max_completion_length=12, report_to=[], seed=0, generation_kwargs={"sequence_bias": [[newline, 5.0]]})
+
+    def zero(completions, **_):
+        return [0.0] * len(completions)
+
+    trainer = Trainer(model=model, reward_funcs=[zero], args=config, processing_class=tokenizer,
+                      train_dataset=Dataset.from_list([{"prompt": "Write a list."}] * 4))
+    prompt_ids = [tokenizer("Write a list of colours.", add_special_tokens=False)["input_ids"]] * 16
+
+    def sample() -> list[list[int]]:
+        torch.manual_seed(0)
+        out = trainer._generate_single_turn(prompt_ids, None, {})
+        return [list(ids) for ids in (out[0] if isinstance(out, tuple) else out)]
+
+    whole = sample()
+    with trl_bridge.group_rollouts_end_at_stop_strings(trainer, tokenizer, INSTANCE_STOP_STRINGS):
+        cut = sample()
+    assert "_generate_single_turn" not in vars(trainer) and sample() == whole  # the class's method again
+    ends = [trl_bridge.stop_string_end(tokenizer, ids, INSTANCE_STOP_STRINGS) for ids in whole]
+    assert any(e is not None and e < len(w) for e, w in zip(ends, whole)) and None in ends  # both cases occur
+    assert cut == [w if e is None else w[:e] for w, e in zip(whole, ends)]
 
 
 def test_the_optimiser_view_standardises_or_shuffles_and_leaves_eq1_alone_by_default():

@@ -46,12 +46,27 @@ def test_paired_summary_columns_count_pairs():
     table = pd.DataFrame({"a": [0.0, 1.0, np.nan], "b": [1.0, 1.0, 2.0]})
     summary = paired_summary(table, {"m": ("a", "b")}, seed=0)
     assert list(summary.columns) == ["measure", "mean_difference", "ci_low", "ci_high", "pairs",
-                                     "mean_before", "mean_after", "sign_flip_p"]
+                                     "mean_before", "mean_after", "t_ci_low", "t_ci_high", "sign_flip_p"]
     assert summary.loc[0, "pairs"] == 2 and summary.loc[0, "mean_difference"] == 0.5
     # the means beside the difference are over its pairs: b's 2.0 has no pair and counts in neither (the
     # unpaired mean of b, 1.33, minus a's 0.5 would read as 0.83 beside a difference of 0.5)
     assert (summary.loc[0, "mean_before"], summary.loc[0, "mean_after"]) == (0.5, 1.0)
     assert summary.loc[0, "sign_flip_p"] == 1.0  # differences 1 and 0: both sign patterns of 1 reach the mean
+
+
+def test_the_t_interval_is_students_over_the_pairs():
+    from scipy import stats
+
+    from refine_af_utils.stats import paired_summary, t_interval
+
+    d = np.array([0.5, -0.1, 0.3, 0.2, 0.0, 0.4])
+    low, high = t_interval(d)
+    half = stats.t.ppf(0.975, d.size - 1) * d.std(ddof=1) / np.sqrt(d.size)  # by hand: mean +- t * SE
+    assert (low, high) == pytest.approx((d.mean() - half, d.mean() + half))
+    assert np.isnan(t_interval([1.0])).all() and np.isnan(t_interval([0.2, 0.2])).all()
+    table = pd.DataFrame({"a": [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, np.nan], "b": [*d, 9.0]})  # the unpaired 9.0 is left out
+    row = paired_summary(table, {"m": ("a", "b")}, seed=0).iloc[0]
+    assert (row["t_ci_low"], row["t_ci_high"]) == pytest.approx((low, high))
 
 
 def test_the_sign_flip_p_is_exact_for_few_pairs_and_close_to_the_t_test_for_many():

@@ -104,9 +104,14 @@ def test_a_spec_gives_runs_seeds_and_per_setting_params_files(tmp_path):
 
 
 def test_the_committed_specs_and_new_backbone_recipes_load():
-    for name in ("reward_ablation", "default_seeds", "backbones"):
+    for name in ("reward_ablation", "default_seeds", "backbones", "rl_learns", "rl_optimises"):
         spec = load_spec(REPO_ROOT / "params" / "studies" / f"{name}.yaml")
         assert len(spec.seeds) >= (3 if name == "default_seeds" else 1)  # the ablation: 1 seed, to fit 2 CPU-hours
+    rl = {r.name: r.load().rl for r in load_spec(REPO_ROOT / "params" / "studies" / "rl_optimises.yaml").runs}
+    assert all(c.heldout_instructions >= 64 and c.heldout_samples >= 4 for c in rl.values())  # issue 20's power
+    assert rl["placebo-seed42"].placebo and not rl["grpo-seed42"].placebo
+    assert {k: v for k, v in vars(rl["placebo-seed42"]).items() if k != "placebo"} == \
+        {k: v for k, v in vars(rl["grpo-seed42"]).items() if k != "placebo"}  # the control differs in the reward only
     ablation = {r.setting.name: r.load().reward for r in load_spec(
         REPO_ROOT / "params" / "studies" / "reward_ablation.yaml").runs}
     weights = {k: (v.reward_model.weight, v.understandability.weight, v.naturalness.weight, v.coherence.weight)
@@ -224,9 +229,13 @@ SELF_INSTRUCT = {1: [10.0, 20.0, 30.0, 40.0], 2: [12.0, 25.0, 29.0, 40.0]}
 def _fake_evaluated_run(run_dir: Path, seed: int, shift: float, eval_done: bool = True) -> None:
     """A run's stage 3, 4 and 6 files with known numbers (REFINE-AF = Self-Instruct + shift on every task)."""
     (run_dir / "rl_training").mkdir(parents=True)
-    pd.DataFrame([{"measure": "reward", "mean_difference": 0.1 * seed, "ci_low": 0.0, "ci_high": 0.2 * seed,
-                   "pairs": 5, "mean_before": 0.5, "mean_after": 0.5 + 0.1 * seed}]).to_csv(
+    pd.DataFrame([{"measure": "reward", "mean_difference": 0.1 * seed, "ci_low": 0.05 * seed - 0.06,
+                   "ci_high": 0.2 * seed, "pairs": 5, "mean_before": 0.5, "mean_after": 0.5 + 0.1 * seed,
+                   "t_ci_low": 0.02 * seed - 0.01, "t_ci_high": 0.3 * seed, "sign_flip_p": 0.0625}]).to_csv(
         run_dir / "rl_training" / "heldout_summary.csv", index=False)
+    (run_dir / "metrics").mkdir()
+    (run_dir / "metrics" / "03.json").write_text(json.dumps({"algorithm": "grpo", "first_kl": 0.0, "last_kl": 0.25,
+                                                             "probe_exploitable": True}))
     (run_dir / "instance_generation").mkdir()
     pd.DataFrame({"self_instruct": [0.5, 0.6, 0.7, 0.8, 0.1], "refine_af": [0.6, 0.6, 0.5, 0.8, 0.2]},
                  index=["reward_model", "understandability", "naturalness", "coherence", "reward"]).to_csv(
@@ -234,7 +243,6 @@ def _fake_evaluated_run(run_dir: Path, seed: int, shift: float, eval_done: bool 
     if not eval_done:
         return
     (run_dir / "superni_evaluation").mkdir()
-    (run_dir / "metrics").mkdir()
     si = SELF_INSTRUCT[seed]
     pd.DataFrame({"task": TASKS, "category": ["c"] * 4, "rougeL_base": [1.0] * 4, "rougeL_self_instruct": si,
                   "rougeL_refine_af": [v + shift for v in si], "instances": [3] * 4}).to_csv(
@@ -296,6 +304,13 @@ def test_study_report_tables_spread_and_aa_control_from_hand_made_runs(tmp_path)
     assert "## A/A control" in text and "a given seed's arm 'won' 38% of tasks" in text
     assert "| a-seed2 | " in text and "3.00 [2.50, 3.50]" in text
     assert "2.000 ± 1.414 (range 1.000 to 3.000, 2 seeds)" in text
+    # stage 3's held-out section: base -> trained, both intervals, p, KL and the probe; a gain counts as above 0
+    # only when its bootstrap and t intervals both are (seed 1's bootstrap interval, [-0.01, 0.2], includes 0)
+    assert "## Stage 3 on held-out instructions" in text
+    assert "| a-seed2 | 5 | 0.5000 -> 0.7000: 0.2000 [0.0400, 0.4000]; t [0.0300, 0.6000]; p 0.062 |" in text
+    assert "| 0.0000 | 0.2500 | True |" in text
+    assert "- `a`: full-reward gain above 0 (both intervals) in 1 of 2 run(s) (a-seed2); interval includes 0 in 1." in text
+    assert "- `b`: full-reward gain above 0 (both intervals) in 1 of 2 run(s) (b-seed2); interval includes 0 in 1." in text
     for figure in ("fig_settings.png", "fig_aa_control.png"):
         assert (study_dir / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({figure})" in text
 

@@ -218,7 +218,10 @@ def _train_group_segment(segment: Segment, algorithm: str) -> SegmentResult:
                       train_dataset=Dataset.from_list(segment.rows), processing_class=segment.tokenizer,
                       callbacks=[metrics_callback(segment.logger)])
     use_text_progress(trainer, f"stage 3: {algorithm.upper()} updates")
-    trainer.train()
+    ends = (trl_bridge.group_rollouts_end_at_stop_strings(trainer, segment.tokenizer, INSTANCE_STOP_STRINGS)
+            if params.rl.stop_at_stop_strings else contextlib.nullcontext())
+    with ends:
+        trainer.train()
     return SegmentResult(trainer.accelerator.unwrap_model(trainer.model), None, trainer.accelerator.is_main_process)
 
 
@@ -467,8 +470,21 @@ class HeldoutEngines:
 
 
 # The held-out endpoints: the full reward (primary), the parsed share and the content reward, then each reward
-# component of the parsed samples (secondary; like the content reward, undefined where nothing parsed).
-HELDOUT_MEASURES = ("reward", "parsed", "content", *COMPONENTS)
+# component of the parsed samples, the kept outputs' length in words and their copy rate (ROUGE-L F of the
+# output against the instruction and input): secondary, and like the content reward undefined where nothing parsed.
+HELDOUT_MEASURES = ("reward", "parsed", "content", *COMPONENTS, "output_words", "copy_rouge_l")
+
+
+def output_shape(instances: Sequence[Any]) -> dict[str, float]:
+    """The mean output length in words and copy rate (ROUGE-L F of the output against the instruction and
+    its input) of one completion's kept instances; NaN for both when it kept none."""
+    from refine_af_utils.rouge import rouge_l
+
+    if not instances:
+        return {"output_words": float("nan"), "copy_rouge_l": float("nan")}
+    return {"output_words": float(np.mean([len(i.output.split()) for i in instances])),
+            "copy_rouge_l": float(np.mean([rouge_l(i.output, [f"{i.instruction}\n{i.input}".strip()])[0]
+                                           for i in instances]))}
 
 
 def heldout_table(samples: Sequence[dict[str, Any]], scorer: CompletionScorer) -> pd.DataFrame:
@@ -476,12 +492,14 @@ def heldout_table(samples: Sequence[dict[str, Any]], scorer: CompletionScorer) -
 
     ``*_reward`` is the mean full reward over the K samples (the parse penalty included),
     ``*_parsed`` the share of samples that yielded an instance, ``*_content`` the mean content
-    reward over those (empty when none did).
+    reward over those (empty when none did), and likewise each component and :func:`output_shape`.
     """
-    results = scorer.score(samples, [Generation(s["text"], s["truncated"], 0) for s in samples], progress=True)
+    generations = [Generation(s["text"], s["truncated"], 0) for s in samples]
+    results = scorer.score(samples, generations, progress=True)
     table = pd.DataFrame([{"generator": s["generator"], "instruction": s["instruction"], "reward": r.reward,
-                           "parsed": float(r.parsed), "content": r.content, **r.components}
-                          for s, r in zip(samples, results)])
+                           "parsed": float(r.parsed), "content": r.content, **r.components,
+                           **output_shape(scorer.instances_of(s["instruction"], s["is_classification"], g))}
+                          for s, g, r in zip(samples, generations, results)])
     per = table.groupby(["instruction", "generator"], sort=False)[list(HELDOUT_MEASURES)].mean().unstack("generator")
     per.columns = [f"{generator}_{measure}" for measure, generator in per.columns]
     order = [f"{g}_{m}" for m in HELDOUT_MEASURES for g in GENERATORS]

@@ -28,7 +28,7 @@ COMPONENTS = ("reward_model", "understandability", "naturalness", "coherence", "
 def run_files(run_dir: Path) -> dict[str, Path]:
     """What the report reads from each run (stage 6's metrics and statistics, 3's held-out gains, 4's rewards)."""
     layout = RunLayout(run_dir)
-    return {"metrics": layout.metrics("06"), "overall_ci": layout.file("06", "overall_ci"),
+    return {"metrics": layout.metrics("06"), "rl_metrics": layout.metrics("03"), "overall_ci": layout.file("06", "overall_ci"),
             "tasks_improved": layout.file("06", "tasks_improved"), "heldout_summary": layout.heldout_summary_file,
             "reward_by_arm": layout.file("04", "reward_by_arm")}
 
@@ -83,8 +83,15 @@ def run_headlines(run_dir: Path) -> dict[str, Any]:
     if files["heldout_summary"].is_file():
         summary = pd.read_csv(files["heldout_summary"]).set_index("measure")
         for measure in summary.index:
-            for column, suffix in (("mean_difference", ""), ("ci_low", "_ci_low"), ("ci_high", "_ci_high")):
-                row[f"heldout_{measure}_gain{suffix}"] = float(summary.loc[measure, column])
+            for column, suffix in (("mean_difference", ""), ("ci_low", "_ci_low"), ("ci_high", "_ci_high"),
+                                   ("t_ci_low", "_t_low"), ("t_ci_high", "_t_high"), ("sign_flip_p", "_p"),
+                                   ("pairs", "_pairs"), ("mean_before", "_base"), ("mean_after", "_trained")):
+                if column in summary.columns:  # t intervals: runs made before they were added have none
+                    row[f"heldout_{measure}_gain{suffix}"] = float(summary.loc[measure, column])
+    if files["rl_metrics"].is_file():
+        rl = json.loads(files["rl_metrics"].read_text())
+        for key in ("algorithm", "updates", "first_kl", "last_kl", "probe_exploitable"):
+            row[f"rl_{key}"] = rl.get(key)
     if files["reward_by_arm"].is_file():
         by_arm = pd.read_csv(files["reward_by_arm"], index_col=0)
         if {"self_instruct", "refine_af"} <= set(by_arm.columns):
@@ -310,6 +317,7 @@ def write_study_report(spec: StudySpec, study_dir: Path) -> Path:
     out.append(_markdown(header, [[s["setting"], str(s["seeds"])] + [
         _spread(s, k) for k in ("heldout_reward_gain", "rougeL_difference", "win_share", "self_instruct_rougeL",
                                 "refine_af_rougeL")] for s in settings.to_dict("records")]))
+    out += heldout_section(runs)
     win_share = tables["win_share_by_seed"]
     out += ["", "Tasks improved (win share) per seed. Table: `study_win_share_by_seed.csv`.", ""]
     out.append(_markdown(["setting", *win_share.columns], [[idx, *(_fmt(v, 2) for v in row)]
@@ -335,6 +343,52 @@ def write_study_report(spec: StudySpec, study_dir: Path) -> Path:
     if figures:
         out += ["", "## Figures", ""] + [f"![{name}]({name})" for name in figures]
     return atomic_write_text(study_dir / STUDY_REPORT, "\n".join(out) + "\n")
+
+
+# Stage 3's held-out endpoints shown per run: the primary (full reward), then the secondary ones.
+HELDOUT_SHOWN = (("reward", "full reward (primary)", 4), ("parsed", "parsed share", 3), ("content", "content reward", 4),
+                 ("output_words", "output words", 1), ("copy_rouge_l", "copy rate (ROUGE-L)", 3))
+
+
+def heldout_section(runs: "pd.DataFrame") -> list[str]:
+    """Stage 3 on its held-out instructions, run by run: each endpoint's paired gain (trained - base) with its
+    bootstrap and t intervals and sign-flip p, the KL at the first and last update and the probe's verdict;
+    then, per setting, whether the primary gain's intervals lie above 0 in every seed. Empty without stage 3."""
+    if "heldout_reward_gain" not in runs or not pd_notna_any(runs["heldout_reward_gain"]):
+        return []
+    records = [r for r in runs.to_dict("records") if _is_number(r.get("heldout_reward_gain"))]
+
+    def cell(r: dict[str, Any], measure: str, digits: int) -> str:
+        key = f"heldout_{measure}_gain"
+        if not _is_number(r.get(key)):
+            return "-"
+        t = (f"; t [{_fmt(r[key + '_t_low'], digits)}, {_fmt(r[key + '_t_high'], digits)}]"
+             if _is_number(r.get(key + "_t_low")) else "")
+        return (f"{_fmt(r.get(key + '_base'), digits)} -> {_fmt(r.get(key + '_trained'), digits)}: "
+                f"{_with_ci(r, key, digits)}{t}; p {_fmt(r.get(key + '_p'))}")
+
+    out = ["", "## Stage 3 on held-out instructions", "",
+           "Per run: base -> trained generator (means over the pairs the difference uses), the paired gain with its "
+           "95% bootstrap CI, Student's t interval and the sign-flip permutation p, over held-out instructions "
+           "(each the mean of its samples); the KL to the base at the first and last update; whether a degenerate "
+           "output reaches stage 2's mean reward (the probe). Secondary endpoints are over the instructions where "
+           "both generators kept an instance.", ""]
+    out.append(_markdown(["run", "pairs", *(label for _, label, _ in HELDOUT_SHOWN), "KL update 1", "KL last",
+                          "probe exploitable"],
+                         [[r["run"], _fmt(r.get("heldout_reward_gain_pairs"), 0),
+                           *(cell(r, m, d) for m, _, d in HELDOUT_SHOWN), _fmt(r.get("rl_first_kl"), 4),
+                           _fmt(r.get("rl_last_kl"), 4), str(r.get("rl_probe_exploitable", "-"))] for r in records]))
+    verdicts = []
+    for setting in dict.fromkeys(r["setting"] for r in records):
+        mine = [r for r in records if r["setting"] == setting]
+        above = [r["run"] for r in mine if _is_number(r.get("heldout_reward_gain_ci_low"))
+                 and r["heldout_reward_gain_ci_low"] > 0
+                 and (not _is_number(r.get("heldout_reward_gain_t_low")) or r["heldout_reward_gain_t_low"] > 0)]
+        includes = [r["run"] for r in mine if r.get("heldout_reward_gain_ci_low", 1) <= 0 <= r.get("heldout_reward_gain_ci_high", -1)]
+        verdicts.append(f"- `{setting}`: full-reward gain above 0 (both intervals) in {len(above)} of {len(mine)} "
+                        f"run(s){' (' + ', '.join(above) + ')' if above else ''}; interval includes 0 in "
+                        f"{len(includes)}.")
+    return out + ["", *verdicts]
 
 
 def pd_mean(values: Any) -> float:
