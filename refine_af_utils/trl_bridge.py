@@ -322,6 +322,20 @@ def ppo_rollouts_end_at_stop_strings(tokenizer: Any, stop_strings: Any) -> Itera
         ppo.truncate_response = original
 
 
+def reference_is_the_base(trainer: Any) -> None:
+    """Make a trl GRPO/RLOO trainer's KL reference the base model (adapters disabled) for a policy that already
+    carries a trained adapter.
+
+    Given a peft model, trl 1.9.2 copies its adapter into a frozen ``ref`` adapter and uses that as the reference;
+    for a segment resumed from a checkpoint that anchors the KL to the segment's own start (stage 3 logged a KL of
+    0 at the first update of every later segment) and saves ``ref`` beside the adapter. Without ``ref``, trl
+    computes the reference with adapters disabled, as for a fresh adapter and as PPO does.
+    """
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if "ref" in getattr(model, "peft_config", {}):
+        model.delete_adapter("ref")
+
+
 @contextlib.contextmanager
 def group_rollouts_end_at_stop_strings(trainer: Any, tokenizer: Any, stop_strings: Any) -> Iterator[None]:
     """Inside the block, a trl GRPO/RLOO trainer's completions end at their first stop string as well as at

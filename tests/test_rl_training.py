@@ -397,6 +397,34 @@ def test_a_rollout_ends_at_its_first_stop_string_and_keeps_its_reward(tiny_llama
     assert (kept.text, kept.truncated) == (whole.text, whole.truncated) == ("a list of numbers\nOutput: 1, 2, 3", False)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_a_resumed_group_segment_keeps_the_base_as_its_kl_reference(tiny_llama_dir, tiny_run, algorithm):
+    """Segment 2 starts from segment 1's adapter: its first update's KL is to the base (> 0), not to that adapter
+    (trl's own "ref" copy gave 0), and the saved checkpoint holds the policy's adapter alone."""
+    from safetensors.torch import load_file, save_file
+
+    from refine_af_utils.layout import RL_CHECKPOINT, RunLayout
+
+    first = params_from_dict(tiny_rl_params(tiny_llama_dir, algorithm=algorithm, updates=1, checkpoint_every=1,
+                                            kl_coef=0.1))
+    metrics, _ = train_generator(first, tiny_run)
+    assert metrics["kl"].iloc[0] == pytest.approx(0.0, abs=1e-6)  # a fresh adapter: policy equals the base
+    # The tiny model parses nothing, so every reward is equal and update 1 leaves the adapter at B = 0: give the
+    # checkpoint a trained-looking adapter (B != 0) before the next segment resumes from it.
+    saved = RunLayout(tiny_run).rl_checkpoints / RL_CHECKPOINT.format(update=1) / "adapter" / "adapter_model.safetensors"
+    generator = torch.Generator().manual_seed(0)
+    tensors = {k: v + 0.05 * torch.randn(v.shape, generator=generator) if "lora_B" in k else v
+               for k, v in load_file(saved).items()}
+    save_file(tensors, saved)
+    metrics, adapter_dir = train_generator(params_from_dict(tiny_rl_params(
+        tiny_llama_dir, algorithm=algorithm, updates=2, checkpoint_every=1, kl_coef=0.1)), tiny_run)
+    assert list(metrics["update"]) == [1, 2]
+    # to the base, which the adapter moved away from (RLOO logs a sampled log-ratio, which may come out below 0)
+    assert abs(metrics["kl"].iloc[1]) > 1e-4, metrics["kl"].tolist()
+    assert not (adapter_dir / "ref").exists()
+
+
 @pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
 def test_group_completions_end_at_their_first_stop_string(tiny_llama_dir, tmp_path, algorithm):
     """rl.stop_at_stop_strings under GRPO/RLOO: the real trainer's sampled token lists are cut after the token

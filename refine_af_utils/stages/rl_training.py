@@ -217,6 +217,7 @@ def _train_group_segment(segment: Segment, algorithm: str) -> SegmentResult:
     trainer = Trainer(model=segment.policy, reward_funcs=[reward], args=config,
                       train_dataset=Dataset.from_list(segment.rows), processing_class=segment.tokenizer,
                       callbacks=[metrics_callback(segment.logger)])
+    trl_bridge.reference_is_the_base(trainer)  # a resumed segment's KL is to the base, not to its own start
     use_text_progress(trainer, f"stage 3: {algorithm.upper()} updates")
     ends = (trl_bridge.group_rollouts_end_at_stop_strings(trainer, segment.tokenizer, INSTANCE_STOP_STRINGS)
             if params.rl.stop_at_stop_strings else contextlib.nullcontext())
