@@ -235,7 +235,7 @@ def _fake_evaluated_run(run_dir: Path, seed: int, shift: float, eval_done: bool 
         run_dir / "rl_training" / "heldout_summary.csv", index=False)
     (run_dir / "metrics").mkdir()
     (run_dir / "metrics" / "03.json").write_text(json.dumps({"algorithm": "grpo", "first_kl": 0.0, "last_kl": 0.25,
-                                                             "probe_exploitable": True}))
+                                                             "probe_exploitable": True, "peak_rss_gb": 3.5}))
     (run_dir / "instance_generation").mkdir()
     pd.DataFrame({"self_instruct": [0.5, 0.6, 0.7, 0.8, 0.1], "refine_af": [0.6, 0.6, 0.5, 0.8, 0.2]},
                  index=["reward_model", "understandability", "naturalness", "coherence", "reward"]).to_csv(
@@ -308,7 +308,7 @@ def test_study_report_tables_spread_and_aa_control_from_hand_made_runs(tmp_path)
     # only when its bootstrap and t intervals both are (seed 1's bootstrap interval, [-0.01, 0.2], includes 0)
     assert "## Stage 3 on held-out instructions" in text
     assert "| a-seed2 | 5 | 0.5000 -> 0.7000: 0.2000 [0.0400, 0.4000]; t [0.0300, 0.6000]; p 0.062 |" in text
-    assert "| 0.0000 | 0.2500 | True |" in text
+    assert "| 0.0000 | 0.2500 | True | 3.50 |" in text
     assert "- `a`: full-reward gain above 0 (both intervals) in 1 of 2 run(s) (a-seed2); interval includes 0 in 1." in text
     assert "- `b`: full-reward gain above 0 (both intervals) in 1 of 2 run(s) (b-seed2); interval includes 0 in 1." in text
     for figure in ("fig_settings.png", "fig_aa_control.png"):

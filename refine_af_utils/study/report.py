@@ -90,7 +90,7 @@ def run_headlines(run_dir: Path) -> dict[str, Any]:
                     row[f"heldout_{measure}_gain{suffix}"] = float(summary.loc[measure, column])
     if files["rl_metrics"].is_file():
         rl = json.loads(files["rl_metrics"].read_text())
-        for key in ("algorithm", "updates", "first_kl", "last_kl", "probe_exploitable"):
+        for key in ("algorithm", "updates", "first_kl", "last_kl", "probe_exploitable", "peak_rss_gb"):
             row[f"rl_{key}"] = rl.get(key)
     if files["reward_by_arm"].is_file():
         by_arm = pd.read_csv(files["reward_by_arm"], index_col=0)
@@ -374,10 +374,11 @@ def heldout_section(runs: "pd.DataFrame") -> list[str]:
            "output reaches stage 2's mean reward (the probe). Secondary endpoints are over the instructions where "
            "both generators kept an instance.", ""]
     out.append(_markdown(["run", "pairs", *(label for _, label, _ in HELDOUT_SHOWN), "KL update 1", "KL last",
-                          "probe exploitable"],
+                          "probe exploitable", "stage 3 peak RSS (GB)"],
                          [[r["run"], _fmt(r.get("heldout_reward_gain_pairs"), 0),
                            *(cell(r, m, d) for m, _, d in HELDOUT_SHOWN), _fmt(r.get("rl_first_kl"), 4),
-                           _fmt(r.get("rl_last_kl"), 4), str(r.get("rl_probe_exploitable", "-"))] for r in records]))
+                           _fmt(r.get("rl_last_kl"), 4), str(r.get("rl_probe_exploitable", "-")),
+                           _fmt(r.get("rl_peak_rss_gb"), 2)] for r in records]))
     verdicts = []
     for setting in dict.fromkeys(r["setting"] for r in records):
         mine = [r for r in records if r["setting"] == setting]
