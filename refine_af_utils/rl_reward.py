@@ -34,6 +34,7 @@ class CompletionReward:
     content: float          # mean Eq. 1 reward of the kept instances; NaN when none
     components: dict[str, float]
     parsed: bool
+    instances: list[InstanceText] = field(default_factory=list)  # the kept instances it was scored on
 
 
 class CompletionScorer:
@@ -62,12 +63,10 @@ class CompletionScorer:
     def score(self, records: Sequence[dict[str, Any]], generations: Sequence[Generation],
               progress: bool = False) -> list[CompletionReward]:
         """One :class:`CompletionReward` per (instruction record, completion)."""
-        flat: list[InstanceText] = []
-        owners: list[int] = []
-        for index, (record, generation) in enumerate(zip(records, generations)):
-            instances = self.instances_of(record["instruction"], record["is_classification"], generation)
-            flat.extend(instances)
-            owners.extend([index] * len(instances))
+        kept = [self.instances_of(record["instruction"], record["is_classification"], generation)
+                for record, generation in zip(records, generations)]
+        flat = [instance for instances in kept for instance in instances]
+        owners = [index for index, instances in enumerate(kept) for _ in instances]
         columns = {name: np.asarray(scorer.score(flat, progress=progress)) if flat else np.zeros(0)
                    for name, scorer in self.scorers.items()}
         content = composite_reward(columns, self.reward) if flat else np.zeros(0)
@@ -80,7 +79,8 @@ class CompletionScorer:
                                                 {name: float("nan") for name in COMPONENTS}, False))
                 continue
             results.append(CompletionReward(float(content[mine].mean()), float(content[mine].mean()),
-                                            {name: float(v[mine].mean()) for name, v in columns.items()}, True))
+                                            {name: float(v[mine].mean()) for name, v in columns.items()}, True,
+                                            kept[index]))
         self.history.extend(results)
         return results
 

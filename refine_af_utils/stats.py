@@ -105,11 +105,12 @@ def paired_summary(table: pd.DataFrame, pairs: dict[str, tuple[str, str]], seed:
         a, b = table[before].to_numpy(dtype=np.float64), table[after].to_numpy(dtype=np.float64)
         both = np.isfinite(a) & np.isfinite(b)
         ci = paired_bootstrap_ci(a, b, seed=derive_seed(seed, "ci", name))
+        differences = b[both] - a[both]
         rows.append({"measure": name, "mean_difference": ci.mean, "ci_low": ci.low, "ci_high": ci.high,
                      "pairs": ci.instances, "mean_before": float(a[both].mean()) if both.any() else float("nan"),
                      "mean_after": float(b[both].mean()) if both.any() else float("nan"),
-                     **dict(zip(("t_ci_low", "t_ci_high"), t_interval(b[both] - a[both]))),
-                     "sign_flip_p": sign_flip_p(b[both] - a[both], derive_seed(seed, "sign-flip", name))})
+                     **dict(zip(("t_ci_low", "t_ci_high"), t_interval(differences))),
+                     "sign_flip_p": sign_flip_p(differences, derive_seed(seed, "sign-flip", name))})
     return pd.DataFrame(rows)
 
 

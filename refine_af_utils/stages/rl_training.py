@@ -495,12 +495,10 @@ def heldout_table(samples: Sequence[dict[str, Any]], scorer: CompletionScorer) -
     ``*_parsed`` the share of samples that yielded an instance, ``*_content`` the mean content
     reward over those (empty when none did), and likewise each component and :func:`output_shape`.
     """
-    generations = [Generation(s["text"], s["truncated"], 0) for s in samples]
-    results = scorer.score(samples, generations, progress=True)
+    results = scorer.score(samples, [Generation(s["text"], s["truncated"], 0) for s in samples], progress=True)
     table = pd.DataFrame([{"generator": s["generator"], "instruction": s["instruction"], "reward": r.reward,
-                           "parsed": float(r.parsed), "content": r.content, **r.components,
-                           **output_shape(scorer.instances_of(s["instruction"], s["is_classification"], g))}
-                          for s, g, r in zip(samples, generations, results)])
+                           "parsed": float(r.parsed), "content": r.content, **r.components, **output_shape(r.instances)}
+                          for s, r in zip(samples, results)])
     per = table.groupby(["instruction", "generator"], sort=False)[list(HELDOUT_MEASURES)].mean().unstack("generator")
     per.columns = [f"{generator}_{measure}" for measure, generator in per.columns]
     order = [f"{g}_{m}" for m in HELDOUT_MEASURES for g in GENERATORS]
