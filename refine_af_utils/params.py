@@ -218,22 +218,22 @@ class LoraParams:
 
 @dataclass
 class RLLoraParams(LoraParams):
-    """Stage 3's LoRA defaults (``rl.lora``): the attention projections, no dropout."""
+    """Stage 3's LoRA defaults (``rl.lora``): every linear layer (peft's ``all-linear``), no dropout."""
 
     lora_dropout: float = fraction(0.0, high_open=True)
-    target_modules: Union[str, list[str]] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    target_modules: Union[str, list[str]] = "all-linear"
 
 
 @dataclass
 class RLParams:
     """Stage 3: RL from automated feedback on the instance generator (LoRA on the backbone)."""
 
-    algorithm: Literal["ppo", "grpo", "rloo"] = "ppo"
+    algorithm: Literal["ppo", "grpo", "rloo"] = "grpo"
     # Rollouts decode with instance_generation's temperature, top_p, max_new_tokens and stop strings.
     num_prompts: int = positive(64)            # at most this many training prompts (after the held-out split)
     heldout_instructions: int = positive(24)   # stage 1 instructions held out of training (seeded split)
     heldout_samples: int = positive(2)         # completions per held-out instruction, base and trained generator
-    updates: int = positive(4)                 # PPO updates (GRPO/RLOO optimiser steps)
+    updates: int = positive(12)                # PPO updates (GRPO/RLOO optimiser steps)
     batch_size: int = positive(4)              # prompts per update
     num_generations: int = positive(4)         # GRPO/RLOO: completions per prompt
     ppo_epochs: int = positive(2)
@@ -243,12 +243,13 @@ class RLParams:
     # head on the policy's frozen weights, shared; or "full", a trainable float32 copy of the backbone (trl's
     # setup; 16 bytes per backbone parameter: 98 GiB for LLaMA-2-7B). docs/paper-recipes.md has the measurements.
     critic: Literal["lora", "full"] = "lora"
-    # Rollouts are sampled and gradients computed micro_batch_size prompts at a time (per process), accumulated
-    # into one optimiser step per update (batch_size must be a multiple); unset: the whole batch at once. Less
-    # activation and KV memory (trl still keeps the batch's rollout scores); the loss is averaged per micro-batch
-    # and the sampling differs, so the numbers are not the whole batch's.
-    micro_batch_size: Optional[int] = None
-    kl_coef: float = at_least_zero(0.05)
+    # Gradients computed micro_batch_size prompts at a time (per process), accumulated into one optimiser step per
+    # update (batch_size must be a multiple); unset: the whole batch at once. Less activation memory. PPO also
+    # samples per micro-batch (less KV memory; trl still keeps the batch's rollout scores), so its numbers are not
+    # the whole batch's; GRPO/RLOO sample the whole batch at once: the same rollouts and, up to float summation
+    # order, the same update (tests/test_rl_training.py).
+    micro_batch_size: Optional[int] = 1
+    kl_coef: float = at_least_zero(0.04)
     missing_eos_penalty: Optional[float] = None  # trl: subtracted when a completion has no end token
     lora: RLLoraParams = field(default_factory=RLLoraParams)
     # A completion that yields no instance gets the reward (mean - parse_penalty_sd * sd) of stage 2's
@@ -257,7 +258,14 @@ class RLParams:
     # The optimiser sees (Eq. 1 - stage 2's mean) / stage 2's SD of the parsed candidates' content reward (a
     # positive affine map: the same optimum; kl_coef is then per SD); logs and reports stay in Eq. 1 units.
     standardise_reward: bool = False
-    stop_at_stop_strings: bool = False         # a rollout ends at its first stop string (PPO: the rest is padding; GRPO/RLOO: cut)
+    stop_at_stop_strings: bool = True          # a rollout ends at its first stop string (PPO: the rest is padding; GRPO/RLOO: cut)
+    # GRPO only: trl's scale_rewards, what each advantage (reward - its group's mean) is divided by: "batch", the
+    # SD over the update's completions; "group", its prompt's group's SD (which magnifies small within-group noise);
+    # "none". RLOO takes trl's normalize_advantages through trainer_args.
+    scale_rewards: Literal["batch", "group", "none"] = "batch"
+    # Recompute activations in the backward pass (trl's default, on): less memory for about 30% more time. Off
+    # with micro-batches of one prompt is the CPU default; the paper recipes turn it on.
+    activation_checkpointing: bool = False
     placebo: bool = False                      # the control: each batch's rewards shuffled (seeded) before training
     checkpoint_every: int = positive(4)        # updates between checkpoints (a rerun resumes from the last)
     # Any other field of trl's config class for the algorithm (PPOConfig, GRPOConfig, RLOOConfig), passed
@@ -384,7 +392,8 @@ def check_engine(params: "Params", source: str) -> None:
 # Keys added after runs existed, with the value that behaves as before they did (Params.fingerprint).
 ADDED_KEYS: dict[str, Any] = {"rl.standardise_reward": False, "rl.stop_at_stop_strings": False, "rl.placebo": False,
                               "rl.critic": "full", "rl.micro_batch_size": None, "sft.external_arms": {},
-                              "model.engine": "static"}
+                              "model.engine": "static", "rl.scale_rewards": "group",
+                              "rl.activation_checkpointing": True}
 
 RUN_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
 

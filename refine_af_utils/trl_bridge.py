@@ -67,6 +67,7 @@ RL_CONFIG_OWNED: dict[str, str] = {
     "lr_scheduler_kwargs": "resume (constant learning rate: each segment starts a fresh optimiser)",
     "steps_per_generation": "rl.batch_size (one generation per update)", "generation_batch_size": "rl.batch_size",
     "num_iterations": "rl.ppo_epochs (one pass per generation with GRPO/RLOO)",
+    "activation_checkpointing": "rl.activation_checkpointing", "gradient_checkpointing": "rl.activation_checkpointing",
     **{key: "instance_generation (RL rollouts and stage 4 decode alike)"
        for key in ("top_k", "min_p", "repetition_penalty", "generation_kwargs", "use_vllm")},
 }
@@ -76,6 +77,7 @@ PPO_CONFIG_OWNED: dict[str, str] = {
     key: "stage 3's own AdamW for PPO (rl.learning_rate, rl.value_learning_rate)"
     for key in ("optim", "optim_args", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm")
 }
+GRPO_CONFIG_OWNED: dict[str, str] = {"scale_rewards": "rl.scale_rewards"}
 
 
 def trl_config_class(section: str, algorithm: str = "ppo") -> type:
@@ -97,12 +99,13 @@ def check_trainer_args(params: Any, source: str) -> None:
     ``params`` is a :class:`~refine_af_utils.params.Params` (not imported: params imports this module).
     trl is imported only when a ``trainer_args`` mapping is not empty; its config class then checks the values.
     """
-    ppo = params.rl.algorithm == "ppo"
-    for section, owned in (("rl", {**RL_CONFIG_OWNED, **(PPO_CONFIG_OWNED if ppo else {})}), ("sft", SFT_CONFIG_OWNED)):
+    algorithm = params.rl.algorithm
+    only = {"ppo": PPO_CONFIG_OWNED, "grpo": GRPO_CONFIG_OWNED}.get(algorithm, {})
+    for section, owned in (("rl", {**RL_CONFIG_OWNED, **only}), ("sft", SFT_CONFIG_OWNED)):
         extra = getattr(params, section).trainer_args
         if not extra:
             continue  # trl is imported only when there is something to check
-        config = trl_config_class(section, params.rl.algorithm)
+        config = trl_config_class(section, algorithm)
         fields = {f.name for f in dataclasses.fields(config)}
         for key in extra:
             if key in owned:
@@ -178,13 +181,8 @@ def checkpointing_key() -> str:
 
 
 def activation_checkpointing(cfg: Any) -> bool:
-    """Whether stage 3 recomputes activations: trl's default (on), unless ``rl.trainer_args`` turns it off under
-    either of transformers' names (the later one given wins, as in the config arguments)."""
-    value = True
-    for key, given in cfg.trainer_args.items():
-        if key in ("gradient_checkpointing", "activation_checkpointing"):
-            value = bool(given)
-    return value
+    """Whether stage 3 recomputes activations in the backward pass (``rl.activation_checkpointing``)."""
+    return bool(cfg.activation_checkpointing)
 
 
 def _rl_common_args(params: Any, output_dir: Path, seed: int, dtype: Any,
@@ -196,7 +194,7 @@ def _rl_common_args(params: Any, output_dir: Path, seed: int, dtype: Any,
     cfg = params.rl
     micro = micro_batch_size(cfg)
     return {
-        # trl's default gradient_checkpointing=True, under transformers' new name where it has one (the old warns)
+        # under transformers' new name where it has one (the old, trl's gradient_checkpointing, warns)
         checkpointing_key(): activation_checkpointing(cfg),
         "report_to": [], "disable_tqdm": False, **cfg.trainer_args,  # rl.trainer_args: any other trl field
         "output_dir": str(output_dir), "learning_rate": cfg.learning_rate, "lr_scheduler_type": "constant",
@@ -227,8 +225,9 @@ def group_config_args(params: Any, output_dir: Path, seed: int, updates: int, dt
     cfg, decoding = params.rl, params.instance_generation
     common = _rl_common_args(params, output_dir, seed, dtype, {"max_steps": updates})
     common["per_device_train_batch_size"] = micro_batch_size(cfg) * cfg.num_generations
+    grpo = {"scale_rewards": cfg.scale_rewards} if params.rl.algorithm == "grpo" else {}
     return {**common, "num_generations": cfg.num_generations, "max_completion_length": decoding.max_new_tokens,
-            "temperature": decoding.temperature, "top_p": decoding.top_p, "beta": cfg.kl_coef}
+            "temperature": decoding.temperature, "top_p": decoding.top_p, "beta": cfg.kl_coef, **grpo}
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ def _configs(name):
 
 def _tiny(tiny_llama_dir, critic):
     return params_from_dict({"run_name": "plan", "model": {"name_or_path": str(tiny_llama_dir), "dtype": "float32"},
-                             "rl": {"critic": critic, "lora": {"r": 4, "lora_alpha": 8}}})
+                             "rl": {"algorithm": "ppo", "critic": critic, "lora": {"r": 4, "lora_alpha": 8}}})
 
 
 @pytest.mark.parametrize("critic", ["full", "lora"])

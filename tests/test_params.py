@@ -103,8 +103,9 @@ def test_a_key_added_later_leaves_earlier_fingerprints_until_it_is_set(tmp_path)
 
     from refine_af_utils.params import ADDED_KEYS
 
-    # rl.critic's default changed when it was added (lora): a run made before it is one with the full critic
-    a = load_params(_write(tmp_path, "run_name: x\n"), overrides={"rl.critic": "full"})
+    # Some defaults changed when their keys were added (rl.critic: lora, ...): a run made before them is one with
+    # every added key at the value that behaves as before
+    a = load_params(_write(tmp_path, "run_name: x\n"), overrides=dict(ADDED_KEYS))
     before = a.to_dict()  # the params as a run made before the keys existed hashed them
     for dotted in ADDED_KEYS:
         section, key = dotted.split(".")
@@ -115,14 +116,16 @@ def test_a_key_added_later_leaves_earlier_fingerprints_until_it_is_set(tmp_path)
                for section in ("rl", "sft", "model")}
     assert a.fingerprint("sft") == earlier["sft"] and a.fingerprint("model") == earlier["model"]
     for dotted, changed_value in {"rl.standardise_reward": True, "rl.stop_at_stop_strings": True, "rl.placebo": True,
-                                  "rl.critic": "lora", "rl.micro_batch_size": 2,
+                                  "rl.critic": "lora", "rl.micro_batch_size": 2, "rl.scale_rewards": "batch",
+                                  "rl.activation_checkpointing": False,
                                   "sft.external_arms": {"paper45k": "data.jsonl"}, "model.engine": "vllm"}.items():
-        changed = load_params(_write(tmp_path, "run_name: x\n"), overrides={"rl.critic": "full", dotted: changed_value})
+        changed = load_params(_write(tmp_path, "run_name: x\n"), overrides={**ADDED_KEYS, dotted: changed_value})
         section = dotted.split(".")[0]
         assert changed.fingerprint(section) != earlier[section], dotted
-    assert load_params(_write(tmp_path, "run_name: x\n")).fingerprint("rl") != old  # today's default: lora
+    assert load_params(_write(tmp_path, "run_name: x\n")).fingerprint("rl") != old  # today's defaults differ
     assert set(ADDED_KEYS) == {"rl.standardise_reward", "rl.stop_at_stop_strings", "rl.placebo", "rl.critic",
-                               "rl.micro_batch_size", "sft.external_arms", "model.engine"}
+                               "rl.micro_batch_size", "rl.scale_rewards", "rl.activation_checkpointing",
+                               "sft.external_arms", "model.engine"}
 
 
 def test_a_micro_batch_must_divide_the_batch(tmp_path):
@@ -288,7 +291,8 @@ def test_trainer_args_pass_through_to_trl_and_refuse_what_the_package_sets(tmp_p
     """``rl.trainer_args`` / ``sft.trainer_args``: any other trl config field, checked against trl's own class."""
     import torch
 
-    from refine_af_utils.trl_bridge import PPO_CONFIG_OWNED, RL_CONFIG_OWNED, SFT_CONFIG_OWNED, trl_config_class
+    from refine_af_utils.trl_bridge import (GRPO_CONFIG_OWNED, PPO_CONFIG_OWNED, RL_CONFIG_OWNED, SFT_CONFIG_OWNED,
+                                            trl_config_class)
     from refine_af_utils.trl_bridge import _rl_common_args, sft_config_args
 
     smoke = REPO_ROOT / "params" / "smoke.yaml"
@@ -300,7 +304,7 @@ def test_trainer_args_pass_through_to_trl_and_refuse_what_the_package_sets(tmp_p
     trl_config_class("sft")(**args)  # trl accepts them
     assert _rl_common_args(params, tmp_path, 7, torch.float32, {"total_episodes": 4})["cliprange"] == 0.1
     rl_fields = set().union(*({f.name for f in dataclasses.fields(trl_config_class("rl", a))} for a in ("ppo", "grpo", "rloo")))
-    assert set(RL_CONFIG_OWNED) | set(PPO_CONFIG_OWNED) <= rl_fields  # no typo in the refused names
+    assert set(RL_CONFIG_OWNED) | set(PPO_CONFIG_OWNED) | set(GRPO_CONFIG_OWNED) <= rl_fields  # no typo in the refused names
     assert set(SFT_CONFIG_OWNED) <= {f.name for f in dataclasses.fields(trl_config_class("sft"))}
     grpo = {"rl.algorithm": "grpo", "instance_generation.top_p": 0.9}
     from refine_af_utils.trl_bridge import group_config_args, ppo_config_args
@@ -308,8 +312,8 @@ def test_trainer_args_pass_through_to_trl_and_refuse_what_the_package_sets(tmp_p
     for algorithm, build in (("ppo", ppo_config_args), ("grpo", group_config_args), ("rloo", group_config_args)):
         chosen = params if algorithm == "ppo" else load_params(smoke, overrides={**grpo, "rl.algorithm": algorithm})
         rl_args = build(chosen, tmp_path, 7, 2, torch.float32)
-        assert set(rl_args) - {"report_to", "disable_tqdm", "activation_checkpointing"} - set(chosen.rl.trainer_args
-                                                                                              ) <= set(RL_CONFIG_OWNED), algorithm
+        owned = {**RL_CONFIG_OWNED, **(GRPO_CONFIG_OWNED if algorithm == "grpo" else {})}
+        assert set(rl_args) - {"report_to", "disable_tqdm"} - set(chosen.rl.trainer_args) <= set(owned), algorithm
         with warnings.catch_warnings():
             warnings.simplefilter("error", FutureWarning)  # no deprecated alias (gradient_checkpointing) reaches trl
             trl_config_class("rl", algorithm)(**rl_args)  # trl accepts what stage 3 passes
@@ -338,7 +342,7 @@ def test_trainer_args_pass_through_to_trl_and_refuse_what_the_package_sets(tmp_p
 def test_a_lora_section_given_in_part_keeps_its_own_stages_defaults():
     params = params_from_dict({"run_name": "x", "rl": {"lora": {"r": 8}}, "sft": {"lora": {"r": 4}}})
     assert (params.rl.lora.r, params.rl.lora.lora_dropout, params.rl.lora.target_modules) == \
-        (8, 0.0, ["q_proj", "k_proj", "v_proj", "o_proj"])
+        (8, 0.0, "all-linear")
     assert (params.sft.lora.r, params.sft.lora.lora_dropout, params.sft.lora.target_modules) == (4, 0.05, "all-linear")
 
 

@@ -15,7 +15,9 @@ from refine_af_utils.ppo_critic import LoraCritic, build_critic, checkpoint_acti
 def _policy(tiny_llama_dir, dtype="float32"):
     torch.manual_seed(0)
     base, tokenizer = load_causal_lm(ModelParams(name_or_path=str(tiny_llama_dir), dtype=dtype))
-    return get_peft_model(base, lora_config(RLLoraParams(r=4, lora_alpha=8))), tokenizer
+    # the attention projections: on the tiny model an all-linear adapter is 13% of the trunk, on 7B well under 1%
+    attention = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    return get_peft_model(base, lora_config(RLLoraParams(r=4, lora_alpha=8, target_modules=attention))), tokenizer
 
 
 def _query_responses(tokenizer):

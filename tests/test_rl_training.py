@@ -44,8 +44,12 @@ def tiny_rl_params(tiny_llama_dir: Path, **rl) -> dict:
                           "pair_template": "{output}", "weight": 0.1520, "max_length": 256},
             "intercept": 0.1,
         },
-        "rl": {"num_prompts": 4, "heldout_instructions": 2, "heldout_samples": 2, "updates": 2, "batch_size": 2,
-               "num_generations": 2, "ppo_epochs": 1, "checkpoint_every": 2, "lora": {"r": 4, "lora_alpha": 8},
+        # PPO on the attention projections, whole batches, no stop-string cut: the tests' base case (default.yaml's
+        # stage 3 is GRPO); a test names what it changes
+        "rl": {"algorithm": "ppo", "num_prompts": 4, "heldout_instructions": 2, "heldout_samples": 2, "updates": 2,
+               "batch_size": 2, "num_generations": 2, "ppo_epochs": 1, "checkpoint_every": 2, "kl_coef": 0.05,
+               "lora": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+               "micro_batch_size": None, "stop_at_stop_strings": False, "activation_checkpointing": True,
                "learning_rate": 1e-3} | rl,
     }
 
@@ -316,11 +320,52 @@ def test_heldout_evaluation_pairs_base_and_trained_on_unseen_instructions(tiny_l
 @pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
 def test_grpo_and_rloo_run_one_step(tiny_llama_dir, tiny_run, algorithm):
     params = params_from_dict(tiny_rl_params(tiny_llama_dir, algorithm=algorithm, updates=1, stop_at_stop_strings=True,
-                                             trainer_args={"scale_rewards": "batch"} if algorithm == "grpo" else {}))
+                                             scale_rewards="batch"))
     metrics, adapter_dir = train_generator(params, tiny_run)
     assert list(metrics["update"]) == [1]
     assert np.isfinite(metrics.loc[0, ["reward", "parsed_share", "unparsed_reward"]].astype(float)).all()
     assert (adapter_dir / "adapter_config.json").is_file()
+
+
+@pytest.mark.slow
+def test_grpo_micro_batches_give_the_whole_batchs_rollouts_and_update(tmp_path, tiny_llama_dir, tiny_run):
+    """``rl.micro_batch_size`` splits GRPO's backward into prompts' groups (less memory) and accumulates them into
+    the update of the whole batch: the same rollouts and, up to float summation order, the same adapter."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from refine_af_utils.layout import RL_CHECKPOINT, RunLayout
+
+    common = {"algorithm": "grpo", "checkpoint_every": 1, "kl_coef": 0.1, "scale_rewards": "batch"}
+    twin = tmp_path / "twin"
+    shutil.copytree(tiny_run, twin)
+    runs = {"whole": (tiny_run, {}), "micro": (twin, {"micro_batch_size": 1})}
+    starts = {}
+    for name, (run_dir, micro_rl) in runs.items():
+        train_generator(params_from_dict(tiny_rl_params(tiny_llama_dir, updates=1, **common, **micro_rl)), run_dir)
+        # The tiny model parses nothing, so every advantage is 0: start update 2 from an adapter with B != 0, which
+        # the KL term pulls back towards the base, so there is a gradient to accumulate.
+        saved = (RunLayout(run_dir).rl_checkpoints / RL_CHECKPOINT.format(update=1) / "adapter"
+                 / "adapter_model.safetensors")
+        generator = torch.Generator().manual_seed(0)
+        starts[name] = {k: v + 0.05 * torch.randn(v.shape, generator=generator) if "lora_B" in k else v
+                        for k, v in load_file(saved).items()}
+        save_file(starts[name], saved)
+    start = starts["whole"]
+    assert all(torch.equal(starts["micro"][name], tensor) for name, tensor in start.items())
+    (whole, whole_adapter), (micro, micro_adapter) = (
+        train_generator(params_from_dict(tiny_rl_params(tiny_llama_dir, updates=2, **common, **micro_rl)), run_dir)
+        for run_dir, micro_rl in runs.values())
+    assert list(micro["update"]) == [1, 2]  # one optimiser step per update, not one per micro-batch
+    pd.testing.assert_frame_equal(whole[["reward", "parsed_share"]], micro[["reward", "parsed_share"]])
+    assert micro["kl"].iloc[1] == pytest.approx(whole["kl"].iloc[1], rel=1e-4) and whole["kl"].iloc[1] > 1e-4
+    weights = load_file(whole_adapter / "adapter_model.safetensors")
+    micro_weights = load_file(micro_adapter / "adapter_model.safetensors")
+    assert weights.keys() == micro_weights.keys() == start.keys()
+    assert any(not torch.equal(weights[name], start[name]) for name in weights)  # update 2 moved the adapter
+    for name, tensor in weights.items():
+        torch.testing.assert_close(micro_weights[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
