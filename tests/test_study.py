@@ -226,13 +226,16 @@ TASKS = ["t1", "t2", "t3", "t4"]
 SELF_INSTRUCT = {1: [10.0, 20.0, 30.0, 40.0], 2: [12.0, 25.0, 29.0, 40.0]}
 
 
-def _fake_evaluated_run(run_dir: Path, seed: int, shift: float, eval_done: bool = True) -> None:
-    """A run's stage 3, 4 and 6 files with known numbers (REFINE-AF = Self-Instruct + shift on every task)."""
+def _fake_evaluated_run(run_dir: Path, seed: int, shift: float, eval_done: bool = True, t_interval: bool = True
+                        ) -> None:
+    """A run's stage 3, 4 and 6 files with known numbers (REFINE-AF = Self-Instruct + shift on every task);
+    without ``t_interval``, a held-out summary as runs made before the t interval wrote it."""
     (run_dir / "rl_training").mkdir(parents=True)
-    pd.DataFrame([{"measure": "reward", "mean_difference": 0.1 * seed, "ci_low": 0.05 * seed - 0.06,
-                   "ci_high": 0.2 * seed, "pairs": 5, "mean_before": 0.5, "mean_after": 0.5 + 0.1 * seed,
-                   "t_ci_low": 0.02 * seed - 0.01, "t_ci_high": 0.3 * seed, "sign_flip_p": 0.0625}]).to_csv(
-        run_dir / "rl_training" / "heldout_summary.csv", index=False)
+    summary = {"measure": "reward", "mean_difference": 0.1 * seed, "ci_low": 0.05 * seed - 0.06,
+               "ci_high": 0.2 * seed, "pairs": 5, "mean_before": 0.5, "mean_after": 0.5 + 0.1 * seed}
+    if t_interval:
+        summary |= {"t_ci_low": 0.02 * seed - 0.01, "t_ci_high": 0.3 * seed, "sign_flip_p": 0.0625}
+    pd.DataFrame([summary]).to_csv(run_dir / "rl_training" / "heldout_summary.csv", index=False)
     (run_dir / "metrics").mkdir()
     (run_dir / "metrics" / "03.json").write_text(json.dumps({"algorithm": "grpo", "first_kl": 0.0, "last_kl": 0.25,
                                                              "probe_exploitable": True, "peak_rss_gb": 3.5}))
@@ -266,7 +269,7 @@ def test_study_report_tables_spread_and_aa_control_from_hand_made_runs(tmp_path)
     _fake_evaluated_run(study_dir / "a-seed1", 1, shift=1.0)
     _fake_evaluated_run(study_dir / "a-seed2", 2, shift=3.0)
     _fake_evaluated_run(study_dir / "b-seed1", 1, shift=-2.0)
-    _fake_evaluated_run(study_dir / "b-seed2", 2, shift=0.0, eval_done=False)  # stopped after stage 4
+    _fake_evaluated_run(study_dir / "b-seed2", 2, shift=0.0, eval_done=False, t_interval=False)  # stopped after 4
     for run, code in (("a-seed1", "abc123def456"), ("a-seed2", "abc123def456-dirty")):  # markers name the code
         (study_dir / run / "stages").mkdir(parents=True, exist_ok=True)
         (study_dir / run / "stages" / "00.json").write_text(json.dumps({"stage": "00", "code": code}))
@@ -310,7 +313,8 @@ def test_study_report_tables_spread_and_aa_control_from_hand_made_runs(tmp_path)
     assert "| a-seed2 | 5 | 0.5000 -> 0.7000: 0.2000 [0.0400, 0.4000]; t [0.0300, 0.6000]; p 0.062 |" in text
     assert "| 0.0000 | 0.2500 | True | 3.50 |" in text
     assert "- `a`: full-reward gain above 0 (both intervals) in 1 of 2 run(s) (a-seed2); interval includes 0 in 1." in text
-    assert "- `b`: full-reward gain above 0 (both intervals) in 1 of 2 run(s) (b-seed2); interval includes 0 in 1." in text
+    assert ("- `b`: full-reward gain above 0 (both intervals) in 0 of 2 run(s); above 0 by the bootstrap CI alone "
+            "(no t interval recorded) in 1 (b-seed2); interval includes 0 in 1.") in text
     for figure in ("fig_settings.png", "fig_aa_control.png"):
         assert (study_dir / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({figure})" in text
 

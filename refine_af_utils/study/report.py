@@ -382,12 +382,17 @@ def heldout_section(runs: "pd.DataFrame") -> list[str]:
     verdicts = []
     for setting in dict.fromkeys(r["setting"] for r in records):
         mine = [r for r in records if r["setting"] == setting]
-        above = [r["run"] for r in mine if _is_number(r.get("heldout_reward_gain_ci_low"))
-                 and r["heldout_reward_gain_ci_low"] > 0
-                 and (not _is_number(r.get("heldout_reward_gain_t_low")) or r["heldout_reward_gain_t_low"] > 0)]
+        bootstrap_above = [r for r in mine if _is_number(r.get("heldout_reward_gain_ci_low"))
+                           and r["heldout_reward_gain_ci_low"] > 0]
+        above = [r["run"] for r in bootstrap_above if _is_number(r.get("heldout_reward_gain_t_low"))
+                 and r["heldout_reward_gain_t_low"] > 0]
+        # runs made before the t interval existed: said apart, not counted under "both intervals"
+        bootstrap_only = [r["run"] for r in bootstrap_above if not _is_number(r.get("heldout_reward_gain_t_low"))]
         includes = [r["run"] for r in mine if r.get("heldout_reward_gain_ci_low", 1) <= 0 <= r.get("heldout_reward_gain_ci_high", -1)]
+        older = (f"; above 0 by the bootstrap CI alone (no t interval recorded) in {len(bootstrap_only)} "
+                 f"({', '.join(bootstrap_only)})" if bootstrap_only else "")
         verdicts.append(f"- `{setting}`: full-reward gain above 0 (both intervals) in {len(above)} of {len(mine)} "
-                        f"run(s){' (' + ', '.join(above) + ')' if above else ''}; interval includes 0 in "
+                        f"run(s){' (' + ', '.join(above) + ')' if above else ''}{older}; interval includes 0 in "
                         f"{len(includes)}.")
     return out + ["", *verdicts]
 
