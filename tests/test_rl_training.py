@@ -300,7 +300,7 @@ def test_heldout_evaluation_pairs_base_and_trained_on_unseen_instructions(tiny_l
     scorer = CompletionScorer(build_scorers(params.reward), params.reward, unparsed_reward(tiny_run, params))
     result = evaluate_heldout(params, tiny_run, adapter_dir, scorer)
     table = pd.read_csv(tiny_run / "rl_training" / "heldout_eval.csv")
-    measures = ["reward", "parsed", "content", *COMPONENTS, "output_words", "copy_rouge_l"]  # primary, then secondary
+    measures = ["reward", "parsed", "content", *COMPONENTS, "output_words", "copy_rouge_l", "kl_to_base"]  # primary first
     assert list(table.columns) == ["instruction", *[f"{g}_{m}" for m in measures for g in ("base", "trained")]]
     split = pd.read_json(tiny_run / "rl_training" / "prompts.jsonl", lines=True).set_index("instruction")["split"]
     assert set(table["instruction"]) == set(split[split == "heldout"].index)  # never a training prompt
@@ -311,9 +311,55 @@ def test_heldout_evaluation_pairs_base_and_trained_on_unseen_instructions(tiny_l
     assert 0 < p_values["reward"] <= 1 and (p_values.isna() | p_values.between(0, 1)).all()
     expected = (table["trained_reward"] - table["base_reward"]).mean()
     assert result.summary.loc[0, "mean_difference"] == pytest.approx(expected)
+    assert (table["base_kl_to_base"] == 0).all() and table["trained_kl_to_base"].notna().all()
     before = (tiny_run / "rl_training" / "heldout_samples.jsonl").read_text()
     evaluate_heldout(params, tiny_run, adapter_dir, scorer)  # complete: nothing is sampled again
     assert (tiny_run / "rl_training" / "heldout_samples.jsonl").read_text() == before
+
+
+def test_heldout_kl_to_the_base_is_the_trained_minus_the_base_log_likelihood_of_each_trained_sample(
+        tmp_path, tiny_llama_dir, tiny_run):
+    """kl_to_base_logratios against an independent computation: the merged trained model's and the plain base
+    model's summed token log-likelihoods of the kept text after the prompt (transformers' own loss)."""
+    from peft import get_peft_model
+
+    from refine_af_utils.models import encode_prompts, lora_config
+    from refine_af_utils.stages.rl_training import kl_to_base_logratios, rl_prompts
+
+    params = params_from_dict(tiny_rl_params(tiny_llama_dir))
+    base, tokenizer = load_causal_lm(params.model)
+    policy = get_peft_model(base, lora_config(params.rl.lora))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, weight in policy.named_parameters():
+            if "lora_B" in name:
+                weight.copy_(0.2 * torch.randn(weight.shape, generator=generator))
+    adapter_dir = tmp_path / "adapter"
+    policy.save_pretrained(adapter_dir)
+    heldout = [r for r in rl_prompts(params, tiny_run) if r["split"] == "heldout"]
+    samples = [{"generator": g, "instruction": r["instruction"], "text": text}
+               for r in heldout for g, text in (("base", "Output: 12"), ("trained", "Input: a cat\nOutput: yes"),
+                                                ("trained", ""))]
+    ratios = kl_to_base_logratios(params, tiny_run, adapter_dir, samples)
+
+    def log_likelihood(model, prompt: str, text: str) -> float:
+        prompt_ids = encode_prompts(tokenizer, prompt)["input_ids"]
+        ids = torch.tensor([prompt_ids + tokenizer(text, add_special_tokens=False)["input_ids"]])
+        labels = ids.clone()
+        labels[0, :len(prompt_ids)] = -100
+        with torch.no_grad():
+            return -float(model(input_ids=ids, labels=labels).loss) * (ids.shape[1] - len(prompt_ids))
+
+    merged = policy.merge_and_unload()
+    plain, _ = load_causal_lm(params.model)
+    prompts = {r["instruction"]: r["prompt"] for r in heldout}
+    for sample, ratio in zip(samples, ratios):
+        if sample["generator"] == "base" or not sample["text"]:
+            assert ratio == 0.0
+        else:
+            expected = (log_likelihood(merged, prompts[sample["instruction"]], sample["text"])
+                        - log_likelihood(plain, prompts[sample["instruction"]], sample["text"]))
+            assert ratio == pytest.approx(expected, abs=1e-3) and abs(expected) > 1e-2
 
 
 @pytest.mark.slow

@@ -472,8 +472,47 @@ class HeldoutEngines:
 
 # The held-out endpoints: the full reward (primary), the parsed share and the content reward, then each reward
 # component of the parsed samples, the kept outputs' length in words and their copy rate (ROUGE-L F of the
-# output against the instruction and input): secondary, and like the content reward undefined where nothing parsed.
-HELDOUT_MEASURES = ("reward", "parsed", "content", *COMPONENTS, "output_words", "copy_rouge_l")
+# output against the instruction and input): secondary, and like the content reward undefined where nothing parsed;
+# last the KL to the base (kl_to_base_logratios), defined for every sample.
+HELDOUT_MEASURES = ("reward", "parsed", "content", *COMPONENTS, "output_words", "copy_rouge_l", "kl_to_base")
+
+
+def kl_to_base_logratios(params: Params, run_dir: Path, adapter_dir: Path,
+                         samples: Sequence[dict[str, Any]]) -> list[float]:
+    """Per held-out sample, its KL-to-the-base term: 0 for the base generator's (the base against itself); for the
+    trained generator's, log p_trained(y | x) - log p_base(y | x) summed over the tokens of its kept text y
+    (re-tokenised after the prompt x), so the mean over an instruction's samples estimates the trained generator's
+    KL from the base per completion, in nats, on instructions RL never saw."""
+    from peft import PeftModel
+
+    from refine_af_utils.models import encode_prompts, load_causal_lm
+    from refine_af_utils.progress import tqdm
+
+    prompts = {r["instruction"]: r["prompt"] for r in rl_prompts(params, run_dir) if r["split"] == "heldout"}
+    ratios = [0.0] * len(samples)
+    trained = [i for i, s in enumerate(samples) if s["generator"] == "trained"]
+    if not trained:
+        return ratios
+    base, tokenizer = load_causal_lm(params.model)
+    model = PeftModel.from_pretrained(base, adapter_dir).eval()
+
+    def completion_logprobs(ids: torch.Tensor, start: int) -> torch.Tensor:
+        logits = model(input_ids=ids).logits[0, start - 1:-1].float()
+        return torch.log_softmax(logits, -1).gather(-1, ids[0, start:].unsqueeze(-1)).squeeze(-1)
+
+    with torch.no_grad():
+        for i in tqdm(trained, desc="held-out KL to the base", unit="sample"):
+            prompt_ids = encode_prompts(tokenizer, prompts[samples[i]["instruction"]])["input_ids"]
+            completion_ids = tokenizer(samples[i]["text"], add_special_tokens=False)["input_ids"]
+            if not completion_ids:
+                continue  # an empty completion: the same under both
+            ids = torch.tensor([prompt_ids + completion_ids], device=model.device)
+            trained_logprobs = completion_logprobs(ids, len(prompt_ids))
+            with model.disable_adapter():
+                base_logprobs = completion_logprobs(ids, len(prompt_ids))
+            ratios[i] = float((trained_logprobs - base_logprobs).sum())
+    del model, base
+    return ratios
 
 
 def output_shape(instances: Sequence[Any]) -> dict[str, float]:
@@ -488,17 +527,21 @@ def output_shape(instances: Sequence[Any]) -> dict[str, float]:
                                            for i in instances]))}
 
 
-def heldout_table(samples: Sequence[dict[str, Any]], scorer: CompletionScorer) -> pd.DataFrame:
+def heldout_table(samples: Sequence[dict[str, Any]], scorer: CompletionScorer,
+                  kl_to_base: Optional[Sequence[float]] = None) -> pd.DataFrame:
     """One row per held-out instruction: each generator's mean reward, parsed share, content reward and components.
 
     ``*_reward`` is the mean full reward over the K samples (the parse penalty included),
     ``*_parsed`` the share of samples that yielded an instance, ``*_content`` the mean content
-    reward over those (empty when none did), and likewise each component and :func:`output_shape`.
+    reward over those (empty when none did), and likewise each component and :func:`output_shape`;
+    ``*_kl_to_base``: the mean of each sample's :func:`kl_to_base_logratios` term (NaN where not given).
     """
     results = scorer.score(samples, [Generation(s["text"], s["truncated"], 0) for s in samples], progress=True)
+    kl = list(kl_to_base) if kl_to_base is not None else [float("nan")] * len(samples)
     table = pd.DataFrame([{"generator": s["generator"], "instruction": s["instruction"], "reward": r.reward,
-                           "parsed": float(r.parsed), "content": r.content, **r.components, **output_shape(r.instances)}
-                          for s, r in zip(samples, results)])
+                           "parsed": float(r.parsed), "content": r.content, **r.components, **output_shape(r.instances),
+                           "kl_to_base": k}
+                          for s, r, k in zip(samples, results, kl)])
     per = table.groupby(["instruction", "generator"], sort=False)[list(HELDOUT_MEASURES)].mean().unstack("generator")
     per.columns = [f"{generator}_{measure}" for measure, generator in per.columns]
     order = [f"{g}_{m}" for m in HELDOUT_MEASURES for g in GENERATORS]
@@ -510,7 +553,8 @@ def evaluate_heldout(params: Params, run_dir: str | Path, adapter_dir: Path,
     """Stage 3's held-out evaluation: base vs trained generator on instructions RL never saw."""
     run_dir = Path(run_dir)
     layout = RunLayout(run_dir)
-    table = heldout_table(heldout_samples(params, run_dir, adapter_dir), scorer)
+    samples = heldout_samples(params, run_dir, adapter_dir)
+    table = heldout_table(samples, scorer, kl_to_base_logratios(params, run_dir, adapter_dir, samples))
     table.to_csv(layout.heldout_eval_file, index=False)
     summary = paired_summary(table, {m: (f"base_{m}", f"trained_{m}") for m in HELDOUT_MEASURES},
                              derive_seed(params.random_seed, _STAGE.id, "heldout-ci"))

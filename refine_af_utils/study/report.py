@@ -347,7 +347,8 @@ def write_study_report(spec: StudySpec, study_dir: Path) -> Path:
 
 # Stage 3's held-out endpoints shown per run: the primary (full reward), then the secondary ones.
 HELDOUT_SHOWN = (("reward", "full reward (primary)", 4), ("parsed", "parsed share", 3), ("content", "content reward", 4),
-                 ("output_words", "output words", 1), ("copy_rouge_l", "copy rate (ROUGE-L)", 3))
+                 ("output_words", "output words", 1), ("copy_rouge_l", "copy rate (ROUGE-L)", 3),
+                 ("kl_to_base", "KL to the base (nats per completion)", 3))
 
 
 def heldout_section(runs: "pd.DataFrame") -> list[str]:
