@@ -511,7 +511,6 @@ def kl_to_base_logratios(params: Params, run_dir: Path, adapter_dir: Path,
             with model.disable_adapter():
                 base_logprobs = completion_logprobs(ids, len(prompt_ids))
             ratios[i] = float((trained_logprobs - base_logprobs).sum())
-    del model, base
     return ratios
 
 
