@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from refine_af_utils.run_folder import read_metrics
+from refine_af_utils.trl_bridge import logged_kl_unit
 
 
 def _n(value: Any) -> str:
@@ -72,7 +73,8 @@ def _rl_training(m: dict[str, Any]) -> str:
     if m.get("last_kl") is not None:
         first = f"{float(m['first_kl']):.3f} at update 1 (0 where policy and reference agree), " \
             if m.get("first_kl") is not None else ""
-        text += f" KL to the reference: {first}{float(m['last_kl']):.3f} nat per sequence at the last update."
+        unit = logged_kl_unit(str(m["algorithm"]))
+        text += f" KL to the reference: {first}{float(m['last_kl']):.3f} {unit} at the last update."
     return text
 
 

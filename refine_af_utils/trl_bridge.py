@@ -162,6 +162,12 @@ def sft_config_args(cfg: Any, output_dir: Path, seed: int, device: str, dtype: A
     }
 
 
+def logged_kl_unit(algorithm: str) -> str:
+    """The unit of the ``kl`` trl logs (stage 3's ``metrics.csv``): trl 1.9.2's PPO sums the KL over a response's
+    tokens (mean over sequences); its GRPO and RLOO average it over the completion tokens."""
+    return "nat per sequence" if algorithm == "ppo" else "nat per token"
+
+
 def micro_batch_size(cfg: Any) -> int:
     """Prompts per forward and backward in stage 3, per process (``rl.micro_batch_size``, or the whole
     ``rl.batch_size``; not trl's own ``args.micro_batch_size``, which counts every process)."""

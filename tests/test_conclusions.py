@@ -46,3 +46,16 @@ def test_the_result_conclusion_of_a_run_where_every_task_tied(tmp_path):
     (tmp_path / "metrics" / "06.json").write_text(json.dumps(metrics))
     text = conclusion("06", tmp_path)
     assert "sign test p = undefined (no task was won or lost)" in text and "tied on 12 and lost 0" in text
+
+
+@pytest.mark.parametrize("algorithm, unit", [("ppo", "nat per sequence"), ("grpo", "nat per token"),
+                                             ("rloo", "nat per token")])
+def test_the_rl_conclusion_gives_the_kl_in_the_unit_trl_logged_it(tmp_path, algorithm, unit):
+    # trl 1.9.2's PPO sums the KL over a response's tokens; its GRPO and RLOO average it over the tokens
+    metrics = {"algorithm": algorithm, "updates": 12, "first_kl": 0.0, "last_kl": 0.036}
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "03.json").write_text(json.dumps(metrics))
+    text = conclusion("03", tmp_path)
+    assert text.startswith(f"**This run's RL:** 12 {algorithm.upper()} updates.")
+    assert text.endswith(f"KL to the reference: 0.000 at update 1 (0 where policy and reference agree), 0.036 {unit} "
+                         "at the last update.")

@@ -42,6 +42,7 @@ from refine_af_utils.layout import ARMS, MODELS, STAGES, RunLayout
 from refine_af_utils.run_folder import StageResult, stage_entry
 from refine_af_utils.arm_views import paired_instances, word_lengths, yield_counts
 from refine_af_utils.reward import COMPONENTS
+from refine_af_utils.trl_bridge import logged_kl_unit
 
 def markdown_table(table: pd.DataFrame, index: bool = True, digits: int = 4) -> str:
     """A GitHub-flavoured Markdown table (no third-party formatter)."""
@@ -432,11 +433,12 @@ def build_report(run_dir: str | Path, run_name: str | None = None, random_seed: 
     rl_summary = pd.DataFrame({"update 1": rl.iloc[0][measures].astype(float),
                                "first half": rl.iloc[:half][measures].mean(),
                                "second half": rl.iloc[half:][measures].mean()}).T
-    report.table("rl_summary", rl_summary,
-                 f"training reward, parsed share, content reward of parsed completions, KL to the reference (nat "
-                 f"per sequence; 0 at update 1, where policy and reference are still equal) and KL penalty over the "
-                 f"{len(rl)} updates: update 1 and by half (training prompts; no test, see the held-out table)")
     algorithm = json.loads(_require(layout.metrics("03")).read_text())["algorithm"]
+    report.table("rl_summary", rl_summary,
+                 f"training reward, parsed share, content reward of parsed completions, KL to the reference "
+                 f"({logged_kl_unit(algorithm)}; 0 at update 1, where policy and reference are still equal) and KL "
+                 f"penalty over the {len(rl)} {algorithm.upper()} updates: update 1 and by half (training prompts; no "
+                 f"test, see the held-out table)")
     report.figure("03_reward_kl", lambda p: reward_kl_figure(rl, algorithm, p),
                   "RL reward terms, KL penalty and parsed share per update")
     report.figure("03_components", lambda p: components_figure(rl, p),
