@@ -55,6 +55,10 @@ SETTINGS: dict[str, dict[str, Any]] = {
                                "rl.parse_penalty_sd": 6.0},
     "ppo_b4_u6_t96": {"rl.algorithm": "ppo", "rl.batch_size": 4, "rl.updates": 6},
 }
+# The rl keys of the default's stage 3 when the sweep ran (before the LoRA critic and GRPO became the defaults)
+THEN = {"rl.critic": "full", "rl.kl_coef": 0.05, "rl.lora.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "rl.micro_batch_size": None, "rl.stop_at_stop_strings": False, "rl.activation_checkpointing": True}
+SETTINGS = {name: {**THEN, **overrides} for name, overrides in SETTINGS.items()}
 UPSTREAM = ("seed_tasks", "instruction_generation", "reward_analysis")  # stage folders 00-02
 
 
