@@ -263,8 +263,9 @@ class RLParams:
     # SD over the update's completions; "group", its prompt's group's SD (which magnifies small within-group noise);
     # "none". RLOO takes trl's normalize_advantages through trainer_args.
     scale_rewards: Literal["batch", "group", "none"] = "batch"
-    # Recompute activations in the backward pass (trl's default, on): less memory for about 30% more time. Off
-    # with micro-batches of one prompt is the CPU default; the paper recipes turn it on.
+    # Recompute activations in the backward pass (trl's default, on): less activation memory, at a time cost that
+    # depends on the machine (bench/stage3_memory.py). Off with micro-batches of one prompt is the CPU default; the
+    # paper recipes turn it on.
     activation_checkpointing: bool = False
     placebo: bool = False                      # the control: each batch's rewards shuffled (seeded) before training
     checkpoint_every: int = positive(4)        # updates between checkpoints (a rerun resumes from the last)
