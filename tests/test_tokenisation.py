@@ -68,9 +68,12 @@ def test_generation_sft_and_rollouts_agree_on_bos(bos_llama, tmp_path):
 
 def test_no_backbone_prompt_is_encoded_without_special_tokens():
     """Stage code encodes prompts through models.encode_prompts; add_special_tokens=False stays only where
-    text is counted or cut, not fed to the backbone (stage 6's prompt clipping), and in the scorers' own rules."""
+    text is counted or cut, not fed to the backbone (stage 6's prompt clipping), where a completion continues a
+    prompt encoded by that rule (stage 3's held-out KL), and in the scorers' own rules."""
     lines = [(p.relative_to(REPO_ROOT).as_posix(), line.strip())
              for p in sorted((REPO_ROOT / "refine_af_utils").rglob("*.py")) if p.name != "scorers.py"
              for line in p.read_text().splitlines() if "add_special_tokens=False" in line]
-    assert lines == [("refine_af_utils/stages/superni_evaluation.py",
+    assert lines == [("refine_af_utils/stages/rl_training.py",
+                      'completion_ids = tokenizer(samples[i]["text"], add_special_tokens=False)["input_ids"]'),
+                     ("refine_af_utils/stages/superni_evaluation.py",
                       'ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]')]
