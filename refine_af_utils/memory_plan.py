@@ -225,7 +225,7 @@ def plan(params: Any, configs: Optional[dict[str, Any]] = None) -> list[StagePla
     from peft import get_peft_model
 
     from refine_af_utils.models import lora_config
-    from refine_af_utils.trl_bridge import activation_checkpointing, micro_batch_size
+    from refine_af_utils.trl_bridge import micro_batch_size
 
     configs = configs or {}
     config = model_config(params.model.name_or_path, configs, params.model.trust_remote_code)
@@ -262,7 +262,7 @@ def plan(params: Any, configs: Optional[dict[str, Any]] = None) -> list[StagePla
     ppo = rl.algorithm == "ppo"
     sequences = micro * (1 if ppo else rl.num_generations)  # per forward and backward
     sequence = prompts["instance"] + instances.max_new_tokens
-    checkpointing = activation_checkpointing(rl)
+    checkpointing = bool(rl.activation_checkpointing)
     stage3 = stage3_parts(params, config)
     if ppo:  # trl's PPO samples per micro-batch but keeps every rollout's scores (float32, and a padded copy)
         # and stage 3's forward logits for the whole update's batch

@@ -186,11 +186,6 @@ def checkpointing_key() -> str:
     return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
 
 
-def activation_checkpointing(cfg: Any) -> bool:
-    """Whether stage 3 recomputes activations in the backward pass (``rl.activation_checkpointing``)."""
-    return bool(cfg.activation_checkpointing)
-
-
 def _rl_common_args(params: Any, output_dir: Path, seed: int, dtype: Any,
                     steps_or_episodes: dict[str, int]) -> dict[str, Any]:
     """The trl config fields every algorithm shares, over ``rl.trainer_args`` (which may not set them);
@@ -201,7 +196,7 @@ def _rl_common_args(params: Any, output_dir: Path, seed: int, dtype: Any,
     micro = micro_batch_size(cfg)
     return {
         # under transformers' new name where it has one (the old, trl's gradient_checkpointing, warns)
-        checkpointing_key(): activation_checkpointing(cfg),
+        checkpointing_key(): bool(cfg.activation_checkpointing),
         "report_to": [], "disable_tqdm": False, **cfg.trainer_args,  # rl.trainer_args: any other trl field
         "output_dir": str(output_dir), "learning_rate": cfg.learning_rate, "lr_scheduler_type": "constant",
         "per_device_train_batch_size": micro, "gradient_accumulation_steps": cfg.batch_size // micro,
@@ -231,7 +226,7 @@ def group_config_args(params: Any, output_dir: Path, seed: int, updates: int, dt
     cfg, decoding = params.rl, params.instance_generation
     common = _rl_common_args(params, output_dir, seed, dtype, {"max_steps": updates})
     common["per_device_train_batch_size"] = micro_batch_size(cfg) * cfg.num_generations
-    grpo = {"scale_rewards": cfg.scale_rewards} if params.rl.algorithm == "grpo" else {}
+    grpo = {"scale_rewards": cfg.scale_rewards} if cfg.algorithm == "grpo" else {}
     return {**common, "num_generations": cfg.num_generations, "max_completion_length": decoding.max_new_tokens,
             "temperature": decoding.temperature, "top_p": decoding.top_p, "beta": cfg.kl_coef, **grpo}
 

@@ -26,6 +26,8 @@ from refine_af_utils.study import (
     dry_run,
     load_spec,
     main,
+    placebo_contrast,
+    placebo_pairs,
     reuse_stages,
     reused_stages,
     run_is_complete,
@@ -317,6 +319,44 @@ def test_study_report_tables_spread_and_aa_control_from_hand_made_runs(tmp_path)
             "(no t interval recorded) in 1 (b-seed2); interval includes 0 in 1.") in text
     for figure in ("fig_settings.png", "fig_aa_control.png"):
         assert (study_dir / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({figure})" in text
+
+
+def _heldout_eval(run_dir: Path, base: list[float], trained: list[float], parsed: list[float]) -> None:
+    """A run's ``heldout_eval.csv`` over instructions i0, i1, ...: the full reward base and trained, the parsed
+    share and (only where parsed) the content reward."""
+    (run_dir / "rl_training").mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"instruction": [f"i{k}" for k in range(len(base))], "base_reward": base, "trained_reward": trained,
+                  "base_parsed": [1.0] * len(base), "trained_parsed": parsed,
+                  "base_content": base, "trained_content": [t if p else float("nan") for t, p in zip(trained, parsed)]}
+                 ).to_csv(run_dir / "rl_training" / "heldout_eval.csv", index=False)
+
+
+def test_each_setting_is_compared_with_its_placebo_paired_over_held_out_instructions(tmp_path):
+    spec_path = _write_spec(tmp_path, SMOKE, until="03", seeds=(1, 2), grid=[
+        {"name": "a", "set": {"rl.learning_rate": 2e-4}}, {"name": "b", "set": {}},
+        {"name": "a-placebo", "set": {"rl.learning_rate": 2e-4, "rl.placebo": True}}])
+    spec = load_spec(spec_path)
+    assert [(s.name, p.name) for s, p in placebo_pairs(spec)] == [("a", "a-placebo")]  # b differs in lr too
+    study_dir = tmp_path / "results" / "tiny"
+    base = [0.1, 0.2, 0.3, 0.4, 0.5]
+    _heldout_eval(study_dir / "a-seed1", base, [0.3, 0.4, 0.2, 0.6, 0.5], parsed=[1, 1, 0, 1, 1])
+    _heldout_eval(study_dir / "a-placebo-seed1", base, [0.1, 0.1, 0.3, 0.5, 0.4], parsed=[1, 0, 1, 1, 1])
+    _heldout_eval(study_dir / "a-seed2", base, [0.2] * 5, parsed=[1] * 5)  # seed 2's placebo not run: no row
+
+    contrast = placebo_contrast(spec, study_dir).set_index("measure")
+    assert set(contrast["seed"]) == {1} and contrast["same_base"].all()
+    reward = contrast.loc["reward"]
+    assert reward["pairs"] == 5 and reward["mean_before"] == pytest.approx(0.28)
+    assert reward["mean_difference"] == pytest.approx((0.2 + 0.3 - 0.1 + 0.1 + 0.1) / 5)
+    assert reward["t_ci_low"] < reward["mean_difference"] < reward["t_ci_high"]
+    assert contrast.loc["parsed", "mean_difference"] == pytest.approx(0.0)
+    assert contrast.loc["content", "pairs"] == 3  # content only where both kept an instance
+    assert contrast.loc["content", "mean_difference"] == pytest.approx((0.2 + 0.1 + 0.1) / 3)
+
+    report = write_study_report(spec, study_dir).read_text()
+    assert "## Against the placebo" in report
+    assert "| a | a-placebo | 1 | 5 | yes | 0.2800 -> 0.4000: 0.1200 [" in report
+    assert pd.read_csv(study_dir / "study_placebo_contrast.csv")["measure"].tolist() == ["reward", "parsed", "content"]
 
 
 # --- Through the real runner and papermill (slow) -------------------------------------------------------

@@ -181,7 +181,7 @@ def train_ppo_segment(segment: Segment) -> SegmentResult:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     args = PPOConfig(**trl_bridge.ppo_config_args(params, segment.output_dir, segment.seed, segment.updates,
                                                   _dtype(params)))
-    if trl_bridge.activation_checkpointing(params.rl):  # the rule that set the config's field
+    if params.rl.activation_checkpointing:  # as in the config's field (trl_bridge)
         checkpoint_activations(segment.policy, value_model)
     trainer = PPOTrainer(args=args, processing_class=tokenizer, model=segment.policy, ref_model=None,
                          reward_model=reward_model, train_dataset=Dataset.from_list(encoded),

@@ -20,7 +20,7 @@ from refine_af_utils.files import atomic_write_text
 from refine_af_utils.layout import STAGES, STUDY_FIGURE, STUDY_REPORT, STUDY_TABLE, RunLayout
 from refine_af_utils.run_folder import REPO_ROOT, read_marker
 from refine_af_utils.study.reuse import reused_stages
-from refine_af_utils.study.spec import StudySpec
+from refine_af_utils.study.spec import Setting, StudySpec
 
 COMPONENTS = ("reward_model", "understandability", "naturalness", "coherence", "reward")
 
@@ -215,7 +215,86 @@ def study_tables(spec: StudySpec, study_dir: Path) -> dict[str, "pd.DataFrame"]:
         {f"seed{seed}": [_lookup(runs, setting.name, seed, "win_share") for setting in spec.grid] for seed in spec.seeds},
         index=pd.Index([setting.name for setting in spec.grid], name="setting"))
     aa, _ = aa_control(runs, study_dir)
-    return {"runs": runs, "settings": settings, "win_share_by_seed": win_share, "aa_control": aa}
+    return {"runs": runs, "settings": settings, "win_share_by_seed": win_share, "aa_control": aa,
+            "placebo_contrast": placebo_contrast(spec, study_dir)}
+
+
+# The held-out endpoints compared between a setting's trained generator and its placebo's.
+PLACEBO_MEASURES = ("reward", "parsed", "content")
+
+
+def placebo_pairs(spec: StudySpec) -> list[tuple[Setting, Setting]]:
+    """``(setting, its placebo)``: a placebo setting (``rl.placebo`` true) and each setting whose resolved params
+    equal the placebo's but for ``rl.placebo`` (so the two runs of a seed differ in the reward's order only)."""
+    def resolved(setting: Setting) -> tuple[bool, dict[str, Any]]:
+        params = next(r for r in spec.runs if r.setting is setting).load().to_dict()
+        params.pop("run_name", None)
+        return bool(params["rl"].pop("placebo")), params
+
+    views = {s.name: resolved(s) for s in spec.grid}
+    return [(s, p) for p in spec.grid if views[p.name][0]
+            for s in spec.grid if not views[s.name][0] and views[s.name][1] == views[p.name][1]]
+
+
+def placebo_contrast(spec: StudySpec, study_dir: Path) -> "pd.DataFrame":
+    """Per seed, each setting's trained generator against its placebo's on the same held-out instructions: the
+    paired difference (setting - placebo) of each of ``PLACEBO_MEASURES`` with its bootstrap and t intervals and
+    sign-flip p, from the two runs' ``heldout_eval.csv``. The training's effect that the reward's order causes,
+    beyond what updates on shuffled rewards do; ``same_base`` says both runs' base samples scored the same."""
+    import numpy as np
+    import pandas as pd
+
+    from refine_af_utils.seeding import derive_seed
+    from refine_af_utils.stats import paired_summary
+
+    rows = []
+    for setting, placebo in placebo_pairs(spec):
+        for seed in spec.seeds:
+            files = [RunLayout(study_dir / f"{s.name}-seed{seed}").heldout_eval_file for s in (setting, placebo)]
+            if not all(f.is_file() for f in files):
+                continue
+            mine, control = (pd.read_csv(f) for f in files)
+            both = mine.merge(control, on="instruction", how="inner", suffixes=("_setting", "_placebo"))
+            same_base = bool(np.allclose(both["base_reward_setting"], both["base_reward_placebo"], equal_nan=True))
+            summary = paired_summary(both, {m: (f"trained_{m}_placebo", f"trained_{m}_setting")
+                                            for m in PLACEBO_MEASURES}, derive_seed(seed, "study", "placebo"))
+            for r in summary.to_dict("records"):
+                rows.append({"setting": setting.name, "placebo": placebo.name, "seed": seed, "same_base": same_base,
+                             **r})
+    return pd.DataFrame(rows, columns=["setting", "placebo", "seed", "same_base", "measure", "mean_difference",
+                                       "ci_low", "ci_high", "pairs", "mean_before", "mean_after", "t_ci_low",
+                                       "t_ci_high", "sign_flip_p"])
+
+
+def placebo_section(contrast: "pd.DataFrame") -> list[str]:
+    """The report's section on ``placebo_contrast``; empty when no setting and its placebo share a seed."""
+    if contrast.empty:
+        return []
+    out = ["", "## Against the placebo", "",
+           "Each setting's trained generator minus its placebo's (the same params, each batch's rewards shuffled), "
+           "paired over the held-out instructions of one seed: placebo -> setting (means over the pairs the "
+           "difference uses), the difference with its 95% bootstrap CI, Student's t interval and the sign-flip "
+           "permutation p. What training gains from the reward's order beyond what updates alone do. Content is "
+           "over the instructions where both kept an instance. Table: `study_placebo_contrast.csv`.", ""]
+    rows = []
+    for (setting, placebo, seed), group in contrast.groupby(["setting", "placebo", "seed"], sort=False):
+        cells = []
+        for measure in PLACEBO_MEASURES:
+            hit = group[group["measure"] == measure]
+            if hit.empty:
+                cells.append("-")
+                continue
+            r, digits = hit.iloc[0].to_dict(), 3 if measure == "parsed" else 4
+            cells.append(f"{_fmt(r['mean_before'], digits)} -> {_fmt(r['mean_after'], digits)}: "
+                         f"{_fmt(r['mean_difference'], digits)} [{_fmt(r['ci_low'], digits)}, "
+                         f"{_fmt(r['ci_high'], digits)}]; t [{_fmt(r['t_ci_low'], digits)}, "
+                         f"{_fmt(r['t_ci_high'], digits)}]; p {_fmt(r['sign_flip_p'])}")
+        pairs = group[group["measure"] == "reward"]["pairs"]
+        rows.append([setting, placebo, str(seed), _fmt(pairs.iloc[0] if len(pairs) else None, 0),
+                     "yes" if bool(group["same_base"].iloc[0]) else "no", *cells])
+    out.append(_markdown(["setting", "placebo", "seed", "pairs", "same base samples", "full reward", "parsed share",
+                          "content reward"], rows))
+    return out
 
 
 def _lookup(runs: "pd.DataFrame", setting: str, seed: int, key: str) -> float:
@@ -318,6 +397,7 @@ def write_study_report(spec: StudySpec, study_dir: Path) -> Path:
         _spread(s, k) for k in ("heldout_reward_gain", "rougeL_difference", "win_share", "self_instruct_rougeL",
                                 "refine_af_rougeL")] for s in settings.to_dict("records")]))
     out += heldout_section(runs)
+    out += placebo_section(tables["placebo_contrast"])
     win_share = tables["win_share_by_seed"]
     out += ["", "Tasks improved (win share) per seed. Table: `study_win_share_by_seed.csv`.", ""]
     out.append(_markdown(["setting", *win_share.columns], [[idx, *(_fmt(v, 2) for v in row)]
