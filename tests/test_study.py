@@ -106,7 +106,8 @@ def test_a_spec_gives_runs_seeds_and_per_setting_params_files(tmp_path):
 
 
 def test_the_committed_specs_and_new_backbone_recipes_load():
-    for name in ("reward_ablation", "default_seeds", "backbones", "rl_learns", "rl_optimises"):
+    for name in ("reward_ablation", "default_seeds", "backbones", "rl_learns", "rl_optimises", "rl_optimises_ppo",
+                 "rl_learning_rate"):
         spec = load_spec(REPO_ROOT / "params" / "studies" / f"{name}.yaml")
         assert len(spec.seeds) >= (3 if name == "default_seeds" else 1)  # the ablation: 1 seed, to fit 2 CPU-hours
     rl = {r.name: r.load().rl for r in load_spec(REPO_ROOT / "params" / "studies" / "rl_optimises.yaml").runs}
@@ -114,6 +115,13 @@ def test_the_committed_specs_and_new_backbone_recipes_load():
     assert rl["placebo-seed42"].placebo and not rl["grpo-seed42"].placebo
     assert {k: v for k, v in vars(rl["placebo-seed42"]).items() if k != "placebo"} == \
         {k: v for k, v in vars(rl["grpo-seed42"]).items() if k != "placebo"}  # the control differs in the reward only
+    for name in ("rl_optimises", "rl_learning_rate"):  # each GRPO setting has its placebo, for the contrast
+        spec = load_spec(REPO_ROOT / "params" / "studies" / f"{name}.yaml")
+        assert [(s.name, p.name) for s, p in placebo_pairs(spec)] == [(spec.grid[0].name, spec.grid[1].name)]
+    half = {r.name: r.load().rl for r in load_spec(REPO_ROOT / "params" / "studies" / "rl_learning_rate.yaml").runs}
+    assert {k: v for k, v in vars(half["grpo-lr1.5e-4-seed43"]).items() if k != "learning_rate"} == \
+        {k: v for k, v in vars(rl["grpo-seed43"]).items() if k != "learning_rate"}  # half the lr, all else the same
+    assert half["grpo-lr1.5e-4-seed43"].learning_rate * 2 == rl["grpo-seed43"].learning_rate
     ablation = {r.setting.name: r.load().reward for r in load_spec(
         REPO_ROOT / "params" / "studies" / "reward_ablation.yaml").runs}
     weights = {k: (v.reward_model.weight, v.understandability.weight, v.naturalness.weight, v.coherence.weight)
