@@ -47,6 +47,7 @@ from refine_af_utils.study.report import (
     COMPONENTS,
     HEADLINES,
     aa_control,
+    heldout_contrast,
     placebo_contrast,
     placebo_pairs,
     run_headlines,
@@ -68,6 +69,6 @@ from refine_af_utils.study.spec import Setting, StudyRun, StudySpec, StudySpecEr
 __all__ = [
     "CHEAP_STAGES", "COMPONENTS", "DEFAULT_TIMEOUT_MIN", "HEADLINES", "LAUNCHERS", "STUDY_FILE", "TMP_DIR",
     "Setting", "StudyRun", "StudySpec", "StudySpecError", "aa_control", "copy_stage", "donor_plan", "dry_run",
-    "is_locked", "load_spec", "main", "placebo_contrast", "placebo_pairs", "reuse_stages", "reused_stages", "run_headlines", "run_is_complete", "run_one",
+    "heldout_contrast", "is_locked", "load_spec", "main", "placebo_contrast", "placebo_pairs", "reuse_stages", "reused_stages", "run_headlines", "run_is_complete", "run_one",
     "run_study", "self_instruct_per_task", "study_dir_of", "study_tables", "write_study_report",
 ]

@@ -236,31 +236,39 @@ def placebo_pairs(spec: StudySpec) -> list[tuple[Setting, Setting]]:
             for s in spec.grid if not views[s.name][0] and views[s.name][1] == views[p.name][1]]
 
 
-def placebo_contrast(spec: StudySpec, study_dir: Path) -> "pd.DataFrame":
-    """Per seed, each setting's trained generator against its placebo's on the same held-out instructions: the
-    paired difference (setting - placebo) of each of ``PLACEBO_MEASURES`` with its bootstrap and t intervals and
-    sign-flip p, from the two runs' ``heldout_eval.csv``. The training's effect that the reward's order causes,
-    beyond what updates on shuffled rewards do; ``same_base`` says both runs' base samples scored the same."""
+def heldout_contrast(run_dir: Path, control_dir: Path, seed: int) -> tuple["pd.DataFrame", bool]:
+    """Two runs' trained generators on the same held-out instructions, from their ``heldout_eval.csv``: per measure of
+    ``PLACEBO_MEASURES``, the paired difference (run - control) with its bootstrap and t intervals and sign-flip p
+    (:func:`refine_af_utils.stats.paired_summary`, ``mean_before`` the control's); and whether both runs' base samples
+    scored the same (the common seeds then pair the two runs sample for sample)."""
     import numpy as np
     import pandas as pd
 
     from refine_af_utils.seeding import derive_seed
     from refine_af_utils.stats import paired_summary
 
+    mine, control = (pd.read_csv(RunLayout(d).heldout_eval_file) for d in (run_dir, control_dir))
+    both = mine.merge(control, on="instruction", how="inner", suffixes=("_run", "_control"))
+    same_base = bool(np.allclose(both["base_reward_run"], both["base_reward_control"], equal_nan=True))
+    return paired_summary(both, {m: (f"trained_{m}_control", f"trained_{m}_run") for m in PLACEBO_MEASURES},
+                          derive_seed(seed, "study", "placebo")), same_base
+
+
+def placebo_contrast(spec: StudySpec, study_dir: Path) -> "pd.DataFrame":
+    """Per seed, each setting's trained generator against its placebo's on the same held-out instructions
+    (:func:`heldout_contrast`, setting - placebo): what training gains from the reward's order beyond what updates on
+    shuffled rewards do. Seeds where either run lacks its held-out evaluation are left out."""
+    import pandas as pd
+
     rows = []
     for setting, placebo in placebo_pairs(spec):
         for seed in spec.seeds:
-            files = [RunLayout(study_dir / f"{s.name}-seed{seed}").heldout_eval_file for s in (setting, placebo)]
-            if not all(f.is_file() for f in files):
+            dirs = [study_dir / f"{s.name}-seed{seed}" for s in (setting, placebo)]
+            if not all(RunLayout(d).heldout_eval_file.is_file() for d in dirs):
                 continue
-            mine, control = (pd.read_csv(f) for f in files)
-            both = mine.merge(control, on="instruction", how="inner", suffixes=("_setting", "_placebo"))
-            same_base = bool(np.allclose(both["base_reward_setting"], both["base_reward_placebo"], equal_nan=True))
-            summary = paired_summary(both, {m: (f"trained_{m}_placebo", f"trained_{m}_setting")
-                                            for m in PLACEBO_MEASURES}, derive_seed(seed, "study", "placebo"))
-            for r in summary.to_dict("records"):
-                rows.append({"setting": setting.name, "placebo": placebo.name, "seed": seed, "same_base": same_base,
-                             **r})
+            summary, same_base = heldout_contrast(*dirs, seed)
+            rows += [{"setting": setting.name, "placebo": placebo.name, "seed": seed, "same_base": same_base, **r}
+                     for r in summary.to_dict("records")]
     return pd.DataFrame(rows, columns=["setting", "placebo", "seed", "same_base", "measure", "mean_difference",
                                        "ci_low", "ci_high", "pairs", "mean_before", "mean_after", "t_ci_low",
                                        "t_ci_high", "sign_flip_p"])
