@@ -51,6 +51,12 @@ def _float(value: Any) -> float:
     return result
 
 
+# paired_summary's columns (stats.py) and the suffixes they take in a run's row, as heldout_<measure>_gain<suffix>
+SUMMARY_SUFFIXES = (("mean_difference", ""), ("ci_low", "_ci_low"), ("ci_high", "_ci_high"), ("t_ci_low", "_t_low"),
+                    ("t_ci_high", "_t_high"), ("sign_flip_p", "_p"), ("pairs", "_pairs"), ("mean_before", "_base"),
+                    ("mean_after", "_trained"))
+
+
 def run_headlines(run_dir: Path) -> dict[str, Any]:
     """One run's headline numbers with their CIs, from the files that exist; ``missing`` names the others."""
     import pandas as pd
@@ -83,9 +89,7 @@ def run_headlines(run_dir: Path) -> dict[str, Any]:
     if files["heldout_summary"].is_file():
         summary = pd.read_csv(files["heldout_summary"]).set_index("measure")
         for measure in summary.index:
-            for column, suffix in (("mean_difference", ""), ("ci_low", "_ci_low"), ("ci_high", "_ci_high"),
-                                   ("t_ci_low", "_t_low"), ("t_ci_high", "_t_high"), ("sign_flip_p", "_p"),
-                                   ("pairs", "_pairs"), ("mean_before", "_base"), ("mean_after", "_trained")):
+            for column, suffix in SUMMARY_SUFFIXES:
                 if column in summary.columns:  # t intervals: runs made before they were added have none
                     row[f"heldout_{measure}_gain{suffix}"] = float(summary.loc[measure, column])
     if files["rl_metrics"].is_file():
@@ -172,6 +176,18 @@ def _with_ci(row: dict[str, Any], key: str, digits: int = 3) -> str:
     if not (_is_number(low) and _is_number(high)):
         return _fmt(value, digits)
     return f"{_fmt(value, digits)} [{_fmt(low, digits)}, {_fmt(high, digits)}]"
+
+
+def _paired_cell(summary: dict[str, Any], digits: int) -> str:
+    """``before -> after: difference [bootstrap CI]; t [low, high]; p`` from one row of ``paired_summary`` (``-``
+    without a difference; no t part for a row made before the t interval existed)."""
+    if not _is_number(summary.get("mean_difference")):
+        return "-"
+    t = (f"; t [{_fmt(summary['t_ci_low'], digits)}, {_fmt(summary['t_ci_high'], digits)}]"
+         if _is_number(summary.get("t_ci_low")) else "")
+    difference = {"d": summary["mean_difference"], "d_ci_low": summary.get("ci_low"), "d_ci_high": summary.get("ci_high")}
+    return (f"{_fmt(summary.get('mean_before'), digits)} -> {_fmt(summary.get('mean_after'), digits)}: "
+            f"{_with_ci(difference, 'd', digits)}{t}; p {_fmt(summary.get('sign_flip_p'))}")
 
 
 def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -269,9 +285,7 @@ def placebo_contrast(spec: StudySpec, study_dir: Path) -> "pd.DataFrame":
             summary, same_base = heldout_contrast(*dirs, seed)
             rows += [{"setting": setting.name, "placebo": placebo.name, "seed": seed, "same_base": same_base, **r}
                      for r in summary.to_dict("records")]
-    return pd.DataFrame(rows, columns=["setting", "placebo", "seed", "same_base", "measure", "mean_difference",
-                                       "ci_low", "ci_high", "pairs", "mean_before", "mean_after", "t_ci_low",
-                                       "t_ci_high", "sign_flip_p"])
+    return pd.DataFrame(rows) if rows else pd.DataFrame(columns=["setting", "placebo", "seed", "same_base", "measure"])
 
 
 def placebo_section(contrast: "pd.DataFrame") -> list[str]:
@@ -286,17 +300,8 @@ def placebo_section(contrast: "pd.DataFrame") -> list[str]:
            "over the instructions where both kept an instance. Table: `study_placebo_contrast.csv`.", ""]
     rows = []
     for (setting, placebo, seed), group in contrast.groupby(["setting", "placebo", "seed"], sort=False):
-        cells = []
-        for measure in PLACEBO_MEASURES:
-            hit = group[group["measure"] == measure]
-            if hit.empty:
-                cells.append("-")
-                continue
-            r, digits = hit.iloc[0].to_dict(), 3 if measure == "parsed" else 4
-            cells.append(f"{_fmt(r['mean_before'], digits)} -> {_fmt(r['mean_after'], digits)}: "
-                         f"{_fmt(r['mean_difference'], digits)} [{_fmt(r['ci_low'], digits)}, "
-                         f"{_fmt(r['ci_high'], digits)}]; t [{_fmt(r['t_ci_low'], digits)}, "
-                         f"{_fmt(r['t_ci_high'], digits)}]; p {_fmt(r['sign_flip_p'])}")
+        by_measure = {r["measure"]: r for r in group.to_dict("records")}
+        cells = [_paired_cell(by_measure.get(m, {}), 3 if m == "parsed" else 4) for m in PLACEBO_MEASURES]
         pairs = group[group["measure"] == "reward"]["pairs"]
         rows.append([setting, placebo, str(seed), _fmt(pairs.iloc[0] if len(pairs) else None, 0),
                      "yes" if bool(group["same_base"].iloc[0]) else "no", *cells])
@@ -448,13 +453,8 @@ def heldout_section(runs: "pd.DataFrame") -> list[str]:
     records = [r for r in runs.to_dict("records") if _is_number(r.get("heldout_reward_gain"))]
 
     def cell(r: dict[str, Any], measure: str, digits: int) -> str:
-        key = f"heldout_{measure}_gain"
-        if not _is_number(r.get(key)):
-            return "-"
-        t = (f"; t [{_fmt(r[key + '_t_low'], digits)}, {_fmt(r[key + '_t_high'], digits)}]"
-             if _is_number(r.get(key + "_t_low")) else "")
-        return (f"{_fmt(r.get(key + '_base'), digits)} -> {_fmt(r.get(key + '_trained'), digits)}: "
-                f"{_with_ci(r, key, digits)}{t}; p {_fmt(r.get(key + '_p'))}")
+        return _paired_cell({column: r.get(f"heldout_{measure}_gain{suffix}") for column, suffix in SUMMARY_SUFFIXES},
+                            digits)
 
     out = ["", "## Stage 3 on held-out instructions", "",
            "Per run: base -> trained generator (means over the pairs the difference uses), the paired gain with its "
